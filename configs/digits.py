@@ -1,0 +1,21 @@
+"""Tiny class-conditional DeeDiff U-ViT on scikit-learn's bundled 8x8 digits (the embedded default).
+
+Runs on a laptop CPU in a few minutes:
+  python -m deediff_jax.main --config configs/digits.py --workdir /tmp/deediff_digits
+"""
+from deediff_jax.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.data.source = "digits"
+  c.data.image_size = 8
+  c.data.channels = 1
+  c.model.update(image_size=8, in_channels=1, embed_dim=128, depth=8, num_heads=4, patch_size=2,
+                 num_classes=10)
+  c.diffusion.schedule = "linear"
+  c.train.update(num_steps=2000, batch_size=128, lr=1e-3, warmup_steps=100, ema_rate=0.999,
+                 checkpoint_every=500, log_every=50)
+  c.sample.update(sampler="ddim", steps=50, num_images=100, batch_size=100, guidance_scale=1.0)
+  c.sweep.num_images = 200
+  return c

@@ -1,0 +1,230 @@
+"""The config schema: every key with its default, and validation with one-line errors.
+
+Config files in `configs/` start from `base_config()` and change what they need. A key
+that is not in the schema is an error (a typo must never be silently ignored), and so is
+a value of the wrong kind, an impossible size or an unknown enum value.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+POLICIES = ("uem", "uem_no_time", "static", "time_schedule", "state_cosine", "none")
+AGGREGATES = ("all", "mean")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver", "euler_maruyama")
+SCHEDULES = ("linear", "cosine", "stable", "vpsde")
+TRAIN_MODES = ("scratch", "finetune", "frozen_backbone")
+FID_KINDS = ("classifier", "inception", "none")
+
+
+class ConfigError(ValueError):
+  """A bad config value; `main` prints it as one line and exits with code 2."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.image_size = 8            # the network's own input size (latent size for latent models)
+  m.in_channels = 1
+  m.embed_dim = 128
+  m.depth = 8                 # even; gives depth + 1 blocks
+  m.num_heads = 4
+  m.patch_size = 2
+  m.mlp_ratio = 4.0
+  m.qkv_bias = False
+  m.num_classes = 10          # 0 = unconditional; else a table of num_classes + 1 rows (null id last)
+  m.context_dim = 0           # >0: text-conditional on precomputed encoder tokens of this width
+  m.context_len = 0
+  m.mlp_time_embed = False
+  m.uem = "token_linear"      # token_linear | token_linear_no_time | attention_probe
+  m.remat = False
+  m.dtype = "float32"         # compute dtype: float32 | bfloat16
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "digits"         # digits | npz:PATH | folder:PATH | tfds:NAME
+  d.image_size = 8
+  d.channels = 1
+  d.flip = False
+  d.split = "train"
+  d.context_file = ""         # npz of caption features for text models (see data/encode_text.py)
+  d.latent = False            # True: the source yields autoencoder latents (model size != data size)
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "linear"   # linear | cosine | stable | vpsde
+  c.diffusion.timesteps = 1000
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.lambda_u = 1.0
+  c.loss.beta_ual = 1.0
+  c.loss.stop_grad_ual_weight = True
+  c.loss.layer_loss = 0.0     # weight of an optional unweighted sum of per-layer MSEs
+  c.loss.cfg_dropout = 0.1    # probability of replacing the condition by the null one
+
+  c.train = t = ml_collections.ConfigDict()
+  t.mode = "scratch"          # scratch | finetune | frozen_backbone
+  t.num_steps = 2000
+  t.batch_size = 128
+  t.lr = 1e-3
+  t.weight_decay = 0.03
+  t.warmup_steps = 100
+  t.lr_schedule = "cosine"    # cosine | constant
+  t.grad_clip = 1.0
+  t.ema_rate = 0.999
+  t.checkpoint_every = 500
+  t.keep_checkpoints = 2
+  t.log_every = 50
+  t.seed = 0
+  t.init_from = ""            # checkpoint dir (or converted weights) for finetune / frozen_backbone
+  t.grad_accum = 1
+  t.distributed = False       # call jax.distributed.initialize() (multi-host)
+  t.sample_at_end = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1            # -1: all devices not used by fsdp
+  c.mesh.fsdp = 1
+
+  c.exit = e = ml_collections.ConfigDict()
+  e.policy = "uem"            # uem | uem_no_time | static | time_schedule | state_cosine | none
+  e.threshold = 0.1
+  e.aggregate = "all"         # all | mean
+  e.min_layers = 1
+  e.depth = 0                 # static policy: blocks to run (0 = all)
+  e.schedule = ""             # time_schedule: comma-separated depths per timestep bucket, noisy -> clean
+  e.target_layer_ratio = 0.0  # >0: calibrate the threshold to this layer ratio
+  e.max_psnr_drop = 0.0       # >0: calibrate the threshold to this PSNR budget
+
+  c.sample = s = ml_collections.ConfigDict()
+  s.sampler = "ddim"          # ddpm | ddim | dpm_solver | euler_maruyama
+  s.steps = 50
+  s.num_images = 64
+  s.batch_size = 64
+  s.guidance_scale = 0.0      # U-ViT convention: eps = (1 + s) eps_cond - s eps_null
+  s.eta = 0.0
+  s.seed = 0
+  s.use_ema = True
+
+  c.sweep = w = ml_collections.ConfigDict()
+  w.policies = "uem,static,time_schedule,state_cosine,none"
+  w.thresholds = "0.02,0.04,0.06,0.08,0.1,0.13,0.16,0.2,0.25,0.3"
+  w.cosine_thresholds = "0.9,0.95,0.97,0.98,0.99,0.995"
+  w.depths = ""               # static depths; empty = every depth
+  w.time_schedules = ""       # ';'-separated time_schedule strings; empty = a few defaults
+  w.num_images = 256
+  w.fid_kind = "classifier"   # classifier | inception | none
+  w.inception_weights = ""    # path to pt_inception-2015-12-05-*.pth (or converted .npz)
+  return c
+
+
+def _flatten(cfg, prefix=""):
+  out = {}
+  for k, v in cfg.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  return isinstance(value, type(default))
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises ConfigError (one line, naming the key and the fix) or returns cfg."""
+  schema = _flatten(base_config())
+  given = _flatten(cfg)
+  for key, value in given.items():
+    if key not in schema:
+      close = [k for k in schema if k.split(".")[-1] == key.split(".")[-1]]
+      hint = f" (did you mean {close[0]}?)" if close else ""
+      raise ConfigError(f"unknown config key '{key}'{hint}; see deediff_jax/config.py for the schema")
+    if not _type_ok(schema[key], value):
+      raise ConfigError(f"config key '{key}' must be {type(schema[key]).__name__}, got {value!r}")
+
+  def enum(key, allowed):
+    v = given.get(key, schema[key])
+    if v not in allowed:
+      raise ConfigError(f"config key '{key}' is {v!r}; choose one of {', '.join(allowed)}")
+
+  enum("exit.policy", POLICIES)
+  enum("exit.aggregate", AGGREGATES)
+  enum("sample.sampler", SAMPLERS)
+  enum("diffusion.schedule", SCHEDULES)
+  enum("train.mode", TRAIN_MODES)
+  enum("sweep.fid_kind", FID_KINDS)
+
+  from deediff_jax.model.uvit import ModelConfig
+  try:
+    mc = ModelConfig.from_config(cfg.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if cfg.data.image_size <= 0 or cfg.data.channels <= 0:
+    raise ConfigError("data.image_size and data.channels must be positive")
+  if cfg.diffusion.timesteps < 2:
+    raise ConfigError(f"diffusion.timesteps must be >= 2, got {cfg.diffusion.timesteps}")
+  if cfg.diffusion.schedule == "vpsde" and cfg.sample.sampler in ("ddpm",):
+    raise ConfigError("sample.sampler 'ddpm' needs a discrete schedule; use euler_maruyama, ddim or "
+                      "dpm_solver with diffusion.schedule=vpsde")
+  if cfg.sample.sampler == "euler_maruyama" and cfg.diffusion.schedule != "vpsde":
+    raise ConfigError("sample.sampler 'euler_maruyama' needs diffusion.schedule=vpsde")
+  for key in ("train.num_steps", "train.batch_size", "train.log_every", "train.checkpoint_every",
+              "train.keep_checkpoints", "train.grad_accum", "sample.steps", "sample.num_images",
+              "sample.batch_size"):
+    if given.get(key, schema[key]) <= 0:
+      raise ConfigError(f"config key '{key}' must be positive, got {given.get(key)}")
+  if cfg.train.batch_size % cfg.train.grad_accum:
+    raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by train.grad_accum "
+                      f"{cfg.train.grad_accum}")
+  if not 0.0 <= cfg.train.ema_rate < 1.0:
+    raise ConfigError(f"train.ema_rate must be in [0, 1), got {cfg.train.ema_rate}")
+  if cfg.exit.threshold < 0:
+    raise ConfigError(f"exit.threshold must be >= 0, got {cfg.exit.threshold}")
+  if not 1 <= cfg.exit.min_layers <= mc.num_blocks:
+    raise ConfigError(f"exit.min_layers must be in [1, {mc.num_blocks}] (the model has "
+                      f"{mc.num_blocks} blocks), got {cfg.exit.min_layers}")
+  if not 0 <= cfg.exit.depth <= mc.num_blocks:
+    raise ConfigError(f"exit.depth must be in [0, {mc.num_blocks}] (0 = all), got {cfg.exit.depth}")
+  if cfg.exit.policy == "uem_no_time" and mc.uem != "token_linear_no_time":
+    raise ConfigError("exit.policy 'uem_no_time' needs a model trained with "
+                      "model.uem=token_linear_no_time")
+  if cfg.exit.policy == "time_schedule":
+    parse_depth_schedule(cfg.exit.schedule, mc.num_blocks, key="exit.schedule")
+  if cfg.train.mode in ("finetune", "frozen_backbone") and not cfg.train.init_from:
+    raise ConfigError(f"train.mode={cfg.train.mode} needs train.init_from=DIR (a checkpoint "
+                      "workdir or converted U-ViT weights)")
+  if not cfg.data.latent and (mc.image_size != cfg.data.image_size or mc.in_channels != cfg.data.channels):
+    # Latent models differ on purpose (data.latent=True); pixel models must agree.
+    raise ConfigError(f"model.image_size/in_channels ({mc.image_size}, {mc.in_channels}) must match "
+                      f"data.image_size/channels ({cfg.data.image_size}, {cfg.data.channels})")
+  return cfg
+
+
+def parse_depth_schedule(text: str, num_blocks: int, key: str = "exit.schedule") -> list[int]:
+  """'4,6,9,13' -> [4, 6, 9, 13]: a depth per timestep bucket, from the noisiest bucket."""
+  try:
+    depths = [int(s) for s in str(text).split(",") if s.strip()]
+  except ValueError:
+    raise ConfigError(f"config key '{key}' must be comma-separated integers like '4,7,{num_blocks}', "
+                      f"got {text!r}") from None
+  if not depths:
+    raise ConfigError(f"config key '{key}' is empty; give depths per timestep bucket like '4,7,{num_blocks}'")
+  for v in depths:
+    if not 1 <= v <= num_blocks:
+      raise ConfigError(f"config key '{key}': depth {v} is outside [1, {num_blocks}]")
+  return depths
+
+
+def parse_floats(text: str, key: str) -> list[float]:
+  try:
+    return [float(s) for s in str(text).split(",") if s.strip()]
+  except ValueError:
+    raise ConfigError(f"config key '{key}' must be comma-separated numbers, got {text!r}") from None

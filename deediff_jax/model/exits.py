@@ -1,0 +1,61 @@
+"""DeeDiff exits: an output head g_i and an uncertainty estimation module (UEM) u_i per block.
+
+Heads have the U-ViT head's form (`uvit.Head`); the last block's head is the backbone's own
+head, so exit heads are stacked only for blocks 1..N-1. UEMs are stacked for all N blocks
+(u_N is trained too, the last block always exits at inference).
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deediff_jax.model.uvit import LN_EPS, Head, ModelConfig
+
+
+class UEM(nn.Module):
+  """Uncertainty estimation module: hidden state (+ time embedding) -> u in (0, 1) per sample.
+
+  `token_linear` (DeeDiff): sigmoid(W [h_tok, temb] + b) per patch token, averaged.
+  `token_linear_no_time` (BERxiT-style baseline): the same without temb.
+  `attention_probe`: one learned query attends over patch tokens; an MLP on [pooled, temb].
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, temb):
+    cfg = self.cfg
+    tokens = h[:, cfg.num_extra_tokens:].astype(jnp.float32)
+    temb = temb.astype(jnp.float32)
+    if cfg.uem == "token_linear":
+      t_b = jnp.broadcast_to(temb[:, None, :], tokens.shape[:2] + temb.shape[-1:])
+      logits = nn.Dense(1, name="linear")(jnp.concatenate([tokens, t_b], axis=-1))[..., 0]
+      return jnp.mean(jax.nn.sigmoid(logits), axis=-1)
+    if cfg.uem == "token_linear_no_time":
+      logits = nn.Dense(1, name="linear")(tokens)[..., 0]
+      return jnp.mean(jax.nn.sigmoid(logits), axis=-1)
+    # attention_probe
+    d = cfg.embed_dim
+    x = nn.LayerNorm(epsilon=LN_EPS, name="norm")(tokens)
+    query = self.param("query", nn.initializers.normal(0.02), (d,))
+    keys = nn.Dense(d, use_bias=False, name="key")(x)
+    weights = jax.nn.softmax(jnp.einsum("bld,d->bl", keys, query) / math.sqrt(d), axis=-1)
+    pooled = jnp.einsum("bl,bld->bd", weights, x)
+    z = nn.gelu(nn.Dense(d, name="fc1")(jnp.concatenate([pooled, temb], axis=-1)), approximate=False)
+    return jax.nn.sigmoid(nn.Dense(1, name="fc2")(z)[..., 0])
+
+
+def stacked(module_cls, cfg: ModelConfig, count: int, in_axes, name: str):
+  """`count` independent copies of a module with parameters stacked on axis 0."""
+  return nn.vmap(module_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=in_axes, out_axes=0, axis_size=count)(cfg, name=name)
+
+
+def exit_heads(cfg: ModelConfig, name: str = "exit_heads"):
+  return stacked(Head, cfg, cfg.num_blocks - 1, 0, name)
+
+
+def uems(cfg: ModelConfig, name: str = "uems"):
+  return stacked(UEM, cfg, cfg.num_blocks, (0, None), name)
