@@ -8,7 +8,7 @@ from deediff_jax.config import base_config
 
 def get_config():
   c = base_config()
-  c.data.update(source="npz:imagenet256_latents.npz", image_size=256, channels=3, flip=True, latent=True)
+  c.data.update(source="npz:imagenet256_latents.npz", image_size=256, channels=3, flip=False, latent=True)
   c.model.update(image_size=32, in_channels=4, embed_dim=1024, depth=20, num_heads=16, patch_size=2,
                  num_classes=1000, mlp_time_embed=False, qkv_bias=False)
   c.diffusion.schedule = "stable"

@@ -1,0 +1,64 @@
+"""Config schema validation: one-line errors naming the key."""
+import importlib.util
+import pathlib
+
+import pytest
+
+from deediff_jax.config import ConfigError, base_config, parse_depth_schedule, validate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.stem)
+def test_every_shipped_config_validates(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  validate(mod.get_config())
+
+
+def with_(key, value):
+  c = base_config()
+  section, name = key.split(".")
+  with c.unlocked():
+    c[section][name] = value
+  return c
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("exit.policy", "fast", "config key 'exit.policy' is 'fast'; choose one of uem, uem_no_time, static, "
+                            "time_schedule, state_cosine, none"),
+    ("model.depth", 7, "model.depth: must be even (depth//2 in-blocks + mid + depth//2 out-blocks), got 7; use 8"),
+    ("train.batch_size", 0, "config key 'train.batch_size' must be positive, got 0"),
+    ("exit.min_layers", 10, "exit.min_layers must be in [1, 9] (the model has 9 blocks), got 10"),
+    ("train.ema_rate", 1.0, "train.ema_rate must be in [0, 1), got 1.0"),
+    ("train.mode", "frozen_backbone", "train.mode=frozen_backbone needs train.init_from=DIR (a checkpoint "
+                                      "workdir or converted U-ViT weights)"),
+    ("model.image_size", 16, "model.image_size/in_channels (16, 1) must match data.image_size/channels (8, 1)"),
+])
+def test_bad_values_give_one_line_errors(key, value, message):
+  with pytest.raises(ConfigError) as e:
+    validate(with_(key, value))
+  assert str(e.value) == message
+  assert "\n" not in str(e.value)
+
+
+def test_unknown_key_is_rejected_with_a_hint():
+  c = base_config()
+  with c.unlocked():
+    c.train.learning_rate = 0.1
+  with pytest.raises(ConfigError, match="unknown config key 'train.learning_rate'"):
+    validate(c)
+  with c.unlocked():
+    del c.train["learning_rate"]
+    c.model.threshold = 0.1
+  with pytest.raises(ConfigError, match=r"unknown config key 'model.threshold' \(did you mean exit.threshold\?\)"):
+    validate(c)
+
+
+def test_depth_schedule_parsing():
+  assert parse_depth_schedule("3, 5,9", 9) == [3, 5, 9]
+  with pytest.raises(ConfigError, match="depth 12 is outside \\[1, 9\\]"):
+    parse_depth_schedule("3,12", 9)
+  with pytest.raises(ConfigError, match="must be comma-separated integers"):
+    parse_depth_schedule("a,b", 9)
