@@ -228,3 +228,27 @@ def parse_floats(text: str, key: str) -> list[float]:
     return [float(s) for s in str(text).split(",") if s.strip()]
   except ValueError:
     raise ConfigError(f"config key '{key}' must be comma-separated numbers, got {text!r}") from None
+
+
+def load_config_file(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """Loads `configs/NAME.py`'s get_config(), applies {'a.b': value} overrides and validates.
+
+  For notebooks and scripts; the CLI does the same through ml_collections.config_flags.
+  """
+  import importlib.util
+  import os
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} not found; pass e.g. configs/digits.py")
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  for key, value in (overrides or {}).items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ConfigError(f"unknown config key '{key}'; see deediff_jax/config.py for the schema")
+    node[leaf] = value
+  return validate(cfg)

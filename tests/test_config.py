@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from deediff_jax.config import ConfigError, base_config, parse_depth_schedule, validate
+from deediff_jax.config import ConfigError, base_config, load_config_file, parse_depth_schedule, validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,3 +62,12 @@ def test_depth_schedule_parsing():
     parse_depth_schedule("3,12", 9)
   with pytest.raises(ConfigError, match="must be comma-separated integers"):
     parse_depth_schedule("a,b", 9)
+
+
+def test_load_config_file_with_overrides(tmp_path):
+  cfg = load_config_file(str(ROOT / "configs" / "digits.py"), {"exit.threshold": 0.3, "train.num_steps": 7})
+  assert cfg.exit.threshold == 0.3 and cfg.train.num_steps == 7
+  with pytest.raises(ConfigError, match="unknown config key 'exit.treshold'"):
+    load_config_file(str(ROOT / "configs" / "digits.py"), {"exit.treshold": 0.3})
+  with pytest.raises(ConfigError, match="config file 'nope.py' not found"):
+    load_config_file("nope.py")
