@@ -1,6 +1,6 @@
 """CIFAR-10 U-ViT-S/2 (44M), the published config: continuous VPSDE (beta 0.1 -> 20), time input t*999.
 
-Not trainable on a CPU; on a TPU pod see launch/tpu_vm.sh. FID 3.11 published (Euler-Maruyama, 1000 steps).
+Not trainable on a CPU; on a TPU pod see launch/README.md (python launch/tpu_vm.py run ...). FID 3.11 published (Euler-Maruyama, 1000 steps).
   python -m deediff_jax.main --config configs/cifar10_uvit_small.py --workdir gs://BUCKET/cifar10
 """
 from deediff_jax.config import base_config
