@@ -1,0 +1,1 @@
+"""Evaluation: FID (fid.py), the FID Inception v3 (inception.py), classifier-FID (classifier.py)."""
