@@ -1,0 +1,168 @@
+"""`--mode sample`: images from the latest checkpoint with early exit, timed against full depth.
+
+Writes into the workdir:
+  samples.png        a grid (one row per class for class-conditional models)
+  samples.npz        `images` float32 [-1, 1] NHWC and `labels` (-1 where there is none)
+  sample_stats.json  policy, threshold, sampler, steps, layers_total, layer_ratio_run,
+                     layer_ratio_per_sample, seconds, seconds_full_depth, speedup, plus the
+                     per-step arrays (layers run, mean exit layer, exit histogram) for the heatmap
+
+Both paths are compiled before they are timed, use the same seed (so the same initial noise),
+and are timed in the same process: `seconds_full_depth` is the plain scan forward (no while
+loop), so `speedup` is what early exit buys in wall-clock time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+from PIL import Image
+
+from deediff_jax.diffusion import samplers
+from deediff_jax.early_exit import policy_from_config
+from deediff_jax.model.uvit import ModelConfig
+
+NULL_CONTEXT_KEYS = ("null_features", "null_feature", "null_context")
+
+
+def load_eval_context(config, num: int):
+  """(context [num, L, Dc], labels [num] or None, null_context or None) from data.context_file.
+
+  The file's `eval_features` [M, L, Dc] rows are used in order, cycling; `eval_labels` [M]
+  (optional) labels them; the null caption's features (optional, needed for guidance) are read
+  from the first of NULL_CONTEXT_KEYS present.
+  """
+  cfg = ModelConfig.from_config(config.model)
+  path = config.data.context_file
+  if not path:
+    raise ValueError("this text model samples from caption features: set data.context_file=FILE.npz "
+                     "(made by python -m deediff_jax.data.encode_text) with an 'eval_features' array")
+  if not os.path.exists(path):
+    raise ValueError(f"data.context_file {path!r} does not exist; build it with python -m "
+                     "deediff_jax.data.encode_text")
+  with np.load(path) as f:
+    if "eval_features" not in f:
+      raise ValueError(f"data.context_file {path!r} has no 'eval_features' array [M, {cfg.context_len}, "
+                       f"{cfg.context_dim}]; rebuild it with python -m deediff_jax.data.encode_text")
+    feats = np.asarray(f["eval_features"], np.float32)
+    labels = np.asarray(f["eval_labels"], np.int64) if "eval_labels" in f else None
+    null = next((np.asarray(f[k], np.float32) for k in NULL_CONTEXT_KEYS if k in f), None)
+  if feats.ndim != 3 or feats.shape[1:] != (cfg.context_len, cfg.context_dim):
+    raise ValueError(f"'eval_features' in {path!r} is {feats.shape}, the model needs "
+                     f"[M, {cfg.context_len}, {cfg.context_dim}]; check model.context_len/context_dim")
+  idx = np.arange(num) % feats.shape[0]
+  return feats[idx], (None if labels is None else labels[idx]), null
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+  x = images
+  if x.shape[-1] not in (1, 3):  # latents: show the first 3 channels, each rescaled to [0, 1]
+    x = x[..., :3]
+    lo = x.min(axis=(0, 1, 2), keepdims=True)
+    hi = x.max(axis=(0, 1, 2), keepdims=True)
+    x = (x - lo) / np.maximum(hi - lo, 1e-8)
+  else:
+    x = (np.clip(x, -1.0, 1.0) + 1.0) / 2.0
+  return np.round(x * 255.0).astype(np.uint8)
+
+
+def save_grid(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
+              num_classes: int = 0, pad: int = 1) -> np.ndarray:
+  """Writes a PNG grid; with class labels, row r holds the images of class r. Returns the grid."""
+  imgs = _to_uint8(images)
+  n, h, w, c = imgs.shape
+  if labels is not None and num_classes > 0:
+    rows = [np.flatnonzero(np.asarray(labels) == k) for k in range(num_classes)]
+    rows = [r for r in rows if len(r)]
+  else:
+    cols = max(1, int(math.ceil(math.sqrt(n))))
+    rows = [np.arange(s, min(s + cols, n)) for s in range(0, n, cols)]
+  ncols = max(len(r) for r in rows)
+  grid = np.full((len(rows) * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  for ri, row in enumerate(rows):
+    for ci, idx in enumerate(row):
+      y0, x0 = pad + ri * (h + pad), pad + ci * (w + pad)
+      grid[y0:y0 + h, x0:x0 + w] = imgs[idx]
+  Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+  return grid
+
+
+def _load_params(workdir, config):
+  from deediff_jax.train.checkpoint import load_params  # the training package owns checkpoints
+  return load_params(workdir, config, use_ema=config.sample.use_ema)
+
+
+def _warm_up(params, config, rng, num, labels=None, context=None, **kw):
+  """Compiles every batch shape `sample` will use (a full batch and the remainder, if any)."""
+  bs = int(config.sample.batch_size)
+  sizes = {min(bs, num)} | ({num % bs} if num > bs and num % bs else set())
+  for m in sorted(sizes):
+    samplers.sample(params, config, rng, m, labels=None if labels is None else labels[:m],
+                    context=None if context is None else context[:m], **kw)
+
+
+def _timed(params, config, rng, num, **kw):
+  """(images, stats, seconds) of one `sample` call, compiled beforehand."""
+  _warm_up(params, config, rng, num, **kw)
+  t0 = time.perf_counter()
+  images, stats = samplers.sample(params, config, rng, num, progress=True, **kw)
+  return images, stats, time.perf_counter() - t0
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak 2)."""
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
+  return 10.0 * np.log10(4.0 / np.maximum(mse, 1e-20))
+
+
+def run(config, workdir, params=None) -> dict:
+  """Samples `sample.num_images` with the configured sampler/policy; writes files; returns the stats."""
+  os.makedirs(workdir, exist_ok=True)
+  cfg = ModelConfig.from_config(config.model)
+  n = cfg.num_blocks
+  if params is None:
+    params = _load_params(workdir, config)
+  num = int(config.sample.num_images)
+  policy, policy_params = policy_from_config(config, n)
+  labels = context = null_context = None
+  if cfg.num_classes > 0:
+    labels = np.arange(num) % cfg.num_classes
+  if cfg.context_dim > 0:
+    context, labels, null_context = load_eval_context(config, num)
+  kw = dict(labels=labels, context=context, null_context=null_context)
+  rng = jax.random.PRNGKey(int(config.sample.seed))
+
+  images, stats, seconds = _timed(params, config, rng, num, policy=policy, policy_params=policy_params, **kw)
+  full_images, _, seconds_full = _timed(params, config, rng, num, plain=True, **kw)
+
+  out_labels = np.full((num,), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+  np.savez(os.path.join(workdir, "samples.npz"), images=images.astype(np.float32), labels=out_labels)
+  save_grid(os.path.join(workdir, "samples.png"), images, labels if cfg.num_classes > 0 else None,
+            cfg.num_classes)
+  summary = samplers.summarize(stats, n)
+  e, s = config.exit, config.sample
+  p = psnr(images, full_images)
+  result = {
+      "policy": policy, "threshold": float(e.threshold), "aggregate": e.aggregate,
+      "depth": int(e.depth) if e.depth > 0 else n, "schedule": e.schedule, "min_layers": int(e.min_layers),
+      "sampler": s.sampler, "steps": int(s.steps), "eta": float(s.eta),
+      "guidance_scale": float(s.guidance_scale), "num_images": num, "batch_size": int(s.batch_size),
+      "seed": int(s.seed), "use_ema": bool(s.use_ema), "layers_total": n,
+      "layer_ratio_run": summary["layer_ratio_run"],
+      "layer_ratio_per_sample": summary["layer_ratio_per_sample"],
+      "seconds": seconds, "seconds_full_depth": seconds_full,
+      "speedup": seconds_full / seconds,
+      "psnr_vs_full": float(np.mean(p)), "psnr_vs_full_worst5pct": float(np.mean(np.sort(p)[:max(1, len(p) // 20)])),
+      "layers_run_per_step": summary["layers_run_per_step"],
+      "mean_exit_layer_per_step": summary["mean_exit_layer_per_step"],
+      "exit_histogram": summary["exit_histogram"],
+      "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+  }
+  with open(os.path.join(workdir, "sample_stats.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  return result
