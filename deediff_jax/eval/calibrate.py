@@ -1,0 +1,306 @@
+"""Calibrated exit thresholds: pick the threshold from a target instead of guessing a number.
+
+Two targets (set one):
+
+* `exit.target_layer_ratio` = r in (0, 1]: the threshold whose **layer_ratio_run** (blocks the
+  early-exit loop actually ran / full depth, averaged over sampling steps: the real compute,
+  see `samplers.summarize`) on the calibration batch is within `tolerance` of r. Set
+  `exit.calibration_metric=layer_ratio_per_sample` to target the paper's per-sample ratio
+  instead. The run ratio depends on the batch (with aggregate="all" the loop runs until the
+  slowest sample exits), so the calibration batch is by default one batch of
+  min(sample.batch_size, sample.num_images) images, the batch the sampler will really use
+  (`exit.calibration_images` overrides). The ratio is measured with the configured sampler.
+* a PSNR floor: the LARGEST (most aggressive) threshold whose `psnr_vs_full` (mean per-image
+  PSNR against the full-depth samples from the same noise, `eval/fidelity.py`) on the
+  calibration batch stays >= the floor, measured with a deterministic sampler (the configured
+  one if it is deterministic, else DDIM eta=0). The floor is `exit.min_psnr` (dB) when set,
+  else `PSNR_8BIT - exit.max_psnr_drop`: PSNR_8BIT = 10*log10(4 / ((2/255)^2 / 12)) ≈ 58.9 dB
+  is the PSNR of 8-bit quantisation noise, i.e. the level at which early-exit samples are, on
+  average, the full-depth samples as saved in a PNG. `max_psnr_drop=20` allows samples ~20 dB
+  worse than that (floor ≈ 38.9 dB). (PSNR against the full model is infinite at full depth,
+  so a "drop" needs a finite reference; this is the one that means "visibly the same".)
+
+The search. Every policy here exits more as its threshold moves one way (uem / uem_no_time:
+u < threshold, so larger exits more; state_cosine: cos > threshold, so smaller exits more), so
+it runs over an *aggressiveness* a in [0, 1] (threshold = a for the UEM policies, 1 - 2a for
+the cosine) by bisection: a = 0 is full depth (never run, known exactly), a = 1 exits as early
+as `exit.min_layers` allows. Each probe is one sampling run of the calibration batch with the
+real sampler; the threshold is a traced array, so all probes share one compiled program.
+Across a whole sampling run the ratio and the PSNR are monotone in a only approximately (an
+early exit changes the next step's input), so the result is what was *measured* at the
+returned threshold, never an interpolation: `achieved` in the report is that measurement.
+
+The calibration batch uses its own noise (`calibration_rng`: the sample seed folded with a
+fixed stream id), so the images that are finally evaluated are not the ones it was tuned on.
+
+Only a scalar threshold is calibrated. `early_exit` also accepts one threshold per timestep
+bucket (a [K] array, bucketed like `time_schedule`), but a per-bucket schedule has K degrees of
+freedom for one target, so it needs a second criterion (e.g. the best PSNR at the target
+compute, searched bucket by bucket) and a config key to carry it (exit.threshold is one number);
+neither is implemented here.
+
+API: `calibrate_threshold(params, config, rng) -> (threshold, report)`, `wanted(config)`,
+`maybe_calibrate(params, config)` (calibrates when asked, sets config.exit.threshold, prints
+one line, returns the report or None), `calibration_rng(config)`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from deediff_jax.diffusion import samplers
+from deediff_jax.early_exit import make_policy_params
+from deediff_jax.eval import fidelity as fidelity_lib
+from deediff_jax.model.uvit import ModelConfig
+
+CALIBRATABLE = ("uem", "uem_no_time", "state_cosine")
+METRICS = ("layer_ratio_run", "layer_ratio_per_sample")
+CALIBRATION_STREAM = 0xCA1B      # fold_in id of the calibration batch's noise
+PSNR_8BIT = 10.0 * math.log10(4.0 / ((2.0 / 255.0) ** 2 / 12.0))
+DEFAULT_TOLERANCE = 0.02
+MAX_PROBES = 14                  # sampling runs per calibration, at most
+PSNR_RESOLUTION = 1e-3           # the PSNR search stops when the bracket on a is this narrow
+_log = logging.getLogger(__name__)
+
+
+class CalibrationError(ValueError):
+  """A calibration request that cannot be met or is inconsistent (one line, with the fix)."""
+
+
+def _get(config, key, default):
+  """config.exit.KEY, or the default for keys a config file may not have yet."""
+  return config.exit.get(key, default) if hasattr(config.exit, "get") else default
+
+
+def psnr_floor(config) -> Optional[float]:
+  """The PSNR floor (dB) this config asks for, or None (see the module doc)."""
+  min_psnr = float(_get(config, "min_psnr", 0.0))
+  drop = float(_get(config, "max_psnr_drop", 0.0))
+  if min_psnr > 0 and drop > 0:
+    raise CalibrationError("set only one of exit.min_psnr and exit.max_psnr_drop")
+  if min_psnr > 0:
+    return min_psnr
+  if drop > 0:
+    return PSNR_8BIT - drop
+  return None
+
+
+def wanted(config) -> bool:
+  """True when the config asks for a calibrated threshold."""
+  return float(_get(config, "target_layer_ratio", 0.0)) > 0 or psnr_floor(config) is not None
+
+
+def calibration_rng(config):
+  """The key of the calibration batch: not the evaluation batch's noise (see the module doc)."""
+  return jax.random.fold_in(jax.random.PRNGKey(int(config.sample.seed)), CALIBRATION_STREAM)
+
+
+def conditioning(config, num: int):
+  """(labels, context, null_context) for `num` images, as `--mode sample` builds them."""
+  cfg = ModelConfig.from_config(config.model)
+  labels = context = null_context = None
+  if cfg.num_classes > 0:
+    labels = np.arange(num) % cfg.num_classes
+  if cfg.context_dim > 0:
+    from deediff_jax.sample import load_eval_context
+    context, labels, null_context = load_eval_context(config, num)
+  return labels, context, null_context
+
+
+def threshold_of(policy: str, a: float) -> float:
+  """Aggressiveness a in [0, 1] -> the policy's threshold (see the module doc)."""
+  return float(1.0 - 2.0 * a) if policy == "state_cosine" else float(a)
+
+
+def calibration_size(config) -> int:
+  n = int(_get(config, "calibration_images", 0))
+  return n if n > 0 else min(int(config.sample.batch_size), int(config.sample.num_images))
+
+
+def check_request(config, policy: Optional[str] = None) -> tuple:
+  """Validates a calibration request before any sampling -> (policy, target, floor, metric, tol).
+
+  Raises CalibrationError (one line) for a policy without a threshold, two targets at once, no
+  target, a target outside (0, 1], an unknown metric or a non-positive tolerance.
+  """
+  e = config.exit
+  policy = e.policy if policy is None else policy
+  if policy not in CALIBRATABLE:
+    raise CalibrationError(f"calibration picks a threshold, but exit.policy is {policy!r}; use "
+                           f"--config.exit.policy=uem (or {', '.join(CALIBRATABLE[1:])})")
+  target = float(_get(config, "target_layer_ratio", 0.0))
+  floor = psnr_floor(config)
+  if target > 0 and floor is not None:
+    raise CalibrationError("set only one of exit.target_layer_ratio and exit.max_psnr_drop/min_psnr")
+  if target <= 0 and floor is None:
+    raise CalibrationError("nothing to calibrate: set --config.exit.target_layer_ratio=0.6 or "
+                           "--config.exit.max_psnr_drop=20")
+  if target > 1:
+    raise CalibrationError(f"exit.target_layer_ratio must be in (0, 1], got {target}")
+  metric = str(_get(config, "calibration_metric", "layer_ratio_run"))
+  if metric not in METRICS:
+    raise CalibrationError(f"exit.calibration_metric is {metric!r}; choose one of {', '.join(METRICS)}")
+  tol = float(_get(config, "calibration_tolerance", DEFAULT_TOLERANCE))
+  if tol <= 0:
+    raise CalibrationError(f"exit.calibration_tolerance must be positive, got {tol}")
+  return policy, target, floor, metric, tol
+
+
+def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
+                        num: Optional[int] = None) -> tuple[float, dict]:
+  """The threshold that meets config.exit's target on a calibration batch -> (threshold, report).
+
+  `policy` defaults to config.exit.policy (uem, uem_no_time or state_cosine); `num` (the batch
+  size) to `exit.calibration_images`, else min(sample.batch_size, sample.num_images). The report
+  holds the method, target, tolerance or floor, the threshold, what it achieved (`achieved`),
+  every probe, the sampler and the seconds spent. Raises CalibrationError when the target cannot
+  be met by any threshold.
+  """
+  e = config.exit
+  policy, target, floor, metric, tol = check_request(config, policy)
+  cfg = ModelConfig.from_config(config.model)
+  n_blocks = cfg.num_blocks
+  num = calibration_size(config) if num is None else int(num)
+  labels, context, null_context = conditioning(config, num)
+  cond = dict(labels=labels, context=context, null_context=null_context)
+  # Ratio targets use the real sampler; PSNR needs the deterministic one (module doc).
+  run_config = config if floor is None else fidelity_lib.deterministic_config(config)
+  t0 = time.perf_counter()
+  reference = None
+  if floor is not None:
+    reference, _ = samplers.sample(params, run_config, rng, num, plain=True, **cond)
+  probes = []
+
+  def probe(a: float) -> dict:
+    thr = threshold_of(policy, a)
+    pp = make_policy_params(n_blocks, threshold=thr, min_layers=int(e.min_layers))
+    images, stats = samplers.sample(params, run_config, rng, num, policy=policy, policy_params=pp, **cond)
+    summary = samplers.summarize(stats, n_blocks)
+    rec = {"threshold": thr, "layer_ratio_run": summary["layer_ratio_run"],
+           "layer_ratio_per_sample": summary["layer_ratio_per_sample"]}
+    if reference is not None:
+      f = fidelity_lib.fidelity(reference, images)
+      rec.update(psnr_vs_full=f["psnr_vs_full"], psnr_worst5=f["psnr_worst5"])
+    rec["_a"] = a
+    probes.append(rec)
+    _log.info("calibration probe %s", rec)
+    return rec
+
+  if floor is None:
+    best = _search_ratio(probe, target, tol, metric, policy)
+  else:
+    best = _search_psnr(probe, floor)
+  threshold = best["threshold"]
+  achieved = {k: v for k, v in best.items() if k not in ("threshold", "_a")}
+  report = {
+      "method": "target_layer_ratio" if floor is None else "psnr_floor",
+      "policy": policy,
+      "threshold": threshold,
+      "achieved": achieved,
+      "calibration_images": num,
+      "sampler": run_config.sample.sampler, "steps": int(config.sample.steps),
+      "aggregate": e.aggregate, "min_layers": int(e.min_layers),
+      "probes": [{k: v for k, v in p.items() if k != "_a"} for p in probes],
+      "seconds": time.perf_counter() - t0,
+  }
+  if floor is None:
+    report.update(metric=metric, target=target, tolerance=tol,
+                  within_tolerance=_within(achieved[metric], target, tol))
+  else:
+    report.update(metric="psnr_vs_full", psnr_floor=floor,
+                  max_psnr_drop=float(_get(config, "max_psnr_drop", 0.0)) or None,
+                  min_psnr=float(_get(config, "min_psnr", 0.0)) or None)
+  return threshold, report
+
+
+def _full_depth_record(policy: str) -> dict:
+  """a = 0: nothing exits before the last block, known without sampling."""
+  return {"threshold": threshold_of(policy, 0.0), "layer_ratio_run": 1.0,
+          "layer_ratio_per_sample": 1.0, "_a": 0.0}
+
+
+def _within(value: float, target: float, tol: float) -> bool:
+  # A hair of slack so that e.g. 0.48 counts as within 0.02 of 0.5 despite float rounding.
+  return abs(value - target) <= tol + 1e-9
+
+
+def _search_ratio(probe, target: float, tol: float, metric: str, policy: str) -> dict:
+  """Bisection on a for metric(a) within tol of target (the metric falls as a grows)."""
+  if target >= 1.0 - tol:
+    return _full_depth_record(policy)
+  records = [probe(1.0)]
+  least = records[0][metric]
+  if least > target + tol + 1e-9:
+    raise CalibrationError(
+        f"exit.target_layer_ratio={target:g} is below the smallest {metric} policy {policy} reaches "
+        f"on this model ({least:.3f} at threshold {records[0]['threshold']:g}, with exit.min_layers); "
+        f"choose a target >= {least:.3f}")
+  lo, hi = 0.0, 1.0
+  while not _within(records[-1][metric], target, tol) and len(records) < MAX_PROBES:
+    mid = 0.5 * (lo + hi)
+    records.append(probe(mid))
+    if records[-1][metric] > target:
+      lo = mid
+    else:
+      hi = mid
+  if _within(records[-1][metric], target, tol):
+    return records[-1]
+  # No probe within tolerance (the ratio jumps over the target): the closest one measured.
+  return min(records, key=lambda r: (abs(r[metric] - target), -r[metric]))
+
+
+def _search_psnr(probe, floor: float) -> dict:
+  """Bisection on a for the largest a with psnr_vs_full(a) >= floor."""
+  top = probe(1.0)
+  if top["psnr_vs_full"] >= floor:
+    return top
+  lo, hi, ok, probes = 0.0, 1.0, None, 1
+  while hi - lo > PSNR_RESOLUTION and probes < MAX_PROBES:
+    mid = 0.5 * (lo + hi)
+    rec = probe(mid)
+    probes += 1
+    if rec["psnr_vs_full"] >= floor:
+      lo, ok = mid, rec
+    else:
+      hi = mid
+  if ok is None:
+    # Only a = 0 (full depth through the loop) is known to pass: measure it for the report.
+    ok = probe(0.0)
+  return ok
+
+
+def maybe_calibrate(params, config) -> Optional[dict]:
+  """If the config asks for it, calibrates, sets config.exit.threshold and returns the report."""
+  if not wanted(config):
+    return None
+  threshold, report = calibrate_threshold(params, config, calibration_rng(config))
+  config.exit.threshold = float(threshold)
+  print(describe(report))
+  return report
+
+
+def describe(report: dict) -> str:
+  """One line: what was chosen and what it achieved."""
+  a = report["achieved"]
+  ratios = (f"layer_ratio_run {a['layer_ratio_run']:.3f}, layer_ratio_per_sample "
+            f"{a['layer_ratio_per_sample']:.3f}")
+  if report["method"] == "target_layer_ratio":
+    goal = f"target {report['metric']} {report['target']:g} ± {report['tolerance']:g}"
+    if not report["within_tolerance"]:
+      goal += " NOT met (closest measured)"
+  else:
+    goal = (f"psnr_vs_full {a['psnr_vs_full']:.2f} dB >= floor {report['psnr_floor']:.2f} dB "
+            f"(worst 5%: {a['psnr_worst5']:.2f} dB)")
+  return (f"calibrated exit.threshold={report['threshold']:.6g} ({report['policy']}): {ratios}; "
+          f"{goal}; {report['calibration_images']} calibration images, {report['sampler']} "
+          f"{report['steps']} steps, {len(report['probes'])} probes, {report['seconds']:.1f}s")
+
+
+__all__ = ["CalibrationError", "PSNR_8BIT", "calibrate_threshold", "calibration_rng", "check_request",
+           "conditioning",
+           "describe", "maybe_calibrate", "psnr_floor", "wanted"]

@@ -1,0 +1,40 @@
+"""`--mode eval`: one row of the sweep for the configured exit setting only.
+
+  python -m deediff_jax.main --config configs/mnist.py --workdir DIR --mode eval \
+      [--config.exit.policy=uem --config.exit.threshold=0.1 | --config.exit.target_layer_ratio=0.6]
+
+Evaluates `config.exit` (policy with its threshold, depth or schedule; or a calibrated threshold
+when exit.target_layer_ratio / exit.max_psnr_drop / exit.min_psnr ask for one) exactly as
+`--mode sweep` evaluates each of its settings (`sweep.prepare` + `sweep.evaluate`: the same
+`sweep.num_images` images, the timed plain full-depth baseline, fidelity, GFLOPs, FID of
+`sweep.fid_kind` and class accuracy), writes the row to DIR/eval.json with a `run` entry (the
+machine, checkpoint, baseline and FID facts of `sweep.run_info`) and prints it as a Markdown table.
+"""
+from __future__ import annotations
+
+import os
+
+from deediff_jax.eval import calibrate as cal_lib
+from deediff_jax.eval import sweep
+
+
+def run(config, workdir: str, *, params=None) -> dict:
+  """Evaluates the configured setting; writes DIR/eval.json; returns the row (+ `run`)."""
+  setting = sweep.setting_from_exit_config(config)
+  # Calibrates the configured policy itself: for a depth policy that is an error, not a switch.
+  ctx = sweep.start(config, workdir, [setting], params=params, calibration_policy=config.exit.policy)
+  if cal_lib.wanted(config):
+    setting = sweep.calibrated_setting(ctx, policy=config.exit.policy)
+  row, _, _ = sweep.evaluate(ctx, setting)
+  sweep.retime_baseline(ctx, [row])
+  info = sweep.run_info(ctx)
+  if setting.calibration is not None:
+    info["calibration"] = setting.calibration
+  out = dict(row, run=info)
+  os.makedirs(str(workdir), exist_ok=True)
+  sweep.write_json(os.path.join(str(workdir), "eval.json"), out)
+  print(sweep.header_md(info, title="Early-exit evaluation") + "\n" + sweep.table_md([row]))
+  return out
+
+
+__all__ = ["run"]

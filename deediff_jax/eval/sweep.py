@@ -1,0 +1,814 @@
+"""`--mode sweep`: policies x thresholds on one checkpoint -> cost, speed, fidelity and FID.
+
+  python -m deediff_jax.main --config configs/mnist.py --workdir DIR --mode sweep
+
+For every setting built from `config.sweep` (`settings_from_config`):
+
+  uem / uem_no_time   one row per `sweep.thresholds` value                  (key `threshold`)
+  static              one row per `sweep.depths` (empty: every depth 1..N)  (key `depth`)
+  time_schedule       one row per `sweep.time_schedules` (';'-separated; empty: a few noisy-
+                      shallow schedules derived from N, `default_time_schedules`) (key `schedule`)
+  state_cosine        one row per `sweep.cosine_thresholds` value           (key `threshold`)
+  none                one row (full depth through the early-exit loop)
+
+plus, when `exit.target_layer_ratio` / `exit.max_psnr_drop` / `exit.min_psnr` ask for it, one
+calibrated row (`eval/calibrate.py`) of exit.policy (uem unless it is another score policy).
+
+Every setting samples the same `sweep.num_images` images: the same initial noise, sampler noise
+and labels (`samplers.sample` derives them from `sample.seed` and the batch index only), with
+the configured sampler. Each run is timed after its program is compiled (a warm-up with cheap
+policy values: thresholds and depths are traced, so one compile serves all of a policy's
+values), and the plain full-depth sampler (`module.apply`, no exit machinery) is timed in the
+same process, before and after the settings (the mean of both; `retime_baseline`):
+`speedup = seconds_full / seconds`. Fidelity (`psnr_vs_full` ...) compares each
+setting's images with the plain full-depth images from the same noise under a deterministic
+sampler: the configured one if it is deterministic (then the same runs serve both), else DDIM
+with eta=0 in an extra, untimed run. `gflops_per_image` is `eval/flops.gflops_per_image` on
+the exit layers each batch really had (the loop's real cost: the deepest exit of the batch).
+Quality is the FID of `sweep.fid_kind` against real-image statistics cached under
+DIR/fid_stats/, and, for class-conditional models, `class_accuracy`: how often the dataset
+classifier (`eval/classifier.py`, cached in DIR/classifier/, trained on the train split, its
+accuracy measured on the test split when there is one) predicts the requested label.
+
+Files in DIR/sweep/:
+  sweep.json      one row per setting (`ROW_KEYS`; DESIGN §9)
+  sweep.csv       the scalar fields of the same rows
+  sweep.md        a header paragraph (machine, checkpoint step, images, FID kind, baseline) and
+                  the table (also printed)
+  run.json        that header's facts as data (machine, baseline, calibration, grids)
+  pareto_fid.png  FID vs GFLOPs per image, one curve per policy (not written for fid_kind=none)
+  pareto_psnr.png PSNR vs full depth vs GFLOPs per image (rows at the 100 dB cap, i.e. every
+                  image identical up to float rounding, are left out and named in a note)
+  exit_heatmap.png  timestep x exit layer for the chosen UEM row: the calibrated one if any,
+                  else the row with exit.threshold, else the middle threshold of the list
+  grid_<policy>.png samples of each policy's row whose layer_ratio_run is closest to the
+                  chosen UEM row's (matched compute)
+
+`evaluate.py` (`--mode eval`) reuses `prepare`/`evaluate` for the configured setting alone.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from deediff_jax.config import POLICIES, parse_depth_schedule, parse_floats
+from deediff_jax.diffusion import samplers
+from deediff_jax.diffusion import schedule as sched_lib
+from deediff_jax.early_exit import make_policy_params
+from deediff_jax.eval import calibrate as cal_lib
+from deediff_jax.eval import fid as fid_lib
+from deediff_jax.eval import fidelity as fidelity_lib
+from deediff_jax.eval import flops as flops_lib
+from deediff_jax.eval import plots
+from deediff_jax.model.uvit import ModelConfig
+
+SCORE_POLICIES = ("uem", "uem_no_time", "state_cosine")
+UEM_POLICIES = ("uem", "uem_no_time")
+FID_KIND_NAMES = {
+    "classifier": "classifier-FID (small CNN features; not comparable to Inception FID)",
+    "inception": "Inception FID",
+    "none": "none",
+}
+MAX_REAL_IMAGES = 10000     # real images for the classifier and the FID statistics (seeded subset)
+CLASSIFIER_STEPS = 600      # training steps of the classifier-FID net (sweep.classifier_steps overrides)
+IDENTICAL_PSNR = fidelity_lib.PSNR_MAX - 1e-6   # a mean this high: every image equal up to rounding
+GRID_IMAGES = 100
+SWEEP_DIR = "sweep"
+# Every row has every key (None where it does not apply), in this order.
+ROW_KEYS = (
+    "policy", "setting", "threshold", "depth", "schedule", "calibrated",
+    "layer_ratio_run", "layer_ratio_per_sample", "gflops_per_image", "gflops_ratio",
+    "seconds", "seconds_full", "speedup",
+    "psnr_vs_full", "psnr_worst5", "psnr_p5", "mse_vs_full", "mse_worst5", "mse_p95",
+    "fid", "fid_kind", "class_accuracy",
+    "aggregate", "min_layers", "sampler", "steps", "fidelity_sampler", "num_images",
+    "guidance_scale", "checkpoint_step",
+    "layers_run_per_step", "mean_exit_layer_per_step", "calibration",
+)
+TABLE_COLUMNS = (
+    ("setting", "setting"), ("layer_ratio_run", "layers run"),
+    ("layer_ratio_per_sample", "layer ratio / sample"), ("gflops_per_image", "GFLOPs/img"),
+    ("seconds", "s"), ("speedup", "speedup"), ("psnr_vs_full", "PSNR vs full (dB)"),
+    ("psnr_worst5", "PSNR worst 5%"), ("fid", "FID"), ("class_accuracy", "class acc."),
+)
+
+
+class SweepError(ValueError):
+  """A sweep that cannot run as configured (one line naming the problem and the fix)."""
+
+
+# ----------------------------------------------------------------------------- settings
+
+@dataclasses.dataclass
+class Setting:
+  """One exit setting: a policy and the value it is swept over."""
+  policy: str
+  threshold: Optional[float] = None      # uem / uem_no_time / state_cosine
+  depth: Optional[int] = None            # static
+  schedule: Optional[str] = None         # time_schedule, e.g. "3,5,6,9" (noisiest bucket first)
+  calibration: Optional[dict] = None     # the calibration report, for a calibrated threshold
+
+  def label(self) -> str:
+    if self.policy in SCORE_POLICIES:
+      text = f"{self.policy} {self.threshold:g}"
+      return text + " (calibrated)" if self.calibration is not None else text
+    if self.policy == "static":
+      return f"static {self.depth}"
+    if self.policy == "time_schedule":
+      return f"time_schedule {self.schedule}"
+    return self.policy
+
+  def policy_params(self, num_blocks: int, min_layers: int = 1) -> dict:
+    """The traced policy parameters. exit.min_layers applies to the score policies only: the
+    depth policies' depth is the setting itself."""
+    if self.policy in SCORE_POLICIES:
+      return make_policy_params(num_blocks, threshold=float(self.threshold), min_layers=min_layers)
+    if self.policy == "static":
+      return make_policy_params(num_blocks, depth=int(self.depth))
+    if self.policy == "time_schedule":
+      return make_policy_params(num_blocks, schedule=_ints(self.schedule))
+    return make_policy_params(num_blocks)
+
+
+def _ints(text: str) -> list[int]:
+  return [int(v) for v in str(text).split(",") if v.strip()]
+
+
+def default_time_schedules(num_blocks: int) -> list[str]:
+  """A few ASE-style schedules, shallow at noisy steps: fractions of N per bucket, noisiest first."""
+  n = num_blocks
+
+  def d(frac):
+    return max(1, min(n, math.ceil(frac * n - 1e-9)))
+
+  candidates = [[d(1 / 3), d(1 / 2), d(2 / 3), n], [d(1 / 2), d(2 / 3), n, n],
+                [d(1 / 4), d(1 / 3), d(1 / 2), d(2 / 3), n], [d(1 / 2), n]]
+  out = []
+  for c in candidates:
+    text = ",".join(str(v) for v in c)
+    if text not in out:
+      out.append(text)
+  return out
+
+
+def parse_policies(config, cfg: ModelConfig) -> list[str]:
+  names = []
+  for name in (s.strip() for s in str(config.sweep.policies).split(",")):
+    if not name:
+      continue
+    if name not in POLICIES:
+      raise SweepError(f"sweep.policies has unknown policy {name!r}; choose among {', '.join(POLICIES)}")
+    if name not in names:
+      names.append(name)
+  if not names:
+    raise SweepError(f"sweep.policies is empty; give e.g. --config.sweep.policies=uem,static,none")
+  if "uem_no_time" in names and cfg.uem != "token_linear_no_time":
+    raise SweepError("sweep.policies has uem_no_time, which needs a model trained with "
+                     "model.uem=token_linear_no_time; drop it from sweep.policies")
+  return names
+
+
+def settings_from_config(config, num_blocks: Optional[int] = None) -> list[Setting]:
+  """The sweep's settings, in the order of sweep.policies (see the module doc)."""
+  cfg = ModelConfig.from_config(config.model)
+  n = cfg.num_blocks if num_blocks is None else num_blocks
+  w = config.sweep
+  out: list[Setting] = []
+  for policy in parse_policies(config, cfg):
+    if policy in UEM_POLICIES or policy == "state_cosine":
+      key = "sweep.cosine_thresholds" if policy == "state_cosine" else "sweep.thresholds"
+      values = parse_floats(w.cosine_thresholds if policy == "state_cosine" else w.thresholds, key)
+      if not values:
+        raise SweepError(f"{key} is empty but sweep.policies has {policy}; give values like "
+                         f"{'0.9,0.95,0.99' if policy == 'state_cosine' else '0.05,0.1,0.2'}")
+      if policy in UEM_POLICIES and min(values) < 0:
+        raise SweepError(f"{key} must be >= 0 (u is in (0, 1)), got {min(values)}")
+      out += [Setting(policy, threshold=float(v)) for v in dict.fromkeys(values)]
+    elif policy == "static":
+      depths = (list(range(1, n + 1)) if not str(w.depths).strip()
+                else parse_depth_schedule(w.depths, n, key="sweep.depths"))
+      out += [Setting("static", depth=int(v)) for v in dict.fromkeys(depths)]
+    elif policy == "time_schedule":
+      texts = ([t for t in str(w.time_schedules).split(";") if t.strip()]
+               or default_time_schedules(n))
+      scheds = [",".join(str(v) for v in parse_depth_schedule(t, n, key="sweep.time_schedules"))
+                for t in texts]
+      out += [Setting("time_schedule", schedule=s) for s in dict.fromkeys(scheds)]
+    else:
+      out.append(Setting("none"))
+  return out
+
+
+def setting_from_exit_config(config) -> Setting:
+  """The one setting config.exit describes (for `--mode eval`)."""
+  cfg = ModelConfig.from_config(config.model)
+  e = config.exit
+  if e.policy in SCORE_POLICIES:
+    return Setting(e.policy, threshold=float(e.threshold))
+  if e.policy == "static":
+    return Setting("static", depth=int(e.depth) if e.depth > 0 else cfg.num_blocks)
+  if e.policy == "time_schedule":
+    return Setting("time_schedule",
+                   schedule=",".join(str(v) for v in parse_depth_schedule(e.schedule, cfg.num_blocks)))
+  return Setting("none")
+
+
+# ----------------------------------------------------------------------------- quality (FID)
+
+@dataclasses.dataclass
+class RealData:
+  images: np.ndarray               # float32 [-1, 1]
+  labels: Optional[np.ndarray]
+  num_classes: int
+  source: str
+  split: str
+
+
+def real_images(config, split: str = "train", max_images: int = MAX_REAL_IMAGES) -> Optional[RealData]:
+  """Real images of config.data's `split` scaled to [-1, 1] (at most `max_images`, a seeded
+  subset), or None when that split does not exist (only for split != 'train')."""
+  from deediff_jax.data.sources import DataError, load_source
+  dc = config.data.copy_and_resolve_references()
+  dc.split = split
+  dc.context_file = ""        # captions are not needed for images
+  try:
+    src = load_source(dc)
+  except DataError:
+    if split == "train":
+      raise
+    return None
+  n = src.num_examples
+  idx = (np.arange(n) if n <= max_images
+         else np.sort(np.random.default_rng(0).permutation(n)[:max_images]))
+  batch = src.get(idx)
+  images = batch["image"].astype(np.float32) / 127.5 - 1.0
+  return RealData(images=images, labels=batch.get("label"), num_classes=int(src.num_classes),
+                  source=str(config.data.source), split=split)
+
+
+@dataclasses.dataclass
+class Quality:
+  """Scores generated images: FID of `fid_kind` and class accuracy (see the module doc)."""
+  fid_kind: str
+  fid_kind_name: str
+  real_stats: Optional[tuple] = None
+  feature_fn: Any = None
+  classifier: Any = None
+  num_real: int = 0
+  info: dict = dataclasses.field(default_factory=dict)
+
+  def score(self, images, labels=None) -> dict:
+    out = {"fid": None, "class_accuracy": None}
+    if self.real_stats is not None:
+      fake_stats = fid_lib.statistics(self.feature_fn(images))
+      out["fid"] = float(fid_lib.frechet_distance(*self.real_stats, *fake_stats))
+    if (self.classifier is not None and labels is not None
+        and int(np.max(labels)) < self.classifier.num_classes):
+      from deediff_jax.eval.classifier import class_accuracy
+      out["class_accuracy"] = class_accuracy(self.classifier, images, np.asarray(labels, np.int64))
+    return out
+
+
+def build_quality(config, workdir: str) -> Quality:
+  """The FID scorer of sweep.fid_kind, plus the classifier for class accuracy when the model is
+  conditional and the data are labelled. Real statistics are cached in DIR/fid_stats/."""
+  kind = str(config.sweep.fid_kind)
+  if kind not in FID_KIND_NAMES:
+    raise SweepError(f"sweep.fid_kind is {kind!r}; choose one of {', '.join(FID_KIND_NAMES)}")
+  cfg = ModelConfig.from_config(config.model)
+  latent = bool(config.data.get("latent", False))
+  q = Quality(fid_kind=kind, fid_kind_name=FID_KIND_NAMES[kind])
+  if latent:
+    if kind != "none":
+      raise SweepError(f"sweep.fid_kind={kind} needs images, but data.latent=True (the samples are "
+                       "autoencoder latents); use --config.sweep.fid_kind=none")
+    return q
+  conditional = cfg.num_classes > 0 or cfg.context_dim > 0
+  if kind == "inception":
+    # Check the weights before any expensive work: a missing file is a one-line error.
+    path = str(config.sweep.inception_weights)
+    from deediff_jax.eval import inception
+    if not path:
+      raise SweepError("sweep.fid_kind=inception needs --config.sweep.inception_weights=PATH to "
+                       f"pt_inception-2015-12-05-6726825d.pth (download {inception.FID_WEIGHTS_URL}) "
+                       "or its .npz conversion; or use --config.sweep.fid_kind=classifier")
+    if not os.path.isfile(path):
+      raise SweepError(f"sweep.inception_weights {path!r} does not exist; download "
+                       f"{inception.FID_WEIGHTS_URL} (see deediff_jax/eval/inception.py)")
+  if kind == "none" and not conditional:
+    return q
+  real = real_images(config, "train")
+  if kind != "none":
+    q.num_real = int(real.images.shape[0])
+    q.info.update(real_source=real.source, real_split="train", num_real=q.num_real)
+  if real.labels is not None and (kind == "classifier" or conditional):
+    from deediff_jax.eval.classifier import get_classifier
+    test = real_images(config, "test")
+    if test is not None and test.labels is None:
+      test = None
+    num_classes = real.num_classes if real.num_classes > 0 else None
+    steps = int(config.sweep.get("classifier_steps", 0) or CLASSIFIER_STEPS)
+    q.classifier = get_classifier(
+        os.path.join(workdir, "classifier"), real.images, real.labels,
+        None if test is None else test.images, None if test is None else test.labels,
+        num_classes=num_classes, steps=steps)
+    q.info.update(classifier_accuracy=float(q.classifier.accuracy),
+                  classifier_accuracy_on="test split" if test is not None else "held-out 10% of train")
+  elif kind == "classifier":
+    raise SweepError(f"sweep.fid_kind=classifier trains a classifier on labelled data, but "
+                     f"data.source {config.data.source!r} has no labels; use "
+                     "--config.sweep.fid_kind=inception (with sweep.inception_weights) or none")
+  stats_dir = os.path.join(workdir, "fid_stats")
+  if kind == "classifier":
+    clf = q.classifier
+    q.feature_fn = clf.features
+    q.real_stats = fid_lib.cached_statistics(
+        os.path.join(stats_dir, "classifier.npz"), lambda: clf.features(real.images),
+        key=f"classifier:{clf.fingerprint}:{real.source}:train:{q.num_real}")
+  elif kind == "inception":
+    from deediff_jax.eval import inception
+    path = os.path.abspath(str(config.sweep.inception_weights))
+    params = inception.load_weights(path)
+    q.feature_fn = lambda x: inception.features(params, x)
+    q.real_stats = fid_lib.cached_statistics(
+        os.path.join(stats_dir, "inception.npz"), lambda: q.feature_fn(real.images),
+        key=f"inception:{path}:{os.path.getsize(path)}:{real.source}:train:{q.num_real}")
+  return q
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@dataclasses.dataclass
+class Context:
+  """Everything the settings share: params, inputs, the full-depth baseline, the scorer."""
+  config: Any
+  fidelity_config: Any
+  params: Any
+  cfg: ModelConfig
+  num: int
+  rng: Any
+  cond: dict
+  quality: Quality
+  checkpoint_step: Optional[int] = None
+  workdir: str = ""
+  images_full: Optional[np.ndarray] = None        # plain full depth, configured sampler (timed)
+  images_full_fidelity: Optional[np.ndarray] = None
+  seconds_full: float = float("nan")
+  seconds_full_runs: list = dataclasses.field(default_factory=list)
+  gflops_full: float = float("nan")
+  quality_full: dict = dataclasses.field(default_factory=dict)
+  compiled: set = dataclasses.field(default_factory=set)
+
+  @property
+  def deterministic(self) -> bool:
+    return self.fidelity_config is self.config
+
+  @property
+  def cfg_factor(self) -> int:
+    return 2 if float(self.config.sample.guidance_scale) != 0.0 else 1
+
+  @property
+  def labels(self):
+    return self.cond["labels"]
+
+
+def _batch_sizes(num: int, bs: int) -> list[int]:
+  """The distinct batch shapes `samplers.sample` uses for `num` images."""
+  sizes = {min(bs, num)}
+  if num > bs and num % bs:
+    sizes.add(num % bs)
+  return sorted(sizes)
+
+
+def _cheap_params(setting: Setting, n: int, min_layers: int) -> dict:
+  """Policy values of the same shapes that exit as early as possible: a fast warm-up run."""
+  if setting.policy in UEM_POLICIES:
+    return make_policy_params(n, threshold=2.0, min_layers=min_layers)     # u < 2 always
+  if setting.policy == "state_cosine":
+    return make_policy_params(n, threshold=-2.0, min_layers=min_layers)    # cos > -2 always
+  if setting.policy == "static":
+    return make_policy_params(n, depth=1)
+  if setting.policy == "time_schedule":
+    return make_policy_params(n, schedule=[1] * len(_ints(setting.schedule)))
+  return make_policy_params(n)
+
+
+def _sample(ctx: Context, config, *, plain=False, setting: Optional[Setting] = None, pp=None):
+  kw = dict(plain=True) if plain else dict(policy=setting.policy, policy_params=pp)
+  return samplers.sample(ctx.params, config, ctx.rng, ctx.num, **kw, **ctx.cond)
+
+
+def _warm_up(ctx: Context, config, *, plain=False, setting: Optional[Setting] = None) -> None:
+  """Compiles (once per sampler x policy x schedule length) every batch shape of the run."""
+  key = (config.sample.sampler, "plain" if plain else setting.policy,
+         len(_ints(setting.schedule)) if setting is not None and setting.schedule else 0)
+  if key in ctx.compiled:
+    return
+  n = ctx.cfg.num_blocks
+  labels, context, null_context = (ctx.cond[k] for k in ("labels", "context", "null_context"))
+  for m in _batch_sizes(ctx.num, int(config.sample.batch_size)):
+    cond = dict(labels=None if labels is None else labels[:m],
+                context=None if context is None else context[:m], null_context=null_context)
+    if plain:
+      samplers.sample(ctx.params, config, ctx.rng, m, plain=True, **cond)
+    else:
+      samplers.sample(ctx.params, config, ctx.rng, m, policy=setting.policy,
+                      policy_params=_cheap_params(setting, n, int(config.exit.min_layers)), **cond)
+  ctx.compiled.add(key)
+
+
+def _timed(ctx: Context, **kw):
+  """(images, stats, seconds) with the configured sampler; compiled beforehand."""
+  _warm_up(ctx, ctx.config, **{k: v for k, v in kw.items() if k in ("plain", "setting")})
+  t0 = time.perf_counter()
+  images, stats = _sample(ctx, ctx.config, **kw)
+  return images, stats, time.perf_counter() - t0
+
+
+def check_local(workdir) -> None:
+  """The sweep writes plots, caches and tables with local file I/O."""
+  if "://" in str(workdir):
+    raise SweepError(f"--mode sweep/eval write their files to a local directory, got --workdir "
+                     f"{workdir}; copy the checkpoint to a local --workdir (e.g. gsutil -m cp -r)")
+
+
+def load_checkpoint(config, workdir: str) -> tuple:
+  """(params, step) of the latest checkpoint in `workdir`, EMA weights unless sample.use_ema=False."""
+  from deediff_jax.train.checkpoint import latest_step, load_params
+  params = load_params(workdir, config, use_ema=bool(config.sample.use_ema))
+  return params, latest_step(workdir)
+
+
+def prepare(config, workdir: str, *, num: Optional[int] = None, params=None, step: Optional[int] = None,
+            quality: Optional[Quality] = None) -> Context:
+  """Loads the checkpoint (unless `params` are given), builds the scorer (unless given) and runs
+  the timed full-depth baseline."""
+  cfg = ModelConfig.from_config(config.model)
+  check_local(workdir)
+  if params is None:
+    params, step = load_checkpoint(config, workdir)
+  num = int(config.sweep.num_images) if num is None else int(num)
+  if num < 2:
+    raise SweepError(f"sweep.num_images must be >= 2 (FID needs a covariance), got {num}")
+  quality = build_quality(config, workdir) if quality is None else quality
+  ctx = Context(config=config, fidelity_config=fidelity_lib.deterministic_config(config), params=params,
+                cfg=cfg, num=num, rng=jax.random.PRNGKey(int(config.sample.seed)),
+                cond=dict(zip(("labels", "context", "null_context"), cal_lib.conditioning(config, num))),
+                quality=quality, checkpoint_step=step, workdir=str(workdir))
+  ctx.images_full, _, ctx.seconds_full = _timed(ctx, plain=True)
+  ctx.seconds_full_runs = [ctx.seconds_full]
+  if ctx.deterministic:
+    ctx.images_full_fidelity = ctx.images_full
+  else:
+    ctx.images_full_fidelity, _ = _sample(ctx, ctx.fidelity_config, plain=True)
+  ctx.gflops_full = flops_lib.full_depth_flops_per_image(cfg, int(config.sample.steps),
+                                                         cfg_factor=ctx.cfg_factor) / 1e9
+  ctx.quality_full = quality.score(ctx.images_full, ctx.labels)
+  return ctx
+
+
+def retime_baseline(ctx: Context, rows) -> None:
+  """Times the plain full-depth sampler again, after the settings, and puts the mean of both
+  timings into every row's seconds_full and speedup: on a shared machine the load drifts during
+  a sweep, and the two timings (in run.json) show by how much."""
+  _, _, again = _timed(ctx, plain=True)
+  ctx.seconds_full_runs = ctx.seconds_full_runs + [again]
+  ctx.seconds_full = float(np.mean(ctx.seconds_full_runs))
+  for r in rows:
+    r["seconds_full"] = ctx.seconds_full
+    r["speedup"] = ctx.seconds_full / r["seconds"]
+
+
+def check_params_for(settings, params) -> None:
+  if any(s.policy != "none" for s in settings) and "exit_heads" not in params:
+    raise SweepError("this checkpoint has no exit heads/UEMs (a bare backbone); train them first "
+                     "(--config.train.mode=frozen_backbone) or use --config.sweep.policies=none")
+
+
+def gflops_from_stats(cfg: ModelConfig, stats: dict, policy: str, cfg_factor: int = 1) -> float:
+  """GFLOPs per image of a `samplers.sample` run: each batch's loop cost, weighted by its size."""
+  el = np.asarray(stats["exit_layer"])                          # [steps, num]
+  sizes = np.asarray(stats["batch_sizes"], np.int64)
+  parts = np.split(el, np.cumsum(sizes)[:-1], axis=1)
+  per = [flops_lib.gflops_per_image(cfg, p, policy=policy, cfg_factor=cfg_factor) for p in parts]
+  return float(np.sum(np.asarray(per) * sizes) / np.sum(sizes))
+
+
+def evaluate(ctx: Context, setting: Setting) -> tuple[dict, np.ndarray, dict]:
+  """Samples, times and scores one setting -> (row, images, stats)."""
+  n = ctx.cfg.num_blocks
+  config = ctx.config
+  min_layers = int(config.exit.min_layers) if setting.policy in SCORE_POLICIES else 1
+  pp = setting.policy_params(n, min_layers)
+  images, stats, seconds = _timed(ctx, setting=setting, pp=pp)
+  if ctx.deterministic:
+    images_fid = images
+  else:
+    _warm_up(ctx, ctx.fidelity_config, setting=setting)
+    images_fid, _ = _sample(ctx, ctx.fidelity_config, setting=setting, pp=pp)
+  fidelity = fidelity_lib.fidelity(ctx.images_full_fidelity, images_fid)
+  summary = samplers.summarize(stats, n)
+  gflops = gflops_from_stats(ctx.cfg, stats, setting.policy, ctx.cfg_factor)
+  quality = ctx.quality.score(images, ctx.labels)
+  row = {
+      "policy": setting.policy, "setting": setting.label(),
+      "threshold": setting.threshold, "depth": setting.depth, "schedule": setting.schedule,
+      "calibrated": setting.calibration is not None,
+      "layer_ratio_run": summary["layer_ratio_run"],
+      "layer_ratio_per_sample": summary["layer_ratio_per_sample"],
+      "gflops_per_image": gflops, "gflops_ratio": gflops / ctx.gflops_full,
+      "seconds": seconds, "seconds_full": ctx.seconds_full, "speedup": ctx.seconds_full / seconds,
+      **{k: fidelity[k] for k in fidelity_lib.KEYS},
+      "fid": quality["fid"], "fid_kind": ctx.quality.fid_kind_name,
+      "class_accuracy": quality["class_accuracy"],
+      "aggregate": str(config.exit.aggregate), "min_layers": min_layers,
+      "sampler": str(config.sample.sampler), "steps": int(config.sample.steps),
+      "fidelity_sampler": (f"{ctx.fidelity_config.sample.sampler}"
+                           + (" eta=0" if ctx.fidelity_config.sample.sampler == "ddim" else "")),
+      "num_images": ctx.num, "guidance_scale": float(config.sample.guidance_scale),
+      "checkpoint_step": ctx.checkpoint_step,
+      "layers_run_per_step": [float(v) for v in summary["layers_run_per_step"]],
+      "mean_exit_layer_per_step": [float(v) for v in summary["mean_exit_layer_per_step"]],
+      "calibration": setting.calibration,
+  }
+  assert tuple(row) == ROW_KEYS
+  return row, images, stats
+
+
+# ----------------------------------------------------------------------------- reports
+
+def machine_info() -> dict:
+  dev = jax.devices()[0]
+  return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
+          "device": dev.device_kind, "device_count": jax.device_count(), "jax": jax.__version__}
+
+
+def run_info(ctx: Context) -> dict:
+  """The facts behind the table: machine, checkpoint, sampling, baseline, quality."""
+  c = ctx.config
+  return {
+      "machine": machine_info(), "workdir": ctx.workdir, "checkpoint_step": ctx.checkpoint_step,
+      "use_ema": bool(c.sample.use_ema), "num_images": ctx.num, "seed": int(c.sample.seed),
+      "batch_size": int(c.sample.batch_size), "sampler": str(c.sample.sampler),
+      "steps": int(c.sample.steps), "eta": float(c.sample.eta),
+      "guidance_scale": float(c.sample.guidance_scale),
+      "fidelity_sampler": ctx.fidelity_config.sample.sampler, "layers_total": ctx.cfg.num_blocks,
+      "seconds_full": ctx.seconds_full, "seconds_full_runs": list(ctx.seconds_full_runs),
+      "gflops_full": ctx.gflops_full,
+      "fid_full": ctx.quality_full.get("fid"), "class_accuracy_full": ctx.quality_full.get("class_accuracy"),
+      "fid_kind": ctx.quality.fid_kind_name, **ctx.quality.info,
+  }
+
+
+def header_md(info: dict, title: str = "Early-exit sweep") -> str:
+  m = info["machine"]
+  step = info["checkpoint_step"]
+  lines = [f"# {title}", ""]
+  text = (f"Machine: {m['platform']}, {m['cpu_count']} CPUs, JAX {m['jax']} on backend "
+          f"`{m['backend']}` ({m['device_count']} x {m['device']}). Checkpoint: "
+          f"{'step ' + str(step) if step is not None else 'params given in Python'} "
+          f"({'EMA' if info['use_ema'] else 'raw'} weights). {info['num_images']} images per setting "
+          f"(seed {info['seed']}, batch {info['batch_size']}), sampler {info['sampler']} with "
+          f"{info['steps']} steps")
+  if info["guidance_scale"]:
+    text += f", guidance {info['guidance_scale']:g}"
+  text += (f"; every setting starts from the same noise. FID kind: **{info['fid_kind']}**")
+  if info.get("num_real"):
+    text += f", real statistics from {info['num_real']} images of {info['real_source']} (train split)"
+  text += "."
+  if info.get("classifier_accuracy") is not None:
+    text += (f" Class accuracy = how often the dataset classifier (accuracy "
+             f"{info['classifier_accuracy']:.3f} on the {info['classifier_accuracy_on']}) predicts "
+             "the requested label.")
+  runs = info.get("seconds_full_runs") or [info["seconds_full"]]
+  timed = ("timed in this process" if len(runs) == 1 else
+           "timed in this process before and after the settings, " +
+           " and ".join(f"{v:.3f} s" for v in runs) + ", mean")
+  text += (f" Full-depth baseline (plain forward, no exit machinery, {timed}): "
+           f"{info['seconds_full']:.3f} s, {info['gflops_full']:.4g} GFLOPs/image")
+  if info.get("fid_full") is not None:
+    text += f", FID {info['fid_full']:.4g}"
+  if info.get("class_accuracy_full") is not None:
+    text += f", class accuracy {info['class_accuracy_full']:.3f}"
+  text += (f". speedup = seconds_full / seconds; PSNR vs full = mean per-image PSNR against the "
+           f"full-depth images ({info['fidelity_sampler']}, deterministic, same noise; worst 5% = "
+           "mean over the 5% lowest); layers run = blocks the loop executed / "
+           f"{info['layers_total']}.")
+  lines.append(text)
+  if info.get("calibration"):
+    lines += ["", "Calibration: " + cal_lib.describe(info["calibration"]) + "."]
+  if info.get("grids"):
+    lines += ["", "Sample grids at matched compute: " + "; ".join(
+        f"`{g['file']}` = {g['setting']} (layers run {g['layer_ratio_run']:.3f})" for g in info["grids"]) + "."]
+  return "\n".join(lines) + "\n"
+
+
+def table_md(rows) -> str:
+  cols = [c for c in TABLE_COLUMNS
+          if c[0] != "class_accuracy" or any(r.get("class_accuracy") is not None for r in rows)]
+  cols = [c for c in cols if c[0] != "fid" or any(r.get("fid") is not None for r in rows)]
+  return plots.speed_quality_table_md(rows, cols)
+
+
+def _scalar(v) -> bool:
+  return v is None or isinstance(v, (bool, int, float, str))
+
+
+def write_csv(path: str, rows) -> str:
+  keys = [k for k in ROW_KEYS if all(_scalar(r.get(k)) for r in rows)]
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: "" if r.get(k) is None else r[k] for k in keys})
+  return path
+
+
+def chosen_index(rows, config) -> int:
+  """The UEM row the heatmap and grids are matched to (see the module doc)."""
+  calibrated = [i for i, r in enumerate(rows) if r["calibrated"]]
+  if calibrated:
+    return calibrated[0]
+  want = config.exit.policy if config.exit.policy in SCORE_POLICIES else "uem"
+  for policies in ((want,), UEM_POLICIES, SCORE_POLICIES):
+    idx = [i for i, r in enumerate(rows) if r["policy"] in policies]
+    if idx:
+      exact = [i for i in idx if math.isclose(rows[i]["threshold"], float(config.exit.threshold),
+                                                rel_tol=1e-9, abs_tol=1e-12)]
+      if exact:
+        return exact[0]
+      idx.sort(key=lambda i: rows[i]["threshold"])
+      return idx[len(idx) // 2]
+  not_none = [i for i, r in enumerate(rows) if r["policy"] != "none"]
+  return not_none[0] if not_none else 0
+
+
+def matched_indices(rows, ref: int) -> dict:
+  """policy -> index of its row whose layer_ratio_run is closest to row `ref`'s."""
+  target = rows[ref]["layer_ratio_run"]
+  out = {rows[ref]["policy"]: ref}
+  for i, r in enumerate(rows):
+    p = r["policy"]
+    if p == rows[ref]["policy"]:
+      continue
+    if p not in out or abs(r["layer_ratio_run"] - target) < abs(rows[out[p]]["layer_ratio_run"] - target):
+      out[p] = i
+  return out
+
+
+def _displayable(images: np.ndarray) -> np.ndarray:
+  """Images for a PNG grid: [-1, 1] pixels as they are; latents -> 3 (or 1) channels min-max scaled."""
+  x = np.asarray(images, np.float32)
+  if x.shape[-1] in (1, 3) and not np.any(np.abs(x) > 1.0 + 1e-6):
+    return x
+  x = x[..., :3] if x.shape[-1] >= 3 else x[..., :1]
+  lo = x.min(axis=(0, 1, 2), keepdims=True)
+  hi = x.max(axis=(0, 1, 2), keepdims=True)
+  return (x - lo) / np.maximum(hi - lo, 1e-8) * 2.0 - 1.0
+
+
+def write_grid(path: str, images: np.ndarray, num_classes: int) -> str:
+  x = _displayable(images[:GRID_IMAGES])
+  scale = max(1, min(4, round(32 / x.shape[1])))
+  if num_classes > 0:
+    ncol = min(num_classes, x.shape[0])
+    return plots.image_grid(x, path, nrow=ncol, col_labels=[str(c) for c in range(ncol)], scale=scale)
+  return plots.image_grid(x, path, scale=scale)
+
+
+def time_labels(config) -> list:
+  """The network's time input at each sampling step (heatmap y labels)."""
+  schedule = sched_lib.make_schedule(config.diffusion.schedule, int(config.diffusion.timesteps))
+  t = np.asarray(samplers.grid_arrays(schedule, int(config.sample.steps))["t_model"])[:-1]
+  return [float(round(v, 1)) if schedule.continuous else int(v) for v in t]
+
+
+def write_outputs(out_dir: str, rows, images, stats, ctx: Context, info: dict) -> dict:
+  """All files of the module doc; returns {name: path}."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {}
+  ref = chosen_index(rows, ctx.config)
+  grids = []
+  for policy, i in matched_indices(rows, ref).items():
+    name = f"grid_{policy}.png"
+    paths[name] = write_grid(os.path.join(out_dir, name), images[i], ctx.cfg.num_classes)
+    grids.append({"file": name, "policy": policy, "setting": rows[i]["setting"],
+                  "layer_ratio_run": rows[i]["layer_ratio_run"]})
+  info = dict(info, grids=grids, heatmap_setting=rows[ref]["setting"])
+  paths["exit_heatmap.png"] = plots.exit_heatmap(
+      np.asarray(stats[ref]["exit_layer"]), ctx.cfg.num_blocks, os.path.join(out_dir, "exit_heatmap.png"),
+      time_labels(ctx.config),
+      title=f"Where samples exit: {rows[ref]['setting']} (layers run {rows[ref]['layer_ratio_run']:.3f})")
+  if any(r["fid"] is not None for r in rows):
+    paths["pareto_fid.png"] = plots.pareto_plot(rows, os.path.join(out_dir, "pareto_fid.png"),
+                                                x="gflops_per_image", y="fid",
+                                                fid_kind=ctx.quality.fid_kind)
+  # Rows identical to full depth up to rounding would squash the PSNR axis; they are noted instead.
+  psnr_rows = [dict(r, psnr_vs_full=None) if r["psnr_vs_full"] >= IDENTICAL_PSNR else r for r in rows]
+  if any(r["psnr_vs_full"] is not None for r in psnr_rows):
+    paths["pareto_psnr.png"] = plots.pareto_plot(psnr_rows, os.path.join(out_dir, "pareto_psnr.png"),
+                                                 x="gflops_per_image", y="psnr_vs_full")
+  else:
+    paths["pareto_psnr.png"] = plots.pareto_plot(rows, os.path.join(out_dir, "pareto_psnr.png"),
+                                                 x="gflops_per_image", y="psnr_vs_full")
+  paths["sweep.json"] = write_json(os.path.join(out_dir, "sweep.json"), rows)
+  paths["sweep.csv"] = write_csv(os.path.join(out_dir, "sweep.csv"), rows)
+  paths["run.json"] = write_json(os.path.join(out_dir, "run.json"), info)
+  md = header_md(info) + "\n" + table_md(rows)
+  with open(os.path.join(out_dir, "sweep.md"), "w") as f:
+    f.write(md)
+  paths["sweep.md"] = os.path.join(out_dir, "sweep.md")
+  return paths
+
+
+def write_json(path: str, obj) -> str:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, default=_json_default)
+  return path
+
+
+def _json_default(v):
+  if isinstance(v, np.generic):
+    return v.item()
+  if isinstance(v, np.ndarray):
+    return v.tolist()
+  raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+# ----------------------------------------------------------------------------- the mode
+
+def _calibration_policy(config) -> str:
+  return config.exit.policy if config.exit.policy in SCORE_POLICIES else "uem"
+
+
+def calibrated_setting(ctx: Context, policy: Optional[str] = None) -> Setting:
+  """Calibrates `policy` (default: exit.policy when it is a score policy, else uem) on a held-out
+  batch of one sampling batch (`calibrate.calibration_rng`), and prints what was chosen."""
+  config = ctx.config
+  policy = _calibration_policy(config) if policy is None else policy
+  num = min(int(config.sample.batch_size), ctx.num)
+  threshold, report = cal_lib.calibrate_threshold(ctx.params, config, cal_lib.calibration_rng(config),
+                                                  policy=policy, num=num)
+  print(cal_lib.describe(report))
+  return Setting(policy, threshold=float(threshold), calibration=report)
+
+
+def start(config, workdir: str, settings, *, params=None,
+          calibration_policy: Optional[str] = None) -> Context:
+  """Cheap checks first (a calibration request, the workdir, exits in the checkpoint), then
+  `prepare`: a bad request fails before any sampling."""
+  if cal_lib.wanted(config):
+    cal_lib.check_request(config, calibration_policy or _calibration_policy(config))
+  check_local(workdir)
+  step = None
+  if params is None:
+    params, step = load_checkpoint(config, workdir)
+  check_params_for(settings, params)
+  return prepare(config, workdir, params=params, step=step)
+
+
+def run(config, workdir: str, *, params=None, progress: bool = True) -> list[dict]:
+  """`--mode sweep`: evaluates every setting and writes DIR/sweep/*; returns the rows."""
+  cfg = ModelConfig.from_config(config.model)
+  settings = settings_from_config(config, cfg.num_blocks)
+  ctx = start(config, workdir, settings, params=params)
+  calibration = None
+  if cal_lib.wanted(config):
+    cs = calibrated_setting(ctx)
+    calibration = cs.calibration
+    last = max((i for i, s in enumerate(settings) if s.policy == cs.policy), default=len(settings) - 1)
+    settings.insert(last + 1, cs)
+  rows, images, stats = [], [], []
+  bar = tqdm(settings, desc="sweep", unit="setting", disable=not progress)
+  for s in bar:
+    bar.set_postfix_str(s.label())
+    row, imgs, st = evaluate(ctx, s)
+    rows.append(row)
+    images.append(imgs)
+    stats.append(st)
+  retime_baseline(ctx, rows)
+  info = run_info(ctx)
+  if calibration is not None:
+    info["calibration"] = calibration
+  out_dir = os.path.join(str(workdir), SWEEP_DIR)
+  write_outputs(out_dir, rows, images, stats, ctx, info)
+  with open(os.path.join(out_dir, "sweep.md")) as f:
+    print(f.read())
+  return rows
+
+
+__all__ = ["ROW_KEYS", "Setting", "SweepError", "build_quality", "calibrated_setting", "check_params_for",
+           "chosen_index", "default_time_schedules", "load_checkpoint",
+           "evaluate", "gflops_from_stats", "matched_indices", "prepare", "run", "run_info",
+           "retime_baseline", "settings_from_config", "setting_from_exit_config", "start", "table_md",
+           "header_md", "write_json"]

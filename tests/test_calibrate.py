@@ -1,0 +1,161 @@
+"""Calibrated thresholds on a tiny model whose UEM outputs are set by hand.
+
+The UEMs' kernels are zero and their biases logit(U[i]), so u_i = U[i] for every sample, token and
+step: a threshold t makes every sample exit at the first block with U[i] < t, and both layer
+ratios are exactly that layer / N. Calibration must land inside the interval of thresholds that
+gives the target layer, and the PSNR variant must return the threshold of the shallowest exit
+whose measured PSNR is above the floor.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deediff_jax.config import base_config
+from deediff_jax.diffusion import samplers
+from deediff_jax.early_exit import make_policy_params
+from deediff_jax.eval import calibrate as C
+from deediff_jax.eval import fidelity as F
+from deediff_jax.model import build, init_params
+
+U = np.array([0.9, 0.7, 0.5, 0.3, 0.1])   # u per block (5 blocks: depth 4)
+N = len(U)
+
+
+def _config(**sample):
+  c = base_config()
+  c.model.update(embed_dim=32, depth=4, num_heads=2)        # 8x8x1, class-conditional
+  c.sample.update(steps=4, batch_size=8, num_images=8, **sample)
+  return c
+
+
+@pytest.fixture(scope="module")
+def model():
+  c = _config()
+  module = build(c.model)
+  params = jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(0))
+  uems = params["uems"]["linear"]
+  params["uems"] = {"linear": {"kernel": jnp.zeros_like(uems["kernel"]),
+                               "bias": jnp.asarray(np.log(U / (1 - U)).reshape(N, 1), jnp.float32)}}
+  # So that deeper exits are closer to full depth (a PSNR that rises with depth): every exit
+  # head is the final head, and the out-blocks' long skips pass x through (kernel [I; 0]), which
+  # makes every block residual.
+  params["exit_heads"] = jax.tree_util.tree_map(lambda h: jnp.broadcast_to(h, (N - 1,) + h.shape),
+                                                params["head"])
+  d = c.model.embed_dim
+  k = c.model.depth // 2
+  params["out_blocks"]["skip_linear"] = {
+      "kernel": jnp.broadcast_to(jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))], 0), (k, 2 * d, d)),
+      "bias": jnp.zeros((k, d))}
+  return params
+
+
+def _exit_layer(threshold):
+  below = np.flatnonzero(U < threshold)
+  return int(below[0]) + 1 if below.size else N
+
+
+def _ratio_of(params, config, threshold):
+  pp = make_policy_params(N, threshold=threshold)
+  labels, _, _ = C.conditioning(config, 8)
+  _, st = samplers.sample(params, config, C.calibration_rng(config), 8, policy="uem",
+                          policy_params=pp, labels=labels)
+  return samplers.summarize(st, N)
+
+
+@pytest.mark.parametrize("target,layer", [(0.6, 3), (0.4, 2)])
+def test_target_layer_ratio_is_hit(model, target, layer):
+  c = _config()
+  c.exit.target_layer_ratio = target
+  threshold, report = C.calibrate_threshold(model, c, C.calibration_rng(c))
+  # Exiting at `layer` needs U[layer-1] < t <= U[layer-2].
+  assert U[layer - 1] < threshold <= U[layer - 2]
+  assert _exit_layer(threshold) == layer
+  assert report["method"] == "target_layer_ratio" and report["metric"] == "layer_ratio_run"
+  assert report["within_tolerance"] and report["threshold"] == threshold
+  assert report["achieved"]["layer_ratio_run"] == pytest.approx(layer / N, abs=1e-12)
+  assert report["calibration_images"] == 8 and report["sampler"] == "ddim"
+  # Every probe's measured ratio is the hand-computed one for its threshold.
+  for p in report["probes"]:
+    assert p["layer_ratio_run"] == pytest.approx(_exit_layer(p["threshold"]) / N, abs=1e-12)
+  # Re-measured independently of the calibration code: the same ratio.
+  again = _ratio_of(model, c, threshold)
+  assert abs(again["layer_ratio_run"] - target) <= report["tolerance"]
+  assert again["layer_ratio_per_sample"] == pytest.approx(layer / N, abs=1e-12)
+
+
+def test_maybe_calibrate_sets_the_threshold_and_prints(model, capsys):
+  c = _config()
+  assert C.maybe_calibrate(model, c) is None and c.exit.threshold == 0.1   # not asked: untouched
+  c.exit.target_layer_ratio = 0.6
+  report = C.maybe_calibrate(model, c)
+  assert c.exit.threshold == report["threshold"]
+  out = capsys.readouterr().out
+  assert out.startswith(f"calibrated exit.threshold={report['threshold']:.6g} (uem): layer_ratio_run 0.600")
+  assert "target layer_ratio_run 0.6 ± 0.02" in out
+
+
+def test_unreachable_and_bad_requests(model):
+  c = _config()
+  c.exit.update(target_layer_ratio=0.2, min_layers=3)
+  with pytest.raises(C.CalibrationError, match=r"target_layer_ratio=0.2 is below the smallest "
+                                               r"layer_ratio_run policy uem reaches on this model "
+                                               r"\(0.600 at threshold 1"):
+    C.calibrate_threshold(model, c, C.calibration_rng(c))
+  c = _config()
+  c.exit.target_layer_ratio = 1.0                  # full depth: known without sampling
+  threshold, report = C.calibrate_threshold(model, c, C.calibration_rng(c))
+  assert threshold == 0.0 and report["probes"] == [] and report["achieved"]["layer_ratio_run"] == 1.0
+  c.exit.policy = "static"
+  with pytest.raises(C.CalibrationError, match="exit.policy is 'static'; use --config.exit.policy=uem"):
+    C.calibrate_threshold(model, c, C.calibration_rng(c))
+  c = _config()
+  c.exit.update(target_layer_ratio=0.5, max_psnr_drop=10.0)
+  with pytest.raises(C.CalibrationError, match="set only one of"):
+    C.calibrate_threshold(model, c, C.calibration_rng(c))
+  with pytest.raises(C.CalibrationError, match="nothing to calibrate"):
+    C.calibrate_threshold(model, _config(), jax.random.PRNGKey(0))
+
+
+def test_psnr_floor_from_max_psnr_drop():
+  c = _config()
+  assert C.psnr_floor(c) is None and not C.wanted(c)
+  c.exit.max_psnr_drop = 20.0
+  np.testing.assert_allclose(C.PSNR_8BIT, 10 * math.log10(4 * 12 * 255 ** 2 / 4), rtol=1e-12)
+  np.testing.assert_allclose(C.psnr_floor(c), C.PSNR_8BIT - 20.0)
+  assert C.wanted(c)
+
+
+def test_psnr_floor_picks_the_shallowest_exit_above_the_floor(model):
+  # A stochastic configured sampler: the PSNR search must switch to DDIM eta=0.
+  c = _config(sampler="ddpm")
+  det = F.deterministic_config(c)
+  rng = C.calibration_rng(c)
+  labels, _, _ = C.conditioning(c, 8)
+  full, _ = samplers.sample(model, det, rng, 8, plain=True, labels=labels)
+  # With u fixed per block, a uem threshold is the static depth of its exit layer.
+  psnr = {}
+  for depth in range(1, N + 1):
+    imgs, _ = samplers.sample(model, det, rng, 8, policy="static",
+                              policy_params=make_policy_params(N, depth=depth), labels=labels)
+    psnr[depth] = F.fidelity(full, imgs)["psnr_vs_full"]
+  # The shallowest depth L such that every depth >= L is above a floor and every shallower one
+  # below it (so the answer is unique), and the floor halfway.
+  layer = next(L for L in range(2, N + 1)
+               if min(psnr[d] for d in range(L, N + 1)) > max(psnr[d] for d in range(1, L)))
+  floor = 0.5 * (min(psnr[d] for d in range(layer, N + 1)) + max(psnr[d] for d in range(1, layer)))
+  assert layer < N           # the search has to find an early exit, not just full depth
+  c.exit.max_psnr_drop = C.PSNR_8BIT - floor
+  threshold, report = C.calibrate_threshold(model, c, rng)
+  assert report["method"] == "psnr_floor" and report["sampler"] == "ddim"
+  np.testing.assert_allclose(report["psnr_floor"], floor, rtol=1e-12)
+  assert _exit_layer(threshold) == layer
+  assert report["achieved"]["psnr_vs_full"] >= floor
+  np.testing.assert_allclose(report["achieved"]["psnr_vs_full"], psnr[layer], rtol=1e-6)
+  # Measured again with the returned threshold: above the floor; one layer shallower is not.
+  imgs, _ = samplers.sample(model, det, rng, 8, policy="uem",
+                            policy_params=make_policy_params(N, threshold=threshold), labels=labels)
+  assert F.fidelity(full, imgs)["psnr_vs_full"] >= floor
+  assert psnr[layer - 1] < floor

@@ -1,0 +1,292 @@
+"""`--mode sweep` and `--mode eval` on a tiny random-weights checkpoint: every file, every field,
+numbers that follow from their definitions (speedup, depth ratios, FLOPs, full-depth PSNR)."""
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from deediff_jax.config import base_config, validate
+from deediff_jax.diffusion import samplers
+from deediff_jax.diffusion.schedule import make_schedule
+from deediff_jax.eval import flops
+from deediff_jax.eval import sweep as S
+from deediff_jax.model import build, init_params
+from deediff_jax.train.checkpoint import export_params
+
+N = 5          # depth 4 -> 5 blocks
+STEPS = 4
+NUM = 16
+POLICY_FILES = ("grid_uem.png", "grid_static.png", "grid_time_schedule.png", "grid_state_cosine.png",
+                "grid_none.png")
+
+
+def _config():
+  c = base_config()                      # digits-shaped: 8x8x1, 10 classes
+  c.model.update(embed_dim=32, depth=4, num_heads=2)
+  c.sample.update(steps=STEPS, batch_size=8, num_images=8)
+  c.sweep.update(num_images=NUM, thresholds="0,0.5", depths="", cosine_thresholds="0.9",
+                 time_schedules="2,3,5;3,4,5")
+  return validate(c)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("sweep_wd"))
+  c = _config()
+  module = build(c.model)
+  export_params(workdir, jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(0)), c)
+  c.exit.target_layer_ratio = 0.6      # adds one calibrated uem row, chosen for heatmap and grids
+  out = io.StringIO()
+  steps, S.CLASSIFIER_STEPS = S.CLASSIFIER_STEPS, 150    # a quicker classifier: same code path
+  try:
+    with contextlib.redirect_stdout(out):
+      rows = S.run(c, workdir, progress=False)
+  finally:
+    S.CLASSIFIER_STEPS = steps
+  return dict(config=c, workdir=workdir, rows=rows, stdout=out.getvalue(),
+              out_dir=os.path.join(workdir, "sweep"))
+
+
+def test_every_file_and_every_field(swept):
+  rows, out_dir = swept["rows"], swept["out_dir"]
+  expected = (["sweep.json", "sweep.csv", "sweep.md", "run.json", "pareto_fid.png", "pareto_psnr.png",
+               "exit_heatmap.png"] + list(POLICY_FILES))
+  assert sorted(os.listdir(out_dir)) == sorted(expected)
+  # One row per setting: 2 thresholds + 5 depths + 2 schedules + 1 cosine + none + 1 calibrated.
+  settings = S.settings_from_config(swept["config"])
+  assert len(settings) == 11 and len(rows) == 12
+  assert [r["setting"] for r in rows if not r["calibrated"]] == [s.label() for s in settings]
+  for r in rows:
+    assert tuple(r) == S.ROW_KEYS
+  with open(os.path.join(out_dir, "sweep.json")) as f:
+    assert json.load(f) == rows
+  for name in ("policy", "threshold", "depth", "layer_ratio_run", "layer_ratio_per_sample",
+               "gflops_per_image", "seconds", "speedup", "psnr_vs_full", "psnr_worst5", "mse_vs_full",
+               "fid", "fid_kind", "class_accuracy"):
+    assert name in S.ROW_KEYS
+  for r in rows:
+    for k in ("layer_ratio_run", "layer_ratio_per_sample", "gflops_per_image", "seconds", "speedup",
+              "psnr_vs_full", "psnr_worst5", "mse_vs_full", "fid", "class_accuracy"):
+      assert isinstance(r[k], float) and math.isfinite(r[k]), (r["setting"], k, r[k])
+    assert r["fid_kind"] == "classifier-FID (small CNN features; not comparable to Inception FID)"
+    assert r["num_images"] == NUM and r["steps"] == STEPS and r["checkpoint_step"] == 0
+    # Class accuracy is a fraction of the 16 requested labels.
+    assert r["class_accuracy"] * NUM == pytest.approx(round(r["class_accuracy"] * NUM))
+    assert len(r["layers_run_per_step"]) == STEPS
+  keys = {r["policy"]: ("threshold" if r["policy"] in S.SCORE_POLICIES else
+                        "depth" if r["policy"] == "static" else
+                        "schedule" if r["policy"] == "time_schedule" else None) for r in rows}
+  for r in rows:
+    for k in ("threshold", "depth", "schedule"):
+      assert (r[k] is not None) == (keys[r["policy"]] == k), (r["setting"], k)
+
+
+def test_numbers_follow_their_definitions(swept):
+  rows = swept["rows"]
+  cfg = build(swept["config"].model).cfg
+  full_gflops = flops.full_depth_flops_per_image(cfg, STEPS) / 1e9
+  for r in rows:
+    assert r["speedup"] == r["seconds_full"] / r["seconds"]
+    assert r["gflops_ratio"] == pytest.approx(r["gflops_per_image"] / full_gflops, rel=1e-12)
+  by = {r["setting"]: r for r in rows}
+  # Full depth (policy none, threshold 0, static N): the full model's images up to float rounding.
+  for name in ("none", "uem 0", f"static {N}"):
+    assert by[name]["psnr_vs_full"] == pytest.approx(100.0) and by[name]["mse_vs_full"] < 1e-10
+    assert by[name]["layer_ratio_run"] == 1.0
+  # Static rows: exactly depth / N, and the analytic cost of `depth` blocks and one head per step.
+  for d in range(1, N + 1):
+    r = by[f"static {d}"]
+    assert r["layer_ratio_run"] == d / N and r["layer_ratio_per_sample"] == d / N
+    assert r["gflops_per_image"] == pytest.approx(
+        flops.early_exit_flops_per_image(cfg, d, policy="static", steps=STEPS) / 1e9, rel=1e-12)
+  assert by[f"static {N}"]["gflops_per_image"] == pytest.approx(full_gflops, rel=1e-9)
+  # The uem loop at threshold 0 pays for a UEM after every block on top of the full forward.
+  assert by["uem 0"]["gflops_per_image"] == pytest.approx(
+      flops.early_exit_flops_per_image(cfg, N, policy="uem", steps=STEPS) / 1e9, rel=1e-12)
+  # time_schedule 2,3,5: step s runs the depth of its time bucket floor((1 - time_frac) * 3).
+  frac = np.asarray(samplers.grid_arrays(make_schedule("linear", 1000), STEPS)["time_frac"])[:-1]
+  want = [[2, 3, 5][min(int(np.floor((1 - f) * 3)), 2)] for f in frac]
+  ts = by["time_schedule 2,3,5"]
+  assert ts["layers_run_per_step"] == want
+  assert ts["layer_ratio_run"] == pytest.approx(np.mean(want) / N, rel=1e-12)
+  # The same noise everywhere: the uem-0 row and the none row drew identical images.
+  assert by["uem 0"]["fid"] == pytest.approx(by["none"]["fid"], rel=1e-6)
+  assert by["uem 0"]["class_accuracy"] == by["none"]["class_accuracy"]
+
+
+def test_calibrated_row_heatmap_and_grids(swept):
+  rows = swept["rows"]
+  cal = [r for r in rows if r["calibrated"]]
+  assert len(cal) == 1
+  cal = cal[0]
+  assert cal["policy"] == "uem" and cal["threshold"] == cal["calibration"]["threshold"]
+  rep = cal["calibration"]
+  assert rep["method"] == "target_layer_ratio" and rep["target"] == 0.6
+  # Placed after the other uem rows.
+  assert [r["policy"] for r in rows[:3]] == ["uem", "uem", "uem"] and rows[2] is cal
+  with open(os.path.join(swept["out_dir"], "run.json")) as f:
+    info = json.load(f)
+  assert info["calibration"] == rep and info["heatmap_setting"] == cal["setting"]
+  # The baseline is timed before and after the settings; rows use the mean.
+  assert len(info["seconds_full_runs"]) == 2
+  assert info["seconds_full"] == np.mean(info["seconds_full_runs"]) == rows[0]["seconds_full"]
+  # Grids at matched compute: each policy's row with layer_ratio_run closest to the calibrated one.
+  grids = {g["policy"]: g for g in info["grids"]}
+  assert sorted(grids) == sorted(f[5:-4] for f in POLICY_FILES)
+  for policy, g in grids.items():
+    candidates = [r for r in rows if r["policy"] == policy]
+    best = min(abs(r["layer_ratio_run"] - cal["layer_ratio_run"]) for r in candidates)
+    assert abs(g["layer_ratio_run"] - cal["layer_ratio_run"]) == best
+  # PNG sizes: plots are 800x500 / 800x600; a grid of 16 8x8 digits at scale 4, 10 per row.
+  out = swept["out_dir"]
+  assert Image.open(os.path.join(out, "pareto_fid.png")).size == (800, 500)
+  assert Image.open(os.path.join(out, "pareto_psnr.png")).size == (800, 500)
+  assert Image.open(os.path.join(out, "exit_heatmap.png")).size == (800, 600)
+  grid = Image.open(os.path.join(out, "grid_uem.png"))
+  assert grid.mode == "L" and grid.size == (2 + 10 * (32 + 2), 14 + 2 + 2 * (32 + 2))
+
+
+def test_csv_and_markdown(swept):
+  rows, out_dir = swept["rows"], swept["out_dir"]
+  with open(os.path.join(out_dir, "sweep.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert len(table) == len(rows)
+  assert "calibration" not in table[0] and "layers_run_per_step" not in table[0]
+  for r, t in zip(rows, table):
+    assert t["policy"] == r["policy"] and float(t["layer_ratio_run"]) == r["layer_ratio_run"]
+    assert float(t["fid"]) == r["fid"] and (t["depth"] == "") == (r["depth"] is None)
+  with open(os.path.join(out_dir, "sweep.md")) as f:
+    md = f.read()
+  assert f"{os.cpu_count()} CPUs" in md and "backend `cpu`" in md
+  assert "Checkpoint: step 0" in md and f"{NUM} images per setting" in md
+  assert "classifier-FID (small CNN features; not comparable to Inception FID)" in md
+  assert "Calibration: calibrated exit.threshold=" in md
+  lines = [l for l in md.splitlines() if l.startswith("|")]
+  assert len(lines) == 2 + len(rows)
+  assert lines[0].startswith("| setting | layers run |") and "class acc." in lines[0]
+  assert md.strip() in swept["stdout"]           # the table is printed at the end
+
+
+def test_eval_mode_repeats_the_sweep_row(swept):
+  from deediff_jax.eval import evaluate
+  c = swept["config"]
+  c.exit.target_layer_ratio = 0.0
+  c.exit.update(policy="static", depth=3)
+  steps, S.CLASSIFIER_STEPS = S.CLASSIFIER_STEPS, 150    # the sweep's cached classifier
+  try:
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+      row = evaluate.run(c, swept["workdir"])
+  finally:
+    S.CLASSIFIER_STEPS = steps
+  with open(os.path.join(swept["workdir"], "eval.json")) as f:
+    assert json.load(f) == row
+  assert tuple(row) == S.ROW_KEYS + ("run",)
+  assert row["run"]["checkpoint_step"] == 0 and row["run"]["fid_kind"].startswith("classifier-FID")
+  ref = next(r for r in swept["rows"] if r["setting"] == "static 3")
+  # Same images as the sweep's row (same noise, same program): every non-timing number agrees.
+  for k in S.ROW_KEYS:
+    if k not in ("seconds", "seconds_full", "speedup"):
+      assert row[k] == ref[k], k
+  assert row["speedup"] == row["seconds_full"] / row["seconds"]
+  assert row["seconds_full"] == np.mean(row["run"]["seconds_full_runs"])
+  assert "| static 3 |" in out.getvalue()
+
+
+def test_stochastic_sampler_measures_fidelity_with_ddim(swept):
+  """With ddpm the rows are timed and scored with ddpm, but PSNR comes from DDIM eta=0 runs from the
+  same noise: the very numbers of the (DDIM) sweep above."""
+  c = _config()
+  c.sample.sampler = "ddpm"
+  from deediff_jax.train.checkpoint import load_params
+  params = load_params(swept["workdir"], c)
+  ctx = S.prepare(c, swept["workdir"], params=params, quality=S.Quality("none", "none"))
+  assert not ctx.deterministic and ctx.fidelity_config.sample.sampler == "ddim"
+  by = {r["setting"]: r for r in swept["rows"]}
+  for depth in (1, N):
+    row, images, _ = S.evaluate(ctx, S.Setting("static", depth=depth))
+    assert row["sampler"] == "ddpm" and row["fidelity_sampler"] == "ddim eta=0"
+    assert row["psnr_vs_full"] == by[f"static {depth}"]["psnr_vs_full"]
+    assert row["fid"] is None and row["layer_ratio_run"] == depth / N
+
+
+def test_settings_and_defaults():
+  c = _config()
+  c.sweep.update(depths="", time_schedules="")
+  s = S.settings_from_config(c)
+  assert [x.depth for x in s if x.policy == "static"] == [1, 2, 3, 4, 5]
+  assert [x.schedule for x in s if x.policy == "time_schedule"] == S.default_time_schedules(N)
+  assert S.default_time_schedules(9) == ["3,5,6,9", "5,6,9,9", "3,3,5,6,9", "5,9"]
+  assert S.default_time_schedules(13) == ["5,7,9,13", "7,9,13,13", "4,5,7,9,13", "7,13"]
+  c.sweep.policies = "uem,bogus"
+  with pytest.raises(S.SweepError, match="sweep.policies has unknown policy 'bogus'"):
+    S.settings_from_config(c)
+  c.sweep.policies = "uem_no_time"
+  with pytest.raises(S.SweepError, match="needs a model trained with model.uem=token_linear_no_time"):
+    S.settings_from_config(c)
+  c.sweep.update(policies="static", depths="2,9")
+  with pytest.raises(Exception, match=r"sweep.depths': depth 9 is outside \[1, 5\]"):
+    S.settings_from_config(c)
+  c.exit.update(policy="time_schedule", schedule="2,5")
+  assert S.setting_from_exit_config(c).label() == "time_schedule 2,5"
+  c.exit.update(policy="static", depth=0)
+  assert S.setting_from_exit_config(c).depth == N
+
+
+def test_chosen_row_without_calibration():
+  c = _config()
+  rows = [dict(policy="uem", threshold=t, calibrated=False, layer_ratio_run=1 - t) for t in (0.3, 0.1, 0.2)]
+  rows.append(dict(policy="static", threshold=None, calibrated=False, layer_ratio_run=0.75))
+  assert S.chosen_index(rows, c) == 1                     # exit.threshold = 0.1 is in the list
+  c.exit.threshold = 0.15
+  assert S.chosen_index(rows, c) == 2                     # else the middle threshold (0.2)
+  assert S.matched_indices(rows, 2) == {"uem": 2, "static": 3}
+
+
+def test_gflops_weights_batches_by_size():
+  cfg = build(_config().model).cfg
+  el = np.array([[5, 5, 5, 1, 1, 1, 1, 1, 2, 2, 2, 2],
+                 [3, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2]])      # [steps=2, 12 images] in batches 8 + 4
+  stats = {"exit_layer": el, "batch_sizes": np.array([8, 4])}
+  first = flops.gflops_per_image(cfg, el[:, :8], policy="uem")
+  second = flops.gflops_per_image(cfg, el[:, 8:], policy="uem")
+  assert S.gflops_from_stats(cfg, stats, "uem") == pytest.approx((8 * first + 4 * second) / 12, rel=1e-12)
+  # The first batch ran 5 then 3 blocks (its deepest exits), evaluating 2 then 2 heads.
+  assert first == pytest.approx(flops.early_exit_flops_per_image(
+      cfg, [5, 3], policy="uem", heads_per_step=[2, 2]) / 1e9, rel=1e-12)
+
+
+def test_fid_configuration_errors(tmp_path):
+  c = _config()
+  with pytest.raises(S.SweepError, match="write their files to a local directory, got --workdir gs://b/run"):
+    S.run(c, "gs://b/run")
+  c.sweep.fid_kind = "inception"
+  with pytest.raises(S.SweepError, match="needs --config.sweep.inception_weights=PATH to "
+                                         "pt_inception-2015-12-05-6726825d.pth"):
+    S.build_quality(c, str(tmp_path))
+  c.sweep.inception_weights = str(tmp_path / "missing.pth")
+  with pytest.raises(S.SweepError, match=r"missing.pth' does not exist; download https://github.com/"):
+    S.build_quality(c, str(tmp_path))
+  c.sweep.fid_kind = "classifier"
+  c.data.latent = True
+  with pytest.raises(S.SweepError, match="data.latent=True .* use --config.sweep.fid_kind=none"):
+    S.build_quality(c, str(tmp_path))
+
+
+def test_bad_calibration_request_fails_before_loading(tmp_path):
+  from deediff_jax.eval import evaluate
+  from deediff_jax.eval.calibrate import CalibrationError
+  c = _config()
+  c.exit.update(policy="static", target_layer_ratio=0.5)
+  # The workdir has no checkpoint: the calibration error must come first.
+  with pytest.raises(CalibrationError, match="exit.policy is 'static'; use --config.exit.policy=uem"):
+    evaluate.run(c, str(tmp_path / "empty"))
+  c.exit.update(policy="uem", target_layer_ratio=1.5)
+  with pytest.raises(CalibrationError, match=r"target_layer_ratio must be in \(0, 1\], got 1.5"):
+    S.run(c, str(tmp_path / "empty"))
