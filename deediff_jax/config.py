@@ -93,7 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
   e.depth = 0                 # static policy: blocks to run (0 = all)
   e.schedule = ""             # time_schedule: comma-separated depths per timestep bucket, noisy -> clean
   e.target_layer_ratio = 0.0  # >0: calibrate the threshold to this layer ratio
-  e.max_psnr_drop = 0.0       # >0: calibrate the threshold to this PSNR budget
+  e.max_psnr_drop = 0.0       # >0: calibrate to psnr_vs_full >= 58.9 dB (8-bit quantisation) minus this
+  e.min_psnr = 0.0            # >0: calibrate to psnr_vs_full >= this many dB
+  e.calibration_metric = "layer_ratio_run"   # layer_ratio_run (real cost) | layer_ratio_per_sample (paper)
+  e.calibration_tolerance = 0.02
+  e.calibration_images = 0    # 0: min(sample.batch_size, sample.num_images)
 
   c.sample = s = ml_collections.ConfigDict()
   s.sampler = "ddim"          # ddpm | ddim | dpm_solver | euler_maruyama
@@ -114,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   w.num_images = 256
   w.fid_kind = "classifier"   # classifier | inception | none
   w.inception_weights = ""    # path to pt_inception-2015-12-05-*.pth (or converted .npz)
+  w.classifier_steps = 600    # training steps of the classifier-FID feature net
   return c
 
 
@@ -186,6 +191,22 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f"{cfg.train.grad_accum}")
   if not 0.0 <= cfg.train.ema_rate < 1.0:
     raise ConfigError(f"train.ema_rate must be in [0, 1), got {cfg.train.ema_rate}")
+  if not 0.0 <= cfg.exit.target_layer_ratio <= 1.0:
+    raise ConfigError(f"exit.target_layer_ratio must be in [0, 1] (0 = off), got {cfg.exit.target_layer_ratio}")
+  for key in ("max_psnr_drop", "min_psnr"):
+    if cfg.exit[key] < 0:
+      raise ConfigError(f"exit.{key} must be >= 0 (0 = off), got {cfg.exit[key]}")
+  enum("exit.calibration_metric", ("layer_ratio_run", "layer_ratio_per_sample"))
+  if cfg.exit.calibration_tolerance <= 0:
+    raise ConfigError(f"exit.calibration_tolerance must be positive, got {cfg.exit.calibration_tolerance}")
+  if cfg.exit.calibration_images < 0:
+    raise ConfigError(f"exit.calibration_images must be >= 0 (0 = one sampling batch), got "
+                      f"{cfg.exit.calibration_images}")
+  if cfg.sweep.num_images < 2:
+    raise ConfigError(f"sweep.num_images must be >= 2 (FID needs a covariance), got {cfg.sweep.num_images}")
+  if cfg.sample.guidance_scale != 0 and mc.num_classes == 0 and mc.context_dim == 0:
+    raise ConfigError("sample.guidance_scale needs a conditional model (model.num_classes or "
+                      "model.context_dim); set --config.sample.guidance_scale=0")
   if cfg.exit.threshold < 0:
     raise ConfigError(f"exit.threshold must be >= 0, got {cfg.exit.threshold}")
   if not 1 <= cfg.exit.min_layers <= mc.num_blocks:

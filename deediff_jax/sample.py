@@ -21,10 +21,11 @@ from typing import Optional
 
 import jax
 import numpy as np
-from PIL import Image
 
 from deediff_jax.diffusion import samplers
 from deediff_jax.early_exit import policy_from_config
+from deediff_jax.eval import plots
+from deediff_jax.eval.fidelity import fidelity
 from deediff_jax.model.uvit import ModelConfig
 
 NULL_CONTEXT_KEYS = ("null_features", "null_feature", "null_context")
@@ -59,37 +60,30 @@ def load_eval_context(config, num: int):
   return feats[idx], (None if labels is None else labels[idx]), null
 
 
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-  x = images
-  if x.shape[-1] not in (1, 3):  # latents: show the first 3 channels, each rescaled to [0, 1]
-    x = x[..., :3]
-    lo = x.min(axis=(0, 1, 2), keepdims=True)
-    hi = x.max(axis=(0, 1, 2), keepdims=True)
-    x = (x - lo) / np.maximum(hi - lo, 1e-8)
-  else:
-    x = (np.clip(x, -1.0, 1.0) + 1.0) / 2.0
-  return np.round(x * 255.0).astype(np.uint8)
+def _displayable(images: np.ndarray) -> np.ndarray:
+  """Pixels pass through; latents show their first 3 channels, each rescaled to [-1, 1]."""
+  if images.shape[-1] in (1, 3):
+    return images
+  x = images[..., :3]
+  lo = x.min(axis=(0, 1, 2), keepdims=True)
+  hi = x.max(axis=(0, 1, 2), keepdims=True)
+  return (x - lo) / np.maximum(hi - lo, 1e-8) * 2.0 - 1.0
 
 
 def save_grid(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
-              num_classes: int = 0, pad: int = 1) -> np.ndarray:
-  """Writes a PNG grid; with class labels, row r holds the images of class r. Returns the grid."""
-  imgs = _to_uint8(images)
-  n, h, w, c = imgs.shape
+              num_classes: int = 0, pad: int = 1) -> str:
+  """Writes a PNG grid (row r holds class r's images when labelled); tiny images are upscaled."""
+  x = _displayable(np.asarray(images))
+  n, h = x.shape[0], x.shape[1]
   if labels is not None and num_classes > 0:
     rows = [np.flatnonzero(np.asarray(labels) == k) for k in range(num_classes)]
     rows = [r for r in rows if len(r)]
+    ncols = max(len(r) for r in rows)
+    blank = np.ones((1,) + x.shape[1:], x.dtype)  # white filler for short rows
+    x = np.concatenate([np.concatenate([x[r], np.repeat(blank, ncols - len(r), 0)]) for r in rows])
   else:
-    cols = max(1, int(math.ceil(math.sqrt(n))))
-    rows = [np.arange(s, min(s + cols, n)) for s in range(0, n, cols)]
-  ncols = max(len(r) for r in rows)
-  grid = np.full((len(rows) * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
-  for ri, row in enumerate(rows):
-    for ci, idx in enumerate(row):
-      y0, x0 = pad + ri * (h + pad), pad + ci * (w + pad)
-      grid[y0:y0 + h, x0:x0 + w] = imgs[idx]
-  Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
-  return grid
+    ncols = max(1, int(math.ceil(math.sqrt(n))))
+  return plots.image_grid(x, path, nrow=ncols, padding=pad, scale=max(1, 32 // h))
 
 
 def _load_params(workdir, config):
@@ -114,12 +108,6 @@ def _timed(params, config, rng, num, **kw):
   return images, stats, time.perf_counter() - t0
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak 2)."""
-  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
-  return 10.0 * np.log10(4.0 / np.maximum(mse, 1e-20))
-
-
 def run(config, workdir, params=None) -> dict:
   """Samples `sample.num_images` with the configured sampler/policy; writes files; returns the stats."""
   os.makedirs(workdir, exist_ok=True)
@@ -127,6 +115,8 @@ def run(config, workdir, params=None) -> dict:
   n = cfg.num_blocks
   if params is None:
     params = _load_params(workdir, config)
+  from deediff_jax.eval.calibrate import maybe_calibrate  # eval imports sampling; keep it one-way at import
+  calibration = maybe_calibrate(params, config)  # sets config.exit.threshold when asked; prints one line
   num = int(config.sample.num_images)
   policy, policy_params = policy_from_config(config, n)
   labels = context = null_context = None
@@ -146,7 +136,7 @@ def run(config, workdir, params=None) -> dict:
             cfg.num_classes)
   summary = samplers.summarize(stats, n)
   e, s = config.exit, config.sample
-  p = psnr(images, full_images)
+  fid_ = fidelity(full_images, images)
   result = {
       "policy": policy, "threshold": float(e.threshold), "aggregate": e.aggregate,
       "depth": int(e.depth) if e.depth > 0 else n, "schedule": e.schedule, "min_layers": int(e.min_layers),
@@ -157,7 +147,8 @@ def run(config, workdir, params=None) -> dict:
       "layer_ratio_per_sample": summary["layer_ratio_per_sample"],
       "seconds": seconds, "seconds_full_depth": seconds_full,
       "speedup": seconds_full / seconds,
-      "psnr_vs_full": float(np.mean(p)), "psnr_vs_full_worst5pct": float(np.mean(np.sort(p)[:max(1, len(p) // 20)])),
+      "psnr_vs_full": fid_["psnr_vs_full"], "psnr_vs_full_worst5pct": fid_["psnr_worst5"],
+      "mse_vs_full": fid_["mse_vs_full"], "calibration": calibration,
       "layers_run_per_step": summary["layers_run_per_step"],
       "mean_exit_layer_per_step": summary["mean_exit_layer_per_step"],
       "exit_histogram": summary["exit_histogram"],

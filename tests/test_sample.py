@@ -52,15 +52,15 @@ def test_run_writes_every_file_and_field(tmp_path, params):
   assert len(on_disk["layers_run_per_step"]) == 3 and len(on_disk["mean_exit_layer_per_step"]) == 3
   assert np.asarray(on_disk["exit_histogram"]).shape == (3, 5)
   assert np.asarray(on_disk["exit_histogram"]).sum(axis=1).tolist() == [20, 20, 20]
-  # The grid: one row per class (10 rows of 2 images), 8x8 tiles with 1-pixel padding.
+  # The grid: one row per class (10 rows of 2 images), 8x8 tiles upscaled 4x (pixel repetition)
+  # with 1-pixel padding.
   png = Image.open(tmp_path / "samples.png")
-  assert png.size == (2 * 9 + 1, 10 * 9 + 1)
+  assert png.size == (2 * 33 + 1, 10 * 33 + 1)
   grid = np.asarray(png)
-  tile = grid[1:9, 1:9].astype(np.float64) / 255 * 2 - 1          # class 0, first image = sample 0
+  tile = grid[1:33:4, 1:33:4].astype(np.float64) / 255 * 2 - 1          # class 0, first image = sample 0
   np.testing.assert_allclose(tile, images[0, ..., 0], atol=1 / 255 + 1e-6)
-  tile = grid[1 + 9:9 + 9, 1 + 9:9 + 9].astype(np.float64) / 255 * 2 - 1  # class 1, second = sample 11
+  tile = grid[1 + 33:33 + 33:4, 1 + 33:33 + 33:4].astype(np.float64) / 255 * 2 - 1  # class 1, second = sample 11
   np.testing.assert_allclose(tile, images[11, ..., 0], atol=1 / 255 + 1e-6)
-
 
 def test_static_depth_ratios_are_exact(tmp_path, params):
   c = _digits_config(num_images=8, guidance_scale=0.0)
