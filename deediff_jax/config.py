@@ -27,95 +27,95 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = m = ml_collections.ConfigDict()
   m.image_size = 8            # the network's own input size (latent size for latent models)
-  m.in_channels = 1
-  m.embed_dim = 128
+  m.in_channels = 1           # image (or latent) channels
+  m.embed_dim = 128           # D, the transformer width
   m.depth = 8                 # even; gives depth + 1 blocks
-  m.num_heads = 4
-  m.patch_size = 2
-  m.mlp_ratio = 4.0
-  m.qkv_bias = False
+  m.num_heads = 4             # attention heads; must divide embed_dim
+  m.patch_size = 2            # p: p x p patches, embedded by a conv with kernel = stride = p
+  m.mlp_ratio = 4.0           # MLP hidden width / D
+  m.qkv_bias = False          # bias on the qkv projection (U-ViT: off)
   m.num_classes = 10          # 0 = unconditional; else a table of num_classes + 1 rows (null id last)
   m.context_dim = 0           # >0: text-conditional on precomputed encoder tokens of this width
-  m.context_len = 0
-  m.mlp_time_embed = False
+  m.context_len = 0           # number of context tokens (77 for CLIP)
+  m.mlp_time_embed = False    # Linear(4D)-SiLU-Linear(D) on the time token (U-ViT: off)
   m.uem = "token_linear"      # token_linear | token_linear_no_time | attention_probe
-  m.remat = False
+  m.remat = False             # rematerialise blocks in training (less memory, more compute)
   m.dtype = "float32"         # compute dtype: float32 | bfloat16
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "digits"         # digits | npz:PATH | folder:PATH | tfds:NAME
-  d.image_size = 8
-  d.channels = 1
-  d.flip = False
-  d.split = "train"
+  d.image_size = 8            # dataset image size (resized/cropped to it for folder/tfds)
+  d.channels = 1              # 1 (grayscale) or 3 (RGB)
+  d.flip = False              # random horizontal flips
+  d.split = "train"           # dataset split to train on
   d.context_file = ""         # npz of caption features for text models (see data/encode_text.py)
   d.latent = False            # True: the source yields autoencoder latents (model size != data size)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "linear"   # linear | cosine | stable | vpsde
-  c.diffusion.timesteps = 1000
+  c.diffusion.timesteps = 1000      # T of discrete schedules
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.lambda_u = 1.0
-  c.loss.beta_ual = 1.0
-  c.loss.stop_grad_ual_weight = True
+  c.loss.lambda_u = 1.0       # weight of L_u (uncertainty regression)
+  c.loss.beta_ual = 1.0       # weight of L_UAL (uncertainty-aware layer loss)
+  c.loss.stop_grad_ual_weight = True  # no gradient into u through the (1 - u) UAL weight
   c.loss.layer_loss = 0.0     # weight of an optional unweighted sum of per-layer MSEs
   c.loss.cfg_dropout = 0.1    # probability of replacing the condition by the null one
 
   c.train = t = ml_collections.ConfigDict()
   t.mode = "scratch"          # scratch | finetune | frozen_backbone
-  t.num_steps = 2000
-  t.batch_size = 128
-  t.lr = 1e-3
-  t.weight_decay = 0.03
-  t.warmup_steps = 100
+  t.num_steps = 2000          # optimiser steps
+  t.batch_size = 128          # global batch (all hosts and devices)
+  t.lr = 1e-3                 # peak AdamW learning rate
+  t.weight_decay = 0.03       # AdamW weight decay
+  t.warmup_steps = 100        # linear warmup steps
   t.lr_schedule = "cosine"    # cosine | constant
-  t.grad_clip = 1.0
-  t.ema_rate = 0.999
-  t.checkpoint_every = 500
-  t.keep_checkpoints = 2
-  t.log_every = 50
-  t.seed = 0
+  t.grad_clip = 1.0           # global-norm gradient clipping (0 = off)
+  t.ema_rate = 0.999          # EMA decay of the parameters used for sampling
+  t.checkpoint_every = 500    # steps between checkpoints
+  t.keep_checkpoints = 2      # checkpoints kept in the workdir
+  t.log_every = 50            # steps between metrics (the only host syncs)
+  t.seed = 0                  # seeds init, data order and per-step RNG
   t.init_from = ""            # checkpoint dir (or converted weights) for finetune / frozen_backbone
-  t.grad_accum = 1
+  t.grad_accum = 1            # microbatches per step (batch_size must divide)
   t.distributed = False       # call jax.distributed.initialize() (multi-host)
-  t.sample_at_end = True
+  t.sample_at_end = True      # write samples + sample_stats.json when training ends
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1            # -1: all devices not used by fsdp
-  c.mesh.fsdp = 1
+  c.mesh.fsdp = 1             # devices that shard large parameters
 
   c.exit = e = ml_collections.ConfigDict()
   e.policy = "uem"            # uem | uem_no_time | static | time_schedule | state_cosine | none
-  e.threshold = 0.1
+  e.threshold = 0.1           # uem: exit when u < threshold; state_cosine: when cosine > threshold
   e.aggregate = "all"         # all | mean
-  e.min_layers = 1
+  e.min_layers = 1            # no exit before this many blocks ran
   e.depth = 0                 # static policy: blocks to run (0 = all)
   e.schedule = ""             # time_schedule: comma-separated depths per timestep bucket, noisy -> clean
   e.target_layer_ratio = 0.0  # >0: calibrate the threshold to this layer ratio
   e.max_psnr_drop = 0.0       # >0: calibrate to psnr_vs_full >= 58.9 dB (8-bit quantisation) minus this
   e.min_psnr = 0.0            # >0: calibrate to psnr_vs_full >= this many dB
   e.calibration_metric = "layer_ratio_run"   # layer_ratio_run (real cost) | layer_ratio_per_sample (paper)
-  e.calibration_tolerance = 0.02
+  e.calibration_tolerance = 0.02  # allowed distance to target_layer_ratio
   e.calibration_images = 0    # 0: min(sample.batch_size, sample.num_images)
 
   c.sample = s = ml_collections.ConfigDict()
   s.sampler = "ddim"          # ddpm | ddim | dpm_solver | euler_maruyama
-  s.steps = 50
-  s.num_images = 64
-  s.batch_size = 64
+  s.steps = 50                # sampler steps (network evaluations per image, before CFG)
+  s.num_images = 64           # images written by --mode sample
+  s.batch_size = 64           # images per sampling batch
   s.guidance_scale = 0.0      # U-ViT convention: eps = (1 + s) eps_cond - s eps_null
-  s.eta = 0.0
-  s.seed = 0
-  s.use_ema = True
+  s.eta = 0.0                 # DDIM noise (0 = deterministic)
+  s.seed = 0                  # initial noise seed (same for early exit and full depth)
+  s.use_ema = True            # sample with the EMA parameters
 
   c.sweep = w = ml_collections.ConfigDict()
-  w.policies = "uem,static,time_schedule,state_cosine,none"
-  w.thresholds = "0.02,0.04,0.06,0.08,0.1,0.13,0.16,0.2,0.25,0.3"
-  w.cosine_thresholds = "0.9,0.95,0.97,0.98,0.99,0.995"
+  w.policies = "uem,static,time_schedule,state_cosine,none"  # policies to sweep
+  w.thresholds = "0.02,0.04,0.06,0.08,0.1,0.13,0.16,0.2,0.25,0.3"  # uem thresholds
+  w.cosine_thresholds = "0.9,0.95,0.97,0.98,0.99,0.995"  # state_cosine thresholds
   w.depths = ""               # static depths; empty = every depth
   w.time_schedules = ""       # ';'-separated time_schedule strings; empty = a few defaults
-  w.num_images = 256
+  w.num_images = 256          # images per setting (same noise for every setting)
   w.fid_kind = "classifier"   # classifier | inception | none
   w.inception_weights = ""    # path to pt_inception-2015-12-05-*.pth (or converted .npz)
   w.classifier_steps = 600    # training steps of the classifier-FID feature net
@@ -273,3 +273,29 @@ def load_config_file(path: str, overrides: dict | None = None) -> ml_collections
       raise ConfigError(f"unknown config key '{key}'; see deediff_jax/config.py for the schema")
     node[leaf] = value
   return validate(cfg)
+
+
+def reference_markdown() -> str:
+  """The config reference table (key, default, meaning) for the README, from base_config's source.
+
+  The meaning is each key's trailing comment in `base_config`, so the README cannot drift from
+  the code: tests/test_config.py checks the README holds exactly this text.
+  """
+  import inspect
+  import re
+  src = inspect.getsource(base_config)
+  alias = dict(re.findall(r"c\.(\w+) = (\w) = ml_collections", src))       # c.model = m -> m: model
+  alias = {v: k for k, v in alias.items()}
+  comments = {}
+  for line in src.splitlines():
+    m = re.match(r"\s+(?:c\.(\w+)|(\w))\.(\w+) = [^#]*?(?:#\s*(.*))?$", line)
+    if not m or m.group(3) == "ml_collections":
+      continue
+    section = m.group(1) or alias.get(m.group(2))
+    if section:
+      comments[f"{section}.{m.group(3)}"] = (m.group(4) or "").strip()
+  rows = ["| key | default | meaning |", "|---|---|---|"]
+  for key, value in _flatten(base_config()).items():
+    shown = f"`{value!r}`" if not isinstance(value, str) else (f"`{value}`" if value else "`''`")
+    rows.append(f"| `{key}` | {shown} | {comments.get(key, '').replace('|', '&#124;')} |")
+  return "\n".join(rows) + "\n"
