@@ -299,3 +299,24 @@ def reference_markdown() -> str:
     shown = f"`{value!r}`" if not isinstance(value, str) else (f"`{value}`" if value else "`''`")
     rows.append(f"| `{key}` | {shown} | {comments.get(key, '').replace('|', '&#124;')} |")
   return "\n".join(rows) + "\n"
+
+
+README_MARKERS = ("<!-- config-reference:start -->\n", "<!-- config-reference:end -->")
+
+
+def update_readme(path: str = "README.md") -> bool:
+  """Rewrites the config reference between the README markers; True if it changed."""
+  with open(path) as f:
+    text = f.read()
+  start, end = README_MARKERS
+  head, rest = text.split(start, 1)
+  _, tail = rest.split(end, 1)
+  new = head + start + reference_markdown() + end + tail
+  if new != text:
+    with open(path, "w") as f:
+      f.write(new)
+  return new != text
+
+
+if __name__ == "__main__":  # python -m deediff_jax.config: refresh the README's config reference
+  print("README.md updated" if update_readme() else "README.md already up to date")
