@@ -14,7 +14,7 @@ def get_config():
   c.model.update(image_size=8, in_channels=1, embed_dim=128, depth=8, num_heads=4, patch_size=2,
                  num_classes=10)
   c.diffusion.schedule = "linear"
-  c.train.update(num_steps=2000, batch_size=128, lr=1e-3, warmup_steps=100, ema_rate=0.999,
+  c.train.update(num_steps=1500, batch_size=64, lr=3e-3, warmup_steps=100, ema_rate=0.999,
                  checkpoint_every=500, log_every=50)
   c.sample.update(sampler="ddim", steps=50, num_images=100, batch_size=100, guidance_scale=1.0)
   c.sweep.num_images = 200

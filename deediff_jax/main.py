@@ -1,0 +1,146 @@
+"""The command line: flags -> validated config -> mode.
+
+  python -m deediff_jax.main --config configs/NAME.py --workdir DIR \
+      [--mode train|sample|sweep|eval] [--config.KEY=VALUE ...]
+
+`train` (the default) resumes from DIR automatically and ends by sampling. Bad input (flags,
+config, data, checkpoints) is one line on stderr, `error: ...`, and exit code 2; a run that
+diverges (NaN/Inf) is one line and exit code 1.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+MODES = ("train", "sample", "sweep", "eval")
+_MODE_MODULES = {"sweep": "deediff_jax.eval.sweep", "eval": "deediff_jax.eval.evaluate"}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
+flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+
+
+class UsageError(ValueError):
+  """Bad command-line flags."""
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
+def _check_argv(argv: list[str]) -> None:
+  """Checks what absl would report badly: a missing config file, an unknown --config.KEY."""
+  from deediff_jax.config import base_config, _flatten
+  config_path = None
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg == "--config" and i + 1 < len(argv):
+      config_path = argv[i + 1]
+    elif arg.startswith("--config="):
+      config_path = arg.split("=", 1)[1]
+  if config_path is None:
+    raise UsageError("missing --config; pass --config configs/NAME.py (e.g. configs/digits.py)")
+  path = config_path.split(":", 1)[0]  # config_flags allows FILE:ARG
+  if not os.path.isfile(path):
+    raise UsageError(f"config file not found: {path}; pass --config configs/NAME.py (e.g. configs/digits.py)")
+  schema = _flatten(base_config())
+  sections = {k.split(".")[0] for k in schema}
+  for arg in argv[1:]:
+    m = re.match(r"--(?:no)?config\.([A-Za-z0-9_.]+)(=|$)", arg)
+    if not m:
+      continue
+    key = m.group(1)
+    if key in schema or key in sections:
+      continue
+    close = ([k for k in schema if k.split(".")[-1] == key.split(".")[-1]]
+             or difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6))
+    hint = f"; did you mean --config.{close[0]}?" if close else "; see deediff_jax/config.py for the keys"
+    raise UsageError(f"unknown config key '{key}' in {arg.split('=')[0]}{hint}")
+
+
+def _parse(argv: list[str]):
+  _check_argv(argv)
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    raise UsageError(f"{_one_line(e)}; see --helpfull") from None
+  if len(rest) > 1:
+    raise UsageError(f"unexpected arguments {' '.join(rest[1:])}; flags look like --config.train.lr=1e-3")
+  if not FLAGS.workdir:
+    raise UsageError("missing --workdir; pass --workdir DIR (a local path or gs://bucket/dir)")
+  try:
+    config = FLAGS.config
+  except Exception as e:  # noqa: BLE001 -- a config file that fails to load (syntax, import)
+    raise UsageError(f"cannot load --config: {_one_line(e)}") from None
+  return config
+
+
+def _user_error_types():
+  from deediff_jax.config import ConfigError
+  from deediff_jax.train.checkpoint import CheckpointError
+  types = [UsageError, ConfigError, CheckpointError]
+  try:
+    from deediff_jax.data.sources import DataError
+    types.append(DataError)
+  except ImportError:
+    pass
+  return tuple(types)
+
+
+def _is_user_error(e: BaseException, known) -> bool:
+  # Our own ValueError subclasses (data, sampler, eval, ...) are bad input by contract.
+  t = type(e)
+  return isinstance(e, known) or (issubclass(t, ValueError) and t is not ValueError
+                                  and t.__module__.startswith("deediff_jax."))
+
+
+def run(argv: list[str]) -> int:
+  config = _parse(argv)
+  from deediff_jax.config import validate
+  config = validate(config)
+  workdir, mode = FLAGS.workdir, FLAGS.mode
+  if mode == "train":
+    from deediff_jax.train.trainer import train
+    train(config, workdir)
+  elif mode == "sample":
+    from deediff_jax import sample
+    sample.run(config, workdir)
+  else:
+    import importlib
+    name = _MODE_MODULES[mode]
+    try:
+      module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      if e.name is None or not name.startswith(e.name):
+        raise
+      raise UsageError(f"--mode {mode} is not available: {name} is not installed in this version") from None
+    module.run(config, workdir)
+  return 0
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    known = _user_error_types()
+    return run(argv)
+  except KeyboardInterrupt:
+    print("error: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001 -- sorted below: user errors are one line, bugs keep their traceback
+    from deediff_jax.train.trainer import TrainingDivergedError
+    if isinstance(e, TrainingDivergedError):
+      print(f"error: {_one_line(e)}", file=sys.stderr)
+      return 1
+    if _is_user_error(e, known):
+      print(f"error: {_one_line(e)}", file=sys.stderr)
+      return 2
+    raise
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,109 @@
+"""The CLI: every bad input is exit code 2 and one line on stderr naming the key and the fix;
+divergence is exit code 1; a tiny train run writes metrics and a checkpoint, and sample reads it."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+CACHE = os.path.join(tempfile.gettempdir(), "deediff_jax_test_xla_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
+        "--config.train.batch_size=16", "--config.train.warmup_steps=2"]
+
+
+def start(workdir, *args, config="configs/digits.py"):
+  cmd = [sys.executable, "-m", "deediff_jax.main", "--config", config, "--workdir", str(workdir), *args]
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# (arguments, config file, words the single stderr line must contain)
+BAD_INPUTS = {
+    "unknown_key": (["--config.train.lrr=0.1"], "configs/digits.py",
+                    ["unknown config key 'train.lrr'", "did you mean --config.train.lr"]),
+    "bad_enum": (["--config.exit.policy=foo"], "configs/digits.py",
+                 ["exit.policy", "'foo'", "choose one of uem"]),
+    "odd_depth": (["--config.model.depth=7"], "configs/digits.py", ["model.depth", "even", "use 8"]),
+    "patch_not_dividing": (["--config.model.patch_size=3"], "configs/digits.py",
+                           ["model.patch_size", "does not divide image_size 8", "pick a divisor"]),
+    "missing_config_file": ([], "configs/no_such_config.py",
+                            ["config file not found: configs/no_such_config.py", "--config configs/NAME.py"]),
+    "missing_npz": (["--config.data.source=npz:/no/such/file.npz"], "configs/digits.py",
+                    ["npz file not found", "/no/such/file.npz", "check the path"]),
+    "bad_mode": (["--mode", "fly"], "configs/digits.py", ["--mode", "fly"]),
+    "bad_value_type": (["--config.train.batch_size=1.5"], "configs/digits.py", ["train.batch_size", "1.5"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+  """All bad-input runs at once (each is a fresh interpreter; in parallel they take one's time)."""
+  root = tmp_path_factory.mktemp("bad")
+  procs = {name: start(root / name, *args, config=cfg) for name, (args, cfg, _) in BAD_INPUTS.items()}
+  out = {}
+  for name, p in procs.items():
+    stdout, stderr = p.communicate(timeout=300)
+    out[name] = (p.returncode, stdout, stderr, root / name)
+  return out
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(bad_runs, name):
+  code, _, stderr, workdir = bad_runs[name]
+  lines = stderr.strip().splitlines()
+  assert code == 2, stderr
+  assert len(lines) == 1, stderr
+  assert lines[0].startswith("error: ")
+  for words in BAD_INPUTS[name][2]:
+    assert words in lines[0], lines[0]
+  assert not os.path.exists(workdir / "checkpoints")  # Nothing was started.
+
+
+def test_train_then_sample_end_to_end(tmp_path):
+  wd = tmp_path / "run"
+  p = start(wd, *TINY, "--config.train.num_steps=6", "--config.train.log_every=3",
+            "--config.train.checkpoint_every=3", "--config.train.sample_at_end=False")
+  _, stderr = p.communicate(timeout=300)
+  assert p.returncode == 0, stderr[-3000:]
+  metrics = [json.loads(l) for l in open(wd / "metrics.jsonl")]
+  assert [m["step"] for m in metrics] == [3, 6]
+  for m in metrics:
+    for key in ("loss", "loss_simple", "loss_u", "loss_ual", "lr", "grad_norm", "images_per_sec"):
+      assert key in m and isinstance(m[key], float)
+  assert sorted(os.listdir(wd / "checkpoints")) == ["3", "6"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd / "tb"))
+  assert json.load(open(wd / "config.json"))["model"]["embed_dim"] == 32
+
+  if not os.path.exists(os.path.join(ROOT, "deediff_jax", "sample.py")):
+    return
+  p = start(wd, *TINY, "--mode", "sample", "--config.sample.num_images=4", "--config.sample.batch_size=4",
+            "--config.sample.steps=3")
+  _, stderr = p.communicate(timeout=300)
+  assert p.returncode == 0, stderr[-3000:]
+  for f in ("samples.png", "samples.npz", "sample_stats.json"):
+    assert os.path.exists(wd / f), f
+  import numpy as np
+  with np.load(wd / "samples.npz") as z:
+    assert z["images"].shape == (4, 8, 8, 1)
+    assert np.all(np.abs(z["images"]) <= 1.0 + 1e-6)
+
+
+def test_divergence_is_one_line_and_exit_1(tmp_path):
+  wd = tmp_path / "nan"
+  p = start(wd, *TINY, "--config.train.num_steps=6", "--config.train.log_every=2",
+            "--config.train.checkpoint_every=2", "--config.train.warmup_steps=0", "--config.train.lr=1e30",
+            "--config.train.sample_at_end=False")
+  _, stderr = p.communicate(timeout=300)
+  lines = stderr.strip().splitlines()
+  assert p.returncode == 1, stderr
+  assert lines[-1].startswith("error: training stopped: ") and "lower train.lr" in lines[-1]
+  assert "Traceback" not in stderr
+  # Whatever was saved before the check is finite; the diverged state never was.
+  saved = sorted(int(s) for s in os.listdir(wd / "checkpoints")) if os.path.exists(wd / "checkpoints") else []
+  assert 6 not in saved
