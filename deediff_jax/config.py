@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.lr = 1e-3                 # peak AdamW learning rate
   t.weight_decay = 0.03       # AdamW weight decay
   t.warmup_steps = 100        # linear warmup steps
-  t.lr_schedule = "cosine"    # cosine | constant
+  t.lr_schedule = "cosine"    # cosine | constant (after the warmup)
   t.grad_clip = 1.0           # global-norm gradient clipping (0 = off)
   t.ema_rate = 0.999          # EMA decay of the parameters used for sampling
   t.checkpoint_every = 500    # steps between checkpoints
@@ -166,6 +166,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   enum("diffusion.schedule", SCHEDULES)
   enum("train.mode", TRAIN_MODES)
   enum("sweep.fid_kind", FID_KINDS)
+  enum("train.lr_schedule", ("cosine", "constant"))
+  if not 0.0 <= cfg.loss.cfg_dropout < 1.0:
+    raise ConfigError(f"loss.cfg_dropout must be in [0, 1), got {cfg.loss.cfg_dropout}")
 
   from deediff_jax.model.uvit import ModelConfig
   try:

@@ -97,3 +97,21 @@ def test_two_processes_train_like_one(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
   _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+
+
+def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path):
+  """No coordinator in the environment: exit 2 and one line that says which variables to set."""
+  import os as _os
+  import subprocess as _sp
+  import sys as _sys
+  env = {k: v for k, v in _os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC",
+                                                                   "JAX_PROCESS", "SLURM", "OMPI"))}
+  proc = _sp.run([_sys.executable, "-m", "deediff_jax.main", "--config", "configs/digits.py",
+                  "--workdir", str(tmp_path / "w"), "--config.train.distributed=True"],
+                 capture_output=True, text=True, env=env, timeout=300,
+                 cwd=_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: train.distributed=True but jax.distributed"), lines
+  assert "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID" in lines[0]
+  assert not (tmp_path / "w" / "checkpoints").exists()

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -30,7 +32,20 @@ def maybe_initialize_distributed(train_config) -> None:
     return
   if jax.distributed.is_initialized():
     return
-  jax.distributed.initialize()
+  # jax reads JAX_COORDINATOR_ADDRESS itself but finds the process count and id only through
+  # cluster detection (TPU, SLURM, Open MPI, Kubernetes); plain multi-node GPU launches pass them
+  # as JAX_NUM_PROCESSES / JAX_PROCESS_ID (launch/multi_gpu.md).
+  kwargs = {}
+  if os.environ.get("JAX_NUM_PROCESSES"):
+    kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+  if os.environ.get("JAX_PROCESS_ID"):
+    kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    raise ConfigError(f"train.distributed=True but jax.distributed.initialize() failed "
+                      f"({' '.join(str(e).split())[:160]}); on TPU VMs and SLURM it is automatic, "
+                      "elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
