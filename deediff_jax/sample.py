@@ -28,6 +28,11 @@ from deediff_jax.eval import plots
 from deediff_jax.eval.fidelity import fidelity
 from deediff_jax.model.uvit import ModelConfig
 
+
+class SampleError(ValueError):
+  """Bad sampling input (one line; the CLI prints it and exits 2)."""
+
+
 NULL_CONTEXT_KEYS = ("null_features", "null_feature", "null_context")
 
 
@@ -41,20 +46,20 @@ def load_eval_context(config, num: int):
   cfg = ModelConfig.from_config(config.model)
   path = config.data.context_file
   if not path:
-    raise ValueError("this text model samples from caption features: set data.context_file=FILE.npz "
+    raise SampleError("this text model samples from caption features: set data.context_file=FILE.npz "
                      "(made by python -m deediff_jax.data.encode_text) with an 'eval_features' array")
   if not os.path.exists(path):
-    raise ValueError(f"data.context_file {path!r} does not exist; build it with python -m "
+    raise SampleError(f"data.context_file {path!r} does not exist; build it with python -m "
                      "deediff_jax.data.encode_text")
   with np.load(path) as f:
     if "eval_features" not in f:
-      raise ValueError(f"data.context_file {path!r} has no 'eval_features' array [M, {cfg.context_len}, "
+      raise SampleError(f"data.context_file {path!r} has no 'eval_features' array [M, {cfg.context_len}, "
                        f"{cfg.context_dim}]; rebuild it with python -m deediff_jax.data.encode_text")
     feats = np.asarray(f["eval_features"], np.float32)
     labels = np.asarray(f["eval_labels"], np.int64) if "eval_labels" in f else None
     null = next((np.asarray(f[k], np.float32) for k in NULL_CONTEXT_KEYS if k in f), None)
   if feats.ndim != 3 or feats.shape[1:] != (cfg.context_len, cfg.context_dim):
-    raise ValueError(f"'eval_features' in {path!r} is {feats.shape}, the model needs "
+    raise SampleError(f"'eval_features' in {path!r} is {feats.shape}, the model needs "
                      f"[M, {cfg.context_len}, {cfg.context_dim}]; check model.context_len/context_dim")
   idx = np.arange(num) % feats.shape[0]
   return feats[idx], (None if labels is None else labels[idx]), null

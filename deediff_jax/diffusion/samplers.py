@@ -46,6 +46,10 @@ EpsFn = Callable[[jax.Array, jax.Array, jax.Array], tuple]
 
 # ----------------------------------------------------------------------------- the grid
 
+class SamplerError(ValueError):
+  """Bad sampler input (one line; the CLI prints it and exits 2)."""
+
+
 def grid_arrays(schedule: Schedule, steps: int) -> dict:
   """Per-grid-point arrays ([steps + 1]) every sampler reads."""
   grid = sched_lib.sampling_grid(schedule, steps)
@@ -147,7 +151,7 @@ def dpm_solver(eps_fn: EpsFn, schedule: Schedule, steps: int, x_init, rng=None, 
 def euler_maruyama(eps_fn: EpsFn, schedule: Schedule, steps: int, x_init, rng):
   """Reverse-time Euler-Maruyama for the VPSDE (U-ViT's CIFAR-10/CelebA sampler)."""
   if not schedule.continuous:
-    raise ValueError("sample.sampler 'euler_maruyama' needs diffusion.schedule=vpsde")
+    raise SamplerError("sample.sampler 'euler_maruyama' needs diffusion.schedule=vpsde")
   def step(carry, s):
     x, _ = carry
     sg = _bcast(s["sigma"], x)
@@ -173,7 +177,7 @@ def run_sampler(name: str, eps_fn: EpsFn, schedule: Schedule, steps: int, x_init
     return dpm_solver(eps_fn, schedule, steps, x_init, rng)
   if name == "euler_maruyama":
     return euler_maruyama(eps_fn, schedule, steps, x_init, rng)
-  raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+  raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 # ----------------------------------------------------------------------------- noise predictors
@@ -194,7 +198,7 @@ def _conditioning(cfg: ModelConfig, y, context, null_y, null_context, doubled: b
   if not doubled:
     return y, context
   if cfg.num_classes == 0 and cfg.context_dim == 0:
-    raise ValueError("sample.guidance_scale > 0 needs a conditional model (model.num_classes or "
+    raise SamplerError("sample.guidance_scale > 0 needs a conditional model (model.num_classes or "
                      "model.context_dim); set sample.guidance_scale=0")
   if cfg.num_classes > 0:
     b = y.shape[0]
@@ -202,7 +206,7 @@ def _conditioning(cfg: ModelConfig, y, context, null_y, null_context, doubled: b
     y = jnp.concatenate([jnp.asarray(y, jnp.int32), jnp.broadcast_to(null_y, (b,))], axis=0)
   if cfg.context_dim > 0:
     if null_context is None:
-      raise ValueError("classifier-free guidance for a text model needs the null caption's features "
+      raise SamplerError("classifier-free guidance for a text model needs the null caption's features "
                        "(null_context); set sample.guidance_scale=0 or provide them")
     null_context = jnp.broadcast_to(jnp.asarray(null_context, context.dtype), context.shape)
     context = jnp.concatenate([context, null_context], axis=0)
@@ -295,7 +299,7 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
     check_policy(policy, cfg, aggregate)
   s = config.sample
   if s.sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    raise SamplerError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
   scale = float(s.guidance_scale)
   doubled = scale != 0.0
   clip = s.sampler in ("ddpm", "ddim") and not bool(config.data.get("latent", False))
@@ -304,12 +308,12 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
   elif labels is None:
     labels = np.arange(num) % cfg.num_classes
   if cfg.context_dim > 0 and context is None:
-    raise ValueError(f"this text model needs context [num, {cfg.context_len}, {cfg.context_dim}] "
+    raise SamplerError(f"this text model needs context [num, {cfg.context_len}, {cfg.context_dim}] "
                      "(set data.context_file to caption features with 'eval_features')")
   if doubled and cfg.num_classes == 0 and cfg.context_dim == 0:
-    raise ValueError("sample.guidance_scale > 0 needs a conditional model; set sample.guidance_scale=0")
+    raise SamplerError("sample.guidance_scale > 0 needs a conditional model; set sample.guidance_scale=0")
   if doubled and cfg.context_dim > 0 and null_context is None:
-    raise ValueError("sample.guidance_scale > 0 on a text model needs the null caption's features "
+    raise SamplerError("sample.guidance_scale > 0 on a text model needs the null caption's features "
                      "('null_features' in data.context_file); set sample.guidance_scale=0 or add them")
   fn = _compiled(cfg, config.diffusion.schedule, int(config.diffusion.timesteps), s.sampler,
                  int(s.steps), "none" if plain else policy, aggregate, doubled, clip, bool(plain))
