@@ -431,6 +431,16 @@ def test_cli_end_to_end(tmp_path, small, capsys):
              for u, v in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(want)))
   saved = json.loads((out / "config.json").read_text())
   assert saved["diffusion"]["schedule"] == "vpsde" and saved["train"]["seed"] == 3
+  # The export samples with early exit straight away (--mode sample's code path), with the VPSDE
+  # sampler the config names; threshold 0 never exits, so it must equal full depth.
+  from deediff_jax import sample
+  config.sample.update(steps=3, num_images=4, batch_size=4)
+  config.exit.update(policy="uem", threshold=0.0)
+  stats = sample.run(config, str(out))
+  assert stats["sampler"] == "euler_maruyama" and stats["layer_ratio_run"] == 1.0
+  assert stats["psnr_vs_full"] > 60
+  assert np.isfinite(np.load(out / "samples.npz")["images"]).all()
+  capsys.readouterr()  # drop the sampling progress bar
   # A second export into the same directory is refused, in one line.
   assert cu.main(args) == 2
   assert capsys.readouterr().err.strip() == f"error: {out} already holds checkpoints; export to a new directory"
