@@ -1,7 +1,8 @@
 """`--mode sample`: images from the latest checkpoint with early exit, timed against full depth.
 
 Writes into the workdir:
-  samples.png        a grid (one row per class for class-conditional models)
+  samples.png        a grid (one row per class for class-conditional models, one row per
+                     held-out caption, written beside it, for text models)
   samples.npz        `images` float32 [-1, 1] NHWC and `labels` (-1 where there is none)
   sample_stats.json  policy, threshold, sampler, steps, layers_total, layer_ratio_run,
                      layer_ratio_per_sample, seconds, seconds_full_depth, speedup, plus the
@@ -65,6 +66,21 @@ def load_eval_context(config, num: int):
   return feats[idx], (None if labels is None else labels[idx]), null
 
 
+def load_eval_captions(config, num: int) -> Optional[list[str]]:
+  """The caption text behind each of `num` images, cycled as `load_eval_context` cycles the
+  features; None when data.context_file has no `eval_captions` (features made elsewhere)."""
+  path = config.data.context_file
+  if not path or not os.path.exists(path):
+    return None
+  with np.load(path) as f:
+    if "eval_captions" not in f:
+      return None
+    caps = [str(c) for c in np.asarray(f["eval_captions"])]
+  if not caps:
+    return None
+  return [caps[i % len(caps)] for i in range(num)]
+
+
 def _displayable(images: np.ndarray) -> np.ndarray:
   """Pixels pass through; latents show their first 3 channels, each rescaled to [-1, 1]."""
   if images.shape[-1] in (1, 3):
@@ -76,10 +92,13 @@ def _displayable(images: np.ndarray) -> np.ndarray:
 
 
 def save_grid(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
-              num_classes: int = 0, pad: int = 1) -> str:
-  """Writes a PNG grid (row r holds class r's images when labelled); tiny images are upscaled."""
+              num_classes: int = 0, pad: int = 1, captions: Optional[list] = None) -> str:
+  """Writes a PNG grid (row r holds class r's images when labelled, or one row per caption with
+  the caption written beside it); tiny images are upscaled."""
   x = _displayable(np.asarray(images))
   n, h = x.shape[0], x.shape[1]
+  if captions is not None:
+    return plots.caption_grid(x, captions, path, padding=pad, scale=max(1, 32 // h))
   if labels is not None and num_classes > 0:
     rows = [np.flatnonzero(np.asarray(labels) == k) for k in range(num_classes)]
     rows = [r for r in rows if len(r)]
@@ -137,8 +156,9 @@ def run(config, workdir, params=None) -> dict:
 
   out_labels = np.full((num,), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
   np.savez(os.path.join(workdir, "samples.npz"), images=images.astype(np.float32), labels=out_labels)
+  captions = load_eval_captions(config, num) if cfg.context_dim > 0 else None
   save_grid(os.path.join(workdir, "samples.png"), images, labels if cfg.num_classes > 0 else None,
-            cfg.num_classes)
+            cfg.num_classes, captions=captions)
   summary = samplers.summarize(stats, n)
   e, s = config.exit, config.sample
   fid_ = fidelity(full_images, images)

@@ -165,6 +165,27 @@ def test_image_grid_labels(tmp_path):
     P.image_grid(np.zeros((2, 4, 4, 2)), tmp_path / "e.png")
 
 
+def test_caption_grid_rows_per_caption(tmp_path):
+  # Five images of three captions, interleaved: rows follow first appearance, short rows are
+  # padded with white tiles, and the result is image_grid of exactly that arrangement.
+  vals = [10, 20, 30, 40, 50]
+  x = np.stack([np.full((4, 4, 1), v / 127.5 - 1.0) for v in vals]).astype(np.float32)
+  caps = ["a seven", "number one", "a seven", "a four", "a seven"]
+  assert [(c, list(i)) for c, i in P.group_by_caption(caps)] == [
+      ("a seven", [0, 2, 4]), ("number one", [1]), ("a four", [3])]
+  got = np.asarray(png(P.caption_grid(x, caps, tmp_path / "c.png", padding=1)))
+  white = np.ones((4, 4, 1), np.float32)
+  arranged = np.stack([x[0], x[2], x[4], x[1], white, white, x[3], white, white])
+  want = np.asarray(png(P.image_grid(arranged, tmp_path / "w.png", nrow=3, padding=1,
+                                     row_labels=["a seven", "number one", "a four"])))
+  np.testing.assert_array_equal(got, want)
+  # At most max_cols images per row.
+  narrow = png(P.caption_grid(x, caps, tmp_path / "n.png", padding=1, max_cols=2))
+  assert narrow.size[0] < got.shape[1] and narrow.size[1] == got.shape[0]
+  with pytest.raises(P.PlotError, match="captions has 2 entries for 5 images"):
+    P.caption_grid(x, caps[:2], tmp_path / "e.png")
+
+
 def test_markdown_table_exact():
   rows = [
       {"policy": "none", "threshold": None, "layer_ratio_run": 1.0, "gflops_per_image": 12.3456,

@@ -108,8 +108,10 @@ def test_text_model_samples_from_context_file(tmp_path):
   path = str(tmp_path / "captions.npz")
   rng = np.random.default_rng(0)
   np.savez(path, eval_features=rng.normal(size=(3, 3, 6)).astype(np.float32),
-           eval_labels=np.array([7, 1, 4]), null_features=np.zeros((3, 6), np.float32))
+           eval_labels=np.array([7, 1, 4]), null_features=np.zeros((3, 6), np.float32),
+           eval_captions=np.array(["a seven", "number one", "a four"]))
   c = _text_config(path)
+  assert sample_mode.load_eval_captions(c, 5) == ["a seven", "number one", "a four", "a seven", "number one"]
   module = build(c.model)
   p = jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(1))
   c.exit.update(policy="uem", threshold=0.5)
@@ -118,6 +120,8 @@ def test_text_model_samples_from_context_file(tmp_path):
     np.testing.assert_array_equal(f["labels"], [7, 1, 4, 7, 1])   # caption rows cycle
     assert f["images"].shape == (5, 8, 8, 1)
   assert stats["sampler"] == "dpm_solver" and 0 < stats["layer_ratio_run"] <= 1
+  # The grid has one row per caption (2 + 2 + 1 images -> 3 rows of 2; 8x8 shown at 4x, 1 px padding).
+  assert Image.open(tmp_path / "samples.png").size[1] == 3 * (32 + 1) + 1
 
 
 def test_text_model_errors(tmp_path):

@@ -290,3 +290,49 @@ def test_bad_calibration_request_fails_before_loading(tmp_path):
   c.exit.update(policy="uem", target_layer_ratio=1.5)
   with pytest.raises(CalibrationError, match=r"target_layer_ratio must be in \(0, 1\], got 1.5"):
     S.run(c, str(tmp_path / "empty"))
+
+
+def test_text_model_sweep_reports_accuracy_per_caption(tmp_path):
+  # A tiny random text model with three labelled held-out captions: the sweep writes caption-row
+  # grids and captions.{md,json}, whose accuracies are the classifier's on each caption's images.
+  path = str(tmp_path / "caps.npz")
+  rng = np.random.default_rng(0)
+  caps = np.array(["a handwritten seven", "number one", "a four"])
+  np.savez(path, eval_features=rng.normal(size=(3, 3, 6)).astype(np.float32), eval_labels=np.array([7, 1, 4]),
+           eval_captions=caps, null_features=np.zeros((3, 6), np.float32))
+  c = base_config()                      # images and labels from digits, for the classifier and FID
+  c.model.update(embed_dim=32, depth=2, num_heads=2, num_classes=0, context_dim=6, context_len=3)
+  c.data.context_file = path
+  c.sample.update(steps=2, batch_size=12, num_images=12, guidance_scale=1.0)
+  c.sweep.update(num_images=12, policies="uem,none", thresholds="0.5", classifier_steps=100)
+  c = validate(c)
+  workdir = str(tmp_path / "wd")
+  module = build(c.model)
+  params = jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(0))
+  export_params(workdir, params, c)
+  with contextlib.redirect_stdout(io.StringIO()):
+    rows = S.run(c, workdir, progress=False)
+  out_dir = os.path.join(workdir, "sweep")
+  with open(os.path.join(out_dir, "captions.json")) as f:
+    report = json.load(f)
+  assert [r["caption"] for r in report["per_caption"]] == list(caps)
+  assert [r["label"] for r in report["per_caption"]] == [7, 1, 4]
+  assert [r["images"] for r in report["per_caption"]] == [4, 4, 4]   # 12 images cycle 3 captions
+  # Recompute the full-depth images (same seed, same noise) and classify them by hand.
+  clf = S.build_quality(c, workdir).classifier                          # the cached classifier
+  labels = np.array([7, 1, 4] * 4)
+  ctx_feats = np.load(path)["eval_features"][np.arange(12) % 3]
+  full, _ = samplers.sample(params, c, jax.random.PRNGKey(0), 12, plain=True, labels=labels,
+                            context=ctx_feats, null_context=np.zeros((3, 6), np.float32))
+  pred = clf.predict(full)
+  for k, r in enumerate(report["per_caption"]):
+    assert r["accuracy_full"] == np.mean(pred[k::3] == labels[k::3])
+  assert report["overall_accuracy"]["full"] == np.mean(pred == labels)
+  assert rows[-1]["policy"] == "none" and rows[-1]["class_accuracy"] == report["overall_accuracy"]["full"]
+  assert report["chance"] == 0.1
+  md = open(os.path.join(out_dir, "captions.md")).read()
+  assert "| number one | 1 | 4 |" in md
+  assert "per caption in `captions.md`" in open(os.path.join(out_dir, "sweep.md")).read()
+  # The grid holds one row per caption: 3 rows of 4 tiles (8x8 digits shown at 4x, 1 px padding).
+  grid = Image.open(os.path.join(out_dir, "grid_none.png"))
+  assert grid.size[1] == 3 * (32 + 1) + 1

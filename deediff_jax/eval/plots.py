@@ -354,6 +354,37 @@ def image_grid(images, path: str, nrow: Optional[int] = None, labels: Optional[S
   return path
 
 
+def group_by_caption(captions: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+  """[(caption, indices of its images)] in order of first appearance."""
+  order: dict[str, list[int]] = {}
+  for i, c in enumerate(captions):
+    order.setdefault(str(c), []).append(i)
+  return [(c, np.asarray(idx, np.int64)) for c, idx in order.items()]
+
+
+def caption_grid(images, captions: Sequence[str], path: str, *, max_cols: int = 8,
+                 padding: int = 1, scale: int = 1) -> str:
+  """One row per distinct caption (first-appearance order), the caption written left of its row.
+
+  A text model's samples are only readable next to the prompt that produced them. Rows hold at
+  most `max_cols` images; rows with fewer are filled with white tiles.
+  """
+  x = np.asarray(images)
+  if x.ndim == 3:
+    x = x[..., None]
+  if len(captions) != x.shape[0]:
+    raise PlotError(f"captions has {len(captions)} entries for {x.shape[0]} images; give one per image")
+  groups = group_by_caption(captions)
+  ncol = max(1, min(int(max_cols), max(len(idx) for _, idx in groups)))
+  blank = np.ones((1,) + x.shape[1:], np.float32)
+  rows = []
+  for _, idx in groups:
+    idx = idx[:ncol]
+    rows.append(np.concatenate([x[idx].astype(np.float32), np.repeat(blank, ncol - len(idx), 0)]))
+  return image_grid(np.concatenate(rows), path, nrow=ncol, row_labels=[c for c, _ in groups],
+                    padding=padding, scale=scale)
+
+
 def format_value(v) -> str:
   """A table cell: ints as is, floats to about 3-4 significant digits, missing as '—'."""
   if v is None:

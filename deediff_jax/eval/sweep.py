@@ -42,7 +42,9 @@ Files in DIR/sweep/:
   exit_heatmap.png  timestep x exit layer for the chosen UEM row: the calibrated one if any,
                   else the row with exit.threshold, else the middle threshold of the list
   grid_<policy>.png samples of each policy's row whose layer_ratio_run is closest to the
-                  chosen UEM row's (matched compute)
+                  chosen UEM row's (matched compute); text models: one row per caption
+  captions.{md,json}  text models with labelled held-out captions: class accuracy per caption,
+                  full depth and the chosen UEM row
 
 `evaluate.py` (`--mode eval`) reuses `prepare`/`evaluate` for the configured setting alone.
 """
@@ -607,6 +609,10 @@ def header_md(info: dict, title: str = "Early-exit sweep") -> str:
   lines.append(text)
   if info.get("calibration"):
     lines += ["", "Calibration: " + cal_lib.describe(info["calibration"]) + "."]
+  if info.get("captions"):
+    acc = info["captions"]["overall_accuracy"]
+    lines += ["", f"Text model: class accuracy over the held-out captions {acc['full']:.3f} at full "
+              f"depth, {acc['chosen']:.3f} with {info['captions']['setting']}; per caption in `captions.md`."]
   if info.get("grids"):
     lines += ["", "Sample grids at matched compute: " + "; ".join(
         f"`{g['file']}` = {g['setting']} (layers run {g['layer_ratio_run']:.3f})" for g in info["grids"]) + "."]
@@ -677,9 +683,11 @@ def _displayable(images: np.ndarray) -> np.ndarray:
   return (x - lo) / np.maximum(hi - lo, 1e-8) * 2.0 - 1.0
 
 
-def write_grid(path: str, images: np.ndarray, num_classes: int) -> str:
+def write_grid(path: str, images: np.ndarray, num_classes: int, captions: Optional[list] = None) -> str:
+  scale = max(1, min(4, round(32 / images.shape[1])))
+  if captions is not None:  # text models: one row per caption, the prompt beside its images
+    return plots.caption_grid(_displayable(images), captions, path, scale=scale)
   x = _displayable(images[:GRID_IMAGES])
-  scale = max(1, min(4, round(32 / x.shape[1])))
   if num_classes > 0:
     ncol = min(num_classes, x.shape[0])
     return plots.image_grid(x, path, nrow=ncol, col_labels=[str(c) for c in range(ncol)], scale=scale)
@@ -693,18 +701,71 @@ def time_labels(config) -> list:
   return [float(round(v, 1)) if schedule.continuous else int(v) for v in t]
 
 
+def caption_accuracy(classifier, captions, labels, images_by_name: dict) -> list[dict]:
+  """Per caption: its digit, its number of images and, for each named image set, the fraction
+  the dataset classifier assigns to the caption's digit."""
+  preds = {name: np.asarray(classifier.predict(np.asarray(x))) for name, x in images_by_name.items()}
+  labels = np.asarray(labels, np.int64)
+  out = []
+  for caption, idx in plots.group_by_caption(captions):
+    row = {"caption": caption, "label": int(labels[idx[0]]), "images": int(len(idx))}
+    for name, p in preds.items():
+      row[f"accuracy_{name}"] = float(np.mean(p[idx] == labels[idx]))
+    out.append(row)
+  return out
+
+
+def caption_table_md(table: list[dict], names: list[str], settings: dict) -> str:
+  head = ["caption", "digit", "images"] + [f"accuracy, {settings[n]}" for n in names]
+  lines = ["| " + " | ".join(head) + " |", "|---|---:|---:|" + "---:|" * len(names)]
+  for r in table:
+    lines.append(f"| {r['caption']} | {r['label']} | {r['images']} | "
+                 + " | ".join(f"{r['accuracy_' + n]:.2f}" for n in names) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _write_captions(out_dir: str, rows, images, ctx: Context, ref: int, captions, paths: dict) -> Optional[dict]:
+  """Text models with labelled held-out captions: captions.{md,json}, accuracy per caption."""
+  clf, labels = ctx.quality.classifier, ctx.labels
+  if clf is None or labels is None or captions is None:
+    return None
+  sets = {"full": ctx.images_full, "chosen": images[ref]}
+  settings = {"full": "full depth", "chosen": rows[ref]["setting"]}
+  table = caption_accuracy(clf, captions, labels, sets)
+  overall = {n: float(np.mean(np.asarray(clf.predict(np.asarray(x))) == np.asarray(labels))) for n, x in sets.items()}
+  summary = {"settings": settings, "overall_accuracy": overall, "chance": 1.0 / clf.num_classes,
+             "per_caption": table}
+  paths["captions.json"] = write_json(os.path.join(out_dir, "captions.json"), summary)
+  md = (f"# Class accuracy per held-out caption\n\nEach caption's samples are classified by the dataset "
+        f"classifier; accuracy = the fraction showing the caption's digit (chance {summary['chance']:.2f}). "
+        f"Overall: {overall['full']:.3f} at full depth, {overall['chosen']:.3f} with "
+        f"{settings['chosen']} (layers run {rows[ref]['layer_ratio_run']:.3f}).\n\n"
+        + caption_table_md(table, ["full", "chosen"], settings))
+  with open(os.path.join(out_dir, "captions.md"), "w") as f:
+    f.write(md)
+  paths["captions.md"] = os.path.join(out_dir, "captions.md")
+  return {"overall_accuracy": overall, "setting": settings["chosen"]}
+
+
 def write_outputs(out_dir: str, rows, images, stats, ctx: Context, info: dict) -> dict:
   """All files of the module doc; returns {name: path}."""
   os.makedirs(out_dir, exist_ok=True)
   paths = {}
   ref = chosen_index(rows, ctx.config)
+  captions = None
+  if ctx.cfg.context_dim > 0:
+    from deediff_jax.sample import load_eval_captions
+    captions = load_eval_captions(ctx.config, ctx.num)
   grids = []
   for policy, i in matched_indices(rows, ref).items():
     name = f"grid_{policy}.png"
-    paths[name] = write_grid(os.path.join(out_dir, name), images[i], ctx.cfg.num_classes)
+    paths[name] = write_grid(os.path.join(out_dir, name), images[i], ctx.cfg.num_classes, captions)
     grids.append({"file": name, "policy": policy, "setting": rows[i]["setting"],
                   "layer_ratio_run": rows[i]["layer_ratio_run"]})
   info = dict(info, grids=grids, heatmap_setting=rows[ref]["setting"])
+  caption_info = _write_captions(out_dir, rows, images, ctx, ref, captions, paths)
+  if caption_info is not None:
+    info["captions"] = caption_info
   paths["exit_heatmap.png"] = plots.exit_heatmap(
       np.asarray(stats[ref]["exit_layer"]), ctx.cfg.num_blocks, os.path.join(out_dir, "exit_heatmap.png"),
       time_labels(ctx.config),

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The MNIST early-exit study (issue 5) at a size this 2-core CPU trains in well under an hour
+# per model: U-ViT D=128, 7 blocks (depth 6), patch 4 (49 patch tokens), batch 64, 2000 steps.
+#
+#   bash benchmarks/mnist_study.sh scratch    # joint DeeDiff training from scratch, then sweep
+#   bash benchmarks/mnist_study.sh backbone   # the backbone alone (no exit losses)
+#   bash benchmarks/mnist_study.sh frozen     # exits + UEMs trained on the frozen backbone, then sweep
+#
+# RUNS (default /root/runs) holds the workdirs; results are copied to benchmarks/results/mnist_*.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-/root/runs}
+SIZE=(--config.model.embed_dim=128 --config.model.depth=6 --config.model.num_heads=4
+      --config.train.batch_size=64 --config.train.lr=1e-3 --config.train.warmup_steps=200
+      --config.train.ema_rate=0.999 --config.train.checkpoint_every=500 --config.train.log_every=100)
+# Sweep: 200 images per setting from the same noise, DDIM 25 steps, guidance 1.
+SWEEP=(--config.sample.steps=25 --config.sweep.num_images=200 --config.sample.batch_size=100
+       --config.sweep.thresholds=0.03,0.05,0.07,0.1,0.13,0.16,0.2,0.25
+       --config.sweep.cosine_thresholds=0.95,0.98,0.99,0.995
+       --config.exit.target_layer_ratio=0.6)
+run() { python -m deediff_jax.main --config configs/mnist.py "$@"; }
+publish() {  # workdir -> benchmarks/results/NAME (tables, plots, small JSON; never checkpoints)
+  mkdir -p "benchmarks/results/$2"
+  cp "$1"/sweep/*.{json,csv,md,png} "benchmarks/results/$2/"
+  cp "$1"/samples.png "$1"/sample_stats.json "benchmarks/results/$2/" 2>/dev/null || true
+}
+case "${1:?usage: mnist_study.sh scratch|backbone|frozen}" in
+  scratch)
+    run --workdir "$RUNS/mnist_scratch" "${SIZE[@]}" --config.train.num_steps=2000
+    run --workdir "$RUNS/mnist_scratch" --mode sweep "${SIZE[@]}" --config.train.num_steps=2000 "${SWEEP[@]}"
+    publish "$RUNS/mnist_scratch" mnist_scratch ;;
+  backbone)
+    run --workdir "$RUNS/mnist_backbone" "${SIZE[@]}" --config.train.num_steps=2000 \
+        --config.loss.lambda_u=0 --config.loss.beta_ual=0 --config.train.sample_at_end=False ;;
+  frozen)
+    run --workdir "$RUNS/mnist_frozen" "${SIZE[@]}" --config.train.num_steps=800 \
+        --config.train.mode=frozen_backbone --config.train.init_from="$RUNS/mnist_backbone"
+    run --workdir "$RUNS/mnist_frozen" --mode sweep "${SIZE[@]}" --config.train.num_steps=800 \
+        --config.train.mode=frozen_backbone --config.train.init_from="$RUNS/mnist_backbone" "${SWEEP[@]}"
+    publish "$RUNS/mnist_frozen" mnist_frozen ;;
+esac
