@@ -94,6 +94,41 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert np.all(np.abs(z["images"]) <= 1.0 + 1e-6)
 
 
+def test_text_model_encode_train_sample_with_early_exit(tmp_path):
+  # The whole text path from the CLI: captions written from labels -> MiniLM features -> a few
+  # training steps of configs/mnist_text.py (on 8x8 digits here) -> sampling the held-out
+  # wordings with guidance and early exit. Threshold 1 exits every sample after block 1.
+  import numpy as np
+  from PIL import Image
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  img = (d.images[:64] * (255.0 / 16.0)).round().astype(np.uint8)
+  np.savez(tmp_path / "d.npz", image=img, label=d.target[:64])
+  caps = tmp_path / "caps.npz"
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", "deediff_jax.data.encode_text", "--captions-for-npz",
+                      str(tmp_path / "d.npz"), "--out", str(caps), "--no-progress"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  wd = tmp_path / "text"
+  p = start(wd, *TINY, f"--config.data.source=npz:{tmp_path / 'd.npz'}", "--config.data.image_size=8",
+            "--config.model.image_size=8", "--config.model.patch_size=2",
+            f"--config.data.context_file={caps}", "--config.train.num_steps=4",
+            "--config.train.log_every=2", "--config.train.checkpoint_every=4",
+            "--config.sample.num_images=6", "--config.sample.batch_size=6", "--config.sample.steps=3",
+            "--config.exit.threshold=1.0", config="configs/mnist_text.py")
+  _, stderr = p.communicate(timeout=600)
+  assert p.returncode == 0, stderr[-3000:]
+  stats = json.load(open(wd / "sample_stats.json"))
+  assert stats["policy"] == "uem" and stats["guidance_scale"] == 1.0 and stats["layers_total"] == 3
+  assert stats["layer_ratio_run"] == 1 / 3 and stats["layer_ratio_per_sample"] == 1 / 3
+  with np.load(wd / "samples.npz") as z, np.load(caps) as c:
+    assert z["images"].shape == (6, 8, 8, 1)
+    np.testing.assert_array_equal(z["labels"], c["eval_labels"][:6])   # the held-out captions, in order
+  # One row per held-out caption (6 captions, one image each; 8x8 at 4x, 1 px padding).
+  assert Image.open(wd / "samples.png").size[1] == 6 * (32 + 1) + 1
+
+
 def test_divergence_is_one_line_and_exit_1(tmp_path):
   wd = tmp_path / "nan"
   p = start(wd, *TINY, "--config.train.num_steps=6", "--config.train.log_every=2",
