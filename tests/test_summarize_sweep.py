@@ -47,3 +47,13 @@ def test_cli_markdown_and_errors(tmp_path, capsys):
   p.write_text(json.dumps([r for r in ROWS if r["policy"] != "none"]))
   with pytest.raises(SystemExit, match="no 'none'"):
     S.main([str(p)])
+
+
+def test_a_full_model_at_chance_gets_no_verdict(tmp_path, capsys):
+  rows = [dict(r, class_accuracy=0.11) for r in ROWS]
+  p = tmp_path / "sweep.json"
+  p.write_text(json.dumps(rows))
+  assert S.main([str(p), "--markdown"]) == 0
+  out = capsys.readouterr().out
+  assert "warning: the full-depth model's class accuracy is 0.110 (< 0.5)" in out
+  assert "| uem | uem 0.2 | n/a (full model fails) |" in out and "| yes |" not in out
