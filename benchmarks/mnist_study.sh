@@ -12,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-/root/runs}
-SIZE=(--config.model.embed_dim=128 --config.model.depth=6 --config.model.num_heads=4
+STEPS=${STEPS:-4000}   # joint / backbone training steps (the frozen stage trains 800)
+SIZE=(--config.diffusion.schedule=cosine --config.model.input_skip=True --config.model.embed_dim=128 --config.model.depth=6 --config.model.num_heads=4
       --config.train.batch_size=64 --config.train.lr=1e-3 --config.train.warmup_steps=200
       --config.train.ema_rate=0.999 --config.train.checkpoint_every=500 --config.train.log_every=100)
 # Sweep: 200 images per setting from the same noise, DDIM 25 steps, guidance 1.
@@ -28,11 +29,11 @@ publish() {  # workdir -> benchmarks/results/NAME (tables, plots, small JSON; ne
 }
 case "${1:?usage: mnist_study.sh scratch|backbone|frozen}" in
   scratch)
-    run --workdir "$RUNS/mnist_scratch" "${SIZE[@]}" --config.train.num_steps=10000
-    run --workdir "$RUNS/mnist_scratch" --mode sweep "${SIZE[@]}" --config.train.num_steps=10000 "${SWEEP[@]}"
+    run --workdir "$RUNS/mnist_scratch" "${SIZE[@]}" --config.train.num_steps="$STEPS"
+    run --workdir "$RUNS/mnist_scratch" --mode sweep "${SIZE[@]}" --config.train.num_steps="$STEPS" "${SWEEP[@]}"
     publish "$RUNS/mnist_scratch" mnist_scratch ;;
   backbone)
-    run --workdir "$RUNS/mnist_backbone" "${SIZE[@]}" --config.train.num_steps=10000 \
+    run --workdir "$RUNS/mnist_backbone" "${SIZE[@]}" --config.train.num_steps="$STEPS" \
         --config.loss.lambda_u=0 --config.loss.beta_ual=0 --config.train.sample_at_end=False ;;
   frozen)
     run --workdir "$RUNS/mnist_frozen" "${SIZE[@]}" --config.train.num_steps=800 \

@@ -10,13 +10,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-/root/runs}
+STEPS=${STEPS:-3500}
 CAPS="$RUNS/mnist_captions.npz"
 [ -f "$CAPS" ] || python -m deediff_jax.data.encode_text --captions-for-npz ../shared/data/mnist10k.npz --out "$CAPS"
 ARGS=(--config configs/mnist_text.py --workdir "$RUNS/mnist_text" --config.data.context_file="$CAPS"
-      --config.model.embed_dim=128 --config.model.depth=6 --config.model.num_heads=4
+      --config.diffusion.schedule=cosine --config.model.input_skip=True --config.model.embed_dim=128 --config.model.depth=6 --config.model.num_heads=4
       --config.train.batch_size=64 --config.train.lr=1e-3 --config.train.warmup_steps=200
       --config.train.ema_rate=0.999 --config.train.checkpoint_every=500 --config.train.log_every=100
-      --config.train.num_steps=10000)
+      --config.train.num_steps="$STEPS")
 python -m deediff_jax.main "${ARGS[@]}"
 python -m deediff_jax.main "${ARGS[@]}" --mode sweep --config.sample.steps=25 --config.sweep.num_images=200 \
     --config.sample.batch_size=100 --config.sweep.thresholds=0.03,0.05,0.07,0.1,0.13,0.16,0.2,0.25 \

@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.context_dim = 0           # >0: text-conditional on precomputed encoder tokens of this width
   m.context_len = 0           # number of context tokens (77 for CLIP)
   m.mlp_time_embed = False    # Linear(4D)-SiLU-Linear(D) on the time token (U-ViT: off)
+  m.input_skip = False        # every head's 3x3 conv also sees the noisy input x_t (U-ViT: off; see README)
   m.uem = "token_linear"      # token_linear | token_linear_no_time | attention_probe
   m.remat = False             # rematerialise blocks in training (less memory, more compute)
   m.dtype = "float32"         # compute dtype: float32 | bfloat16

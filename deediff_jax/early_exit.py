@@ -202,11 +202,13 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
     skip = lax.dynamic_index_in_dim(buf, k - 1 - j, 0, keepdims=False)
     return out_block.apply({"params": slice_layer(out_params, j)}, h, skip)[0]
 
+  x_in = x.astype(cfg.compute_dtype) if cfg.input_skip else None
+
   def head_at(i, h):
     def exit_head(h):
-      return head.apply({"params": slice_layer(exit_heads, jnp.minimum(i, n - 2))}, h)
+      return head.apply({"params": slice_layer(exit_heads, jnp.minimum(i, n - 2))}, h, x_in)
     def final_head(h):
-      return head.apply({"params": last_head}, h)
+      return head.apply({"params": last_head}, h, x_in)
     return lax.cond(i < n - 1, exit_head, final_head, h)
 
   def confident(i, h_new, h_old):

@@ -3,6 +3,7 @@
 Parity is checked against tests/torch_uvit.py, a PyTorch U-ViT with the official parameter
 names, randomly initialised in every tensor (biases and LayerNorms included).
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -187,6 +188,14 @@ def _err(cls, sd, mc, **kw):
     cu.convert_backbone(sd, mc, **kw)
   assert isinstance(e.value, ValueError)
   return str(e.value)
+
+
+def test_input_skip_config_cannot_take_official_weights(small):
+  sd, mc = small
+  mc = ModelConfig.from_config(dict(dataclasses.asdict(ModelConfig.from_config(mc)), input_skip=True))
+  assert _err(cu.ConversionError, sd, mc) == (
+      "official U-ViT checkpoints have no input skip in their heads; "
+      "set --config.model.input_skip=False to convert them")
 
 
 def test_missing_tensor(small):

@@ -325,3 +325,20 @@ def test_threshold_per_timestep_bucket(setup):
   np.testing.assert_allclose(eps, _pick(s["eps_all"], expected), atol=TOL)
   ref, rst = _reference(s, "uem", pp, time_frac=frac)
   np.testing.assert_allclose(eps, ref, atol=TOL)
+
+
+def test_input_skip_model_matches_reference():
+  """With input_skip the loop hands x_t to whichever head it applies, exactly like all_exits."""
+  module, params = _model(input_skip=True)
+  cfg = module.cfg
+  x = jax.random.normal(jax.random.PRNGKey(3), (B, 8, 8, 1))
+  t = jnp.linspace(50.0, 950.0, B)
+  y = jnp.arange(B) % 10
+  eps_all, u_all = _all_exits(module, params, x, t, y)
+  s = dict(params=params, cfg=cfg, x=x, t=t, y=y)
+  for thr in _spread_thresholds(u_all):
+    pp = ee.make_policy_params(cfg.num_blocks, threshold=thr)
+    eps, st = _forward(s, "uem", pp)
+    layers = _first_true(u_all < thr)
+    np.testing.assert_array_equal(st["exit_layer"], layers)
+    np.testing.assert_allclose(eps, _pick(eps_all, layers), atol=TOL)

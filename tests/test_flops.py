@@ -217,3 +217,11 @@ def test_bad_input_errors():
     F.exit_profile(np.zeros((2, 3), int))
   with pytest.raises(F.FlopsError, match="depth must be an integer in"):
     F.forward_flops(TINY, depth=0)
+
+
+def test_input_skip_widens_only_the_head_conv():
+  skip = dataclasses.replace(TINY, input_skip=True)
+  # The 3x3 conv reads 2 channels instead of 1: another 2 * 1 * 1 * 100 valid-tap FLOPs per head.
+  assert F.head_flops(skip) == F.head_flops(TINY) + 200
+  assert F.block_flops(skip) == F.block_flops(TINY)
+  assert F.forward_flops(skip) == F.forward_flops(TINY) + 200

@@ -105,15 +105,18 @@ def reference_all_exits(cfg, params, x, t, y, ctx):
   for j in range(k):
     h = Block(cfg, use_skip=True).apply({"params": slice_layer(params["out_blocks"], j)}, h, skips.pop())[0]
     hs.append(h)
-  eps = [Head(cfg).apply({"params": slice_layer(params["exit_heads"], i)}, hs[i]) for i in range(len(hs) - 1)]
-  eps.append(Head(cfg).apply({"params": params["head"]}, hs[-1]))
+  x_in = x if cfg.input_skip else None
+  eps = [Head(cfg).apply({"params": slice_layer(params["exit_heads"], i)}, hs[i], x_in)
+         for i in range(len(hs) - 1)]
+  eps.append(Head(cfg).apply({"params": params["head"]}, hs[-1], x_in))
   u = [UEM(cfg).apply({"params": slice_layer(params["uems"], i)}, hs[i], temb) for i in range(len(hs))]
   return jnp.stack(eps), jnp.stack(u)
 
 
 @pytest.mark.parametrize("kw", [dict(num_classes=10), dict(context_dim=12, context_len=5),
                                 dict(mlp_time_embed=True, qkv_bias=True, uem="attention_probe"),
-                                dict(remat=True, uem="token_linear_no_time")])
+                                dict(remat=True, uem="token_linear_no_time"),
+                                dict(num_classes=10, input_skip=True)])
 def test_scan_path_equals_loop_reference_and_plain_forward(kw):
   cfg = tiny(**kw)
   module = build(cfg)
@@ -210,3 +213,36 @@ def test_imagenet_large_has_published_size():
   assert shapes["label_emb"]["embedding"].shape == (1001, 1024)
   # U-ViT-L/2 is 287M parameters in the paper.
   assert abs(count_params(shapes)["backbone"] - 287e6) / 287e6 < 0.01
+
+
+def test_input_skip_conv_reads_the_noisy_input():
+  """input_skip: every head's 3x3 conv gets [prediction, x_t]; a centre weight of 1 on x_t with
+  everything else zero makes every head output exactly x_t."""
+  cfg = tiny(num_classes=10, input_skip=True)
+  module = build(cfg)
+  params = init_params(module, jax.random.PRNGKey(0))
+  assert params["head"]["final_layer"]["kernel"].shape == (3, 3, 2, 1)
+  assert params["exit_heads"]["final_layer"]["kernel"].shape == (cfg.num_blocks - 1, 3, 3, 2, 1)
+  assert "input_skip" not in str(params.keys())  # no new parameter tree, only a wider conv
+  kernel = np.zeros((3, 3, 2, 1), np.float32)
+  kernel[1, 1, 1, 0] = 1.0  # the x_t channel, centre tap
+  def copy_head(p):
+    return dict(p, final_layer={"kernel": jnp.asarray(kernel), "bias": jnp.zeros((1,))})
+  params = dict(params, head=copy_head(params["head"]),
+                exit_heads=dict(params["exit_heads"], final_layer={
+                    "kernel": jnp.broadcast_to(kernel, (cfg.num_blocks - 1,) + kernel.shape),
+                    "bias": jnp.zeros((cfg.num_blocks - 1, 1))}))
+  x, t, y, _ = inputs(cfg)
+  eps_all, _ = module.apply({"params": params}, x, t, y, method=module.all_exits)
+  np.testing.assert_array_equal(np.asarray(eps_all), np.broadcast_to(np.asarray(x), eps_all.shape))
+  np.testing.assert_array_equal(np.asarray(module.apply({"params": params}, x, t, y)), np.asarray(x))
+
+
+def test_input_skip_off_is_the_official_head_and_missing_input_is_an_error():
+  params = init_params(build(tiny()), jax.random.PRNGKey(0))
+  assert params["head"]["final_layer"]["kernel"].shape == (3, 3, 1, 1)
+  cfg = tiny(input_skip=True)
+  head_params = init_params(build(cfg), jax.random.PRNGKey(0))["head"]
+  h = jnp.zeros((2, cfg.num_tokens, cfg.embed_dim))
+  with pytest.raises(ValueError, match="model.input_skip=True: the head needs the noisy input image x_in"):
+    Head(cfg).apply({"params": head_params}, h)

@@ -329,6 +329,9 @@ def convert_backbone(state_dict: Mapping[str, Any], config, *, final_conv: bool 
   import jax.numpy as jnp
 
   mc = _model_config(config)
+  if mc.input_skip:
+    raise ConversionError("official U-ViT checkpoints have no input skip in their heads; "
+                          "set --config.model.input_skip=False to convert them")
   sd = strip_prefix(state_dict)
   flax_backbone = _flax_shapes(mc)
   spec = _spec(mc, flax_backbone)

@@ -135,7 +135,8 @@ def head_flops(cfg, *, matmul_only: bool = False) -> int:
   c = _Count(matmul_only)
   c.layer_norm(t, d)
   c.dense(t, d, cfg.patch_dim)                  # applied before the extra tokens are dropped
-  c.mm(2 * ch * ch * (3 * s - 2) ** 2)          # 3x3 'same' conv, valid taps only
+  conv_in = ch * (2 if cfg.input_skip else 1)   # input_skip: the conv also reads x_t
+  c.mm(2 * conv_in * ch * (3 * s - 2) ** 2)     # 3x3 'same' conv, valid taps only
   c.ew(s * s * ch)                              # its bias
   return c.total
 

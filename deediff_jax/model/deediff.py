@@ -104,20 +104,29 @@ class DeeDiffUViT(nn.Module):
     _, outs = self.out_blocks(h, skips[::-1])
     return jnp.concatenate([skips, mid[None], outs], axis=0)
 
-  def all_predictions(self, hs):
-    """Noise predictions of all N heads: [N, B, H, W, C]."""
+  def all_predictions(self, hs, x=None):
+    """Noise predictions of all N heads: [N, B, H, W, C]. `x`: the noisy input (for input_skip)."""
+    x_in = self._head_input(x)
     if self.is_initializing():
-      eps_exits = self.exit_heads(hs[:-1])  # creates the stacked [N-1, ...] parameters
+      eps_exits = self.exit_heads(hs[:-1], x_in)  # creates the stacked [N-1, ...] parameters
     else:
       # Apply the stacked heads one by one rather than vmapped: vmap turns the 3x3 conv into a
       # grouped conv whose backward pass is ~14x slower on CPU (measured: 4.7 s vs 0.33 s for
       # 12 heads of a D=256 model at batch 128), the largest single cost of a training step.
       stacked = self.exit_heads.variables["params"]
       head = Head(self.cfg, parent=None)  # an unbound module: a pure function of its params
-      eps_exits = jnp.stack([head.apply({"params": slice_layer(stacked, i)}, hs[i])
+      eps_exits = jnp.stack([head.apply({"params": slice_layer(stacked, i)}, hs[i], x_in)
                              for i in range(self.cfg.num_blocks - 1)])
-    eps_last = self.head(hs[-1])
+    eps_last = self.head(hs[-1], x_in)
     return jnp.concatenate([eps_exits, eps_last[None]], axis=0)
+
+  def _head_input(self, x):
+    """What the heads' conv reads besides the prediction: x in the compute dtype, or None."""
+    if not self.cfg.input_skip:
+      return None
+    if x is None:
+      raise ValueError("model.input_skip=True: pass the noisy input x to all_predictions")
+    return x.astype(self.cfg.compute_dtype)
 
   def all_uncertainties(self, hs, temb):
     return self.uems(hs, temb)  # [N, B]
@@ -128,7 +137,7 @@ class DeeDiffUViT(nn.Module):
     """Training path: (eps_all [N, B, H, W, C], u_all [N, B]). eps_all[-1] is the full model."""
     h, temb = self.embed(x, t, y, context)
     hs = self.hidden_states(h)
-    return self.all_predictions(hs), self.all_uncertainties(hs, temb)
+    return self.all_predictions(hs, x), self.all_uncertainties(hs, temb)
 
   def __call__(self, x, t, y=None, context=None):
     """The plain full-depth forward: eps [B, H, W, C]."""
@@ -136,7 +145,7 @@ class DeeDiffUViT(nn.Module):
     h, skips = self.in_blocks(h, None)
     h, _ = self.mid_block(h)
     h, _ = self.out_blocks(h, skips[::-1])
-    return self.head(h)
+    return self.head(h, self._head_input(x))
 
 
 def build(model_config) -> DeeDiffUViT:

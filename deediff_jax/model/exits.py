@@ -54,7 +54,7 @@ def stacked(module_cls, cfg: ModelConfig, count: int, in_axes, name: str):
 
 
 def exit_heads(cfg: ModelConfig, name: str = "exit_heads"):
-  return stacked(Head, cfg, cfg.num_blocks - 1, 0, name)
+  return stacked(Head, cfg, cfg.num_blocks - 1, (0, None), name)  # (hidden states, shared x_in)
 
 
 def uems(cfg: ModelConfig, name: str = "uems"):

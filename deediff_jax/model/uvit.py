@@ -37,6 +37,11 @@ class ModelConfig:
   context_dim: int = 0        # 0: no text context. Else width of the precomputed text-encoder tokens.
   context_len: int = 0        # number of context tokens (e.g. 77 for CLIP).
   mlp_time_embed: bool = False
+  # Every head's final 3x3 conv also reads the noisy input x_t (concatenated channels). Off in
+  # U-ViT. At low SNR an eps-prediction must reproduce x_t almost pixel for pixel (sigma/alpha
+  # magnifies any copy error in the x0 a sampler derives), which a patchified transformer learns
+  # slowly; this path makes the copy a single conv weight. See README "MNIST".
+  input_skip: bool = False
   uem: str = "token_linear"
   remat: bool = False
   dtype: str = "float32"      # compute dtype; parameters stay float32.
@@ -185,16 +190,24 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-  """U-ViT output head: LN -> Linear(D -> p*p*C) -> drop extra tokens -> unpatchify -> 3x3 conv."""
+  """U-ViT output head: LN -> Linear(D -> p*p*C) -> drop extra tokens -> unpatchify -> 3x3 conv.
+
+  With `cfg.input_skip` the conv reads [unpatchified prediction, x_in] (2C channels), where
+  x_in is the model's noisy input image.
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, h):
+  def __call__(self, h, x_in=None):
     cfg = self.cfg
     y = _layer_norm(cfg, "norm")(h)
     y = _dense(cfg, cfg.patch_dim, "decoder_pred")(y)
     y = y[:, cfg.num_extra_tokens:]
     img = unpatchify(y, cfg.patch_size, cfg.in_channels)
+    if cfg.input_skip:
+      if x_in is None:
+        raise ValueError("model.input_skip=True: the head needs the noisy input image x_in")
+      img = jnp.concatenate([img, x_in.astype(img.dtype)], axis=-1)
     img = nn.Conv(cfg.in_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=cfg.compute_dtype,
                   name="final_layer")(img)
     return img.astype(jnp.float32)
