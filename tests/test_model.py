@@ -239,10 +239,10 @@ def test_input_skip_conv_reads_the_noisy_input():
 
 
 def test_input_skip_off_is_the_official_head_and_missing_input_is_an_error():
-  params = init_params(build(tiny()), jax.random.PRNGKey(0))
-  assert params["head"]["final_layer"]["kernel"].shape == (3, 3, 1, 1)
+  shapes = jax.eval_shape(lambda: init_params(build(tiny()), jax.random.PRNGKey(0)))
+  assert shapes["head"]["final_layer"]["kernel"].shape == (3, 3, 1, 1)
   cfg = tiny(input_skip=True)
-  head_params = init_params(build(cfg), jax.random.PRNGKey(0))["head"]
+  head_params = jax.jit(lambda r: init_params(build(cfg), r))(jax.random.PRNGKey(0))["head"]
   h = jnp.zeros((2, cfg.num_tokens, cfg.embed_dim))
   with pytest.raises(ValueError, match="model.input_skip=True: the head needs the noisy input image x_in"):
     Head(cfg).apply({"params": head_params}, h)
