@@ -120,13 +120,14 @@ def reference_all_exits(cfg, params, x, t, y, ctx):
 def test_scan_path_equals_loop_reference_and_plain_forward(kw):
   cfg = tiny(**kw)
   module = build(cfg)
-  params = init_params(module, jax.random.PRNGKey(1))
+  # Jitted: eager Flax dispatches op by op, which made this test take ~30 s per case.
+  params = jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(1))
   x, t, y, ctx = inputs(cfg)
-  eps_all, u_all = module.apply({"params": params}, x, t, y, ctx, method=module.all_exits)
-  ref_eps, ref_u = reference_all_exits(cfg, params, x, t, y, ctx)
+  eps_all, u_all = jax.jit(lambda p: module.apply({"params": p}, x, t, y, ctx, method=module.all_exits))(params)
+  ref_eps, ref_u = jax.jit(lambda p: reference_all_exits(cfg, p, x, t, y, ctx))(params)
   np.testing.assert_allclose(eps_all, ref_eps, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(u_all, ref_u, atol=1e-6)
-  plain = module.apply({"params": params}, x, t, y, ctx)
+  plain = jax.jit(lambda p: module.apply({"params": p}, x, t, y, ctx))(params)
   np.testing.assert_allclose(eps_all[-1], plain, atol=1e-5)
   # The exits are distinct functions (not all copies of the last head).
   assert float(jnp.abs(eps_all[0] - eps_all[-1]).max()) > 1e-3
@@ -220,7 +221,7 @@ def test_input_skip_conv_reads_the_noisy_input():
   everything else zero makes every head output exactly x_t."""
   cfg = tiny(num_classes=10, input_skip=True)
   module = build(cfg)
-  params = init_params(module, jax.random.PRNGKey(0))
+  params = jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(0))
   assert params["head"]["final_layer"]["kernel"].shape == (3, 3, 2, 1)
   assert params["exit_heads"]["final_layer"]["kernel"].shape == (cfg.num_blocks - 1, 3, 3, 2, 1)
   assert "input_skip" not in str(params.keys())  # no new parameter tree, only a wider conv
@@ -233,9 +234,10 @@ def test_input_skip_conv_reads_the_noisy_input():
                     "kernel": jnp.broadcast_to(kernel, (cfg.num_blocks - 1,) + kernel.shape),
                     "bias": jnp.zeros((cfg.num_blocks - 1, 1))}))
   x, t, y, _ = inputs(cfg)
-  eps_all, _ = module.apply({"params": params}, x, t, y, method=module.all_exits)
+  eps_all, _ = jax.jit(lambda p: module.apply({"params": p}, x, t, y, method=module.all_exits))(params)
   np.testing.assert_array_equal(np.asarray(eps_all), np.broadcast_to(np.asarray(x), eps_all.shape))
-  np.testing.assert_array_equal(np.asarray(module.apply({"params": params}, x, t, y)), np.asarray(x))
+  plain = jax.jit(lambda p: module.apply({"params": p}, x, t, y))(params)
+  np.testing.assert_array_equal(np.asarray(plain), np.asarray(x))
 
 
 def test_input_skip_off_is_the_official_head_and_missing_input_is_an_error():
