@@ -113,6 +113,7 @@ def main(argv=None) -> int:
   ap.add_argument("--restarts", default="300,500,700,850,999", help="start times for the restarts")
   ap.add_argument("--restart-steps", type=int, default=20, help="DDIM steps of each restart")
   ap.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   args = ap.parse_args(argv)
   times, starts = _parse_ints(args.times, "times"), _parse_ints(args.restarts, "restarts")
   if not os.path.exists(os.path.join(args.workdir, "config.json")):
@@ -136,13 +137,13 @@ def main(argv=None) -> int:
   if bad:
     raise SystemExit(f"error: times {bad} are outside [0, {sched.num_timesteps - 1}]")
   try:
-    params = ckpt.load_params(args.workdir, config, use_ema=not args.raw)
+    params = ckpt.load_params(args.workdir, config, use_ema=not args.raw, step=args.step)
     data = ml_collections.ConfigDict(config.data.to_dict())
     data.split = args.split
     src = sources.load_source(data)
   except (ckpt.CheckpointError, sources.DataError) as e:
     raise SystemExit(f"error: {e}")
-  step = ckpt.latest_step(args.workdir)
+  step = ckpt.latest_step(args.workdir) if args.step is None else args.step
   num = min(args.num, src.num_examples)
   ex = src.get(np.arange(num))
   x0 = jnp.asarray(pipeline.scale_images(ex["image"]))

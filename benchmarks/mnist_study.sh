@@ -7,6 +7,7 @@
 #   bash benchmarks/mnist_study.sh scratch    # joint DeeDiff training from scratch, then sweep
 #   bash benchmarks/mnist_study.sh backbone   # the backbone alone (no exit losses)
 #   bash benchmarks/mnist_study.sh frozen     # exits + UEMs trained on the frozen backbone, then sweep
+#   bash benchmarks/mnist_study.sh scratch14  # joint training on MNIST pooled to 14x14 (patch 2), then sweep
 #
 # RUNS (default /root/runs) holds the workdirs; results are copied to benchmarks/results/mnist_*.
 set -euo pipefail
@@ -27,11 +28,20 @@ publish() {  # workdir -> benchmarks/results/NAME (tables, plots, small JSON; ne
   cp "$1"/sweep/*.{json,csv,md,png} "benchmarks/results/$2/"
   cp "$1"/samples.png "$1"/sample_stats.json "benchmarks/results/$2/" 2>/dev/null || true
 }
-case "${1:?usage: mnist_study.sh scratch|backbone|frozen}" in
+# MNIST pooled to 14x14, patch 2: 49 tokens like 28x28/patch 4, but 4 pixels per token.
+SMALL=(--config.data.source="npz:$RUNS/mnist14.npz" --config.data.image_size=14 --config.model.image_size=14
+       --config.model.patch_size=2 --config.train.lr=2e-3)
+case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14}" in
   scratch)
     run --workdir "$RUNS/mnist_scratch" "${SIZE[@]}" --config.train.num_steps="$STEPS"
     run --workdir "$RUNS/mnist_scratch" --mode sweep "${SIZE[@]}" --config.train.num_steps="$STEPS" "${SWEEP[@]}"
     publish "$RUNS/mnist_scratch" mnist_scratch ;;
+  scratch14)
+    [ -f "$RUNS/mnist14.npz" ] || python benchmarks/make_mnist14.py ../shared/data/mnist10k.npz "$RUNS/mnist14.npz"
+    run --workdir "$RUNS/mnist14_scratch" "${SIZE[@]}" "${SMALL[@]}" --config.train.num_steps="${STEPS14:-3000}"
+    run --workdir "$RUNS/mnist14_scratch" --mode sweep "${SIZE[@]}" "${SMALL[@]}" \
+        --config.train.num_steps="${STEPS14:-3000}" "${SWEEP[@]}"
+    publish "$RUNS/mnist14_scratch" mnist14_scratch ;;
   backbone)
     run --workdir "$RUNS/mnist_backbone" "${SIZE[@]}" --config.train.num_steps="$STEPS" \
         --config.loss.lambda_u=0 --config.loss.beta_ual=0 --config.train.sample_at_end=False ;;
