@@ -4,7 +4,8 @@
 # context tokens) trained 10,000 steps at batch 64 (hours on a 2-core CPU; resumable), then
 # sampled from the held-out wordings and swept.
 #
-#   bash benchmarks/mnist_text_study.sh
+#   bash benchmarks/mnist_text_study.sh           # 28x28, patch 4
+#   RES=14 STEPS=2500 bash benchmarks/mnist_text_study.sh   # MNIST pooled to 14x14, patch 2
 #
 # RUNS (default /root/runs) holds the workdir; results are copied to benchmarks/results/mnist_text.
 set -euo pipefail
@@ -13,15 +14,24 @@ RUNS=${RUNS:-/root/runs}
 STEPS=${STEPS:-3500}
 CAPS="$RUNS/mnist_captions.npz"
 [ -f "$CAPS" ] || python -m deediff_jax.data.encode_text --captions-for-npz ../shared/data/mnist10k.npz --out "$CAPS"
-ARGS=(--config configs/mnist_text.py --workdir "$RUNS/mnist_text" --config.data.context_file="$CAPS"
+# RES=14: MNIST pooled to 14x14 with patch 2 (benchmarks/make_mnist14.py; the same images in the same
+# order, so the same caption features), 4 pixels per token instead of 16.
+NAME=mnist_text EXTRA=()
+if [ "${RES:-28}" = 14 ]; then
+  NAME=mnist14_text
+  [ -f "$RUNS/mnist14.npz" ] || python benchmarks/make_mnist14.py ../shared/data/mnist10k.npz "$RUNS/mnist14.npz"
+  EXTRA=(--config.data.source="npz:$RUNS/mnist14.npz" --config.data.image_size=14 --config.model.image_size=14
+         --config.model.patch_size=2 --config.train.lr=2e-3)
+fi
+ARGS=(--config configs/mnist_text.py --workdir "$RUNS/$NAME" --config.data.context_file="$CAPS"
       --config.diffusion.schedule=cosine --config.model.input_skip=True --config.model.embed_dim=128 --config.model.depth=6 --config.model.num_heads=4
       --config.train.batch_size=64 --config.train.lr=1e-3 --config.train.warmup_steps=200
       --config.train.ema_rate=0.999 --config.train.checkpoint_every=500 --config.train.log_every=100
-      --config.train.num_steps="$STEPS")
+      --config.train.num_steps="$STEPS" "${EXTRA[@]}")
 python -m deediff_jax.main "${ARGS[@]}"
 python -m deediff_jax.main "${ARGS[@]}" --mode sweep --config.sample.steps=25 --config.sweep.num_images=200 \
     --config.sample.batch_size=100 --config.sweep.thresholds=0.03,0.05,0.07,0.1,0.13,0.16,0.2,0.25 \
     --config.sweep.cosine_thresholds=0.95,0.98,0.99,0.995 --config.exit.target_layer_ratio=0.6
-mkdir -p benchmarks/results/mnist_text
-cp "$RUNS"/mnist_text/sweep/*.{json,csv,md,png} benchmarks/results/mnist_text/
-cp "$RUNS"/mnist_text/samples.png "$RUNS"/mnist_text/sample_stats.json benchmarks/results/mnist_text/
+mkdir -p "benchmarks/results/$NAME"
+cp "$RUNS/$NAME"/sweep/*.{json,csv,md,png} "benchmarks/results/$NAME/"
+cp "$RUNS/$NAME"/samples.png "$RUNS/$NAME"/sample_stats.json "benchmarks/results/$NAME/"
