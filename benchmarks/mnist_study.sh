@@ -19,9 +19,8 @@ SIZE=(--config.diffusion.schedule=cosine --config.model.input_skip=True --config
       --config.train.ema_rate=0.999 --config.train.checkpoint_every=500 --config.train.log_every=100)
 # Sweep: 200 images per setting from the same noise, DDIM 25 steps, guidance 1.
 SWEEP=(--config.sample.steps=25 --config.sweep.num_images=200 --config.sample.batch_size=100
-       --config.sweep.thresholds=0.03,0.05,0.07,0.1,0.13,0.16,0.2,0.25
-       --config.sweep.cosine_thresholds=0.95,0.98,0.99,0.995
-       --config.exit.target_layer_ratio=0.6)
+       --config.sweep.thresholds=0.03,0.06,0.1,0.15,0.2,0.3 --config.sweep.depths=2,3,4,5
+       --config.sweep.cosine_thresholds=0.95,0.99 --config.exit.target_layer_ratio=0.6)
 run() { python -m deediff_jax.main --config configs/mnist.py "$@"; }
 publish() {  # workdir -> benchmarks/results/NAME (tables, plots, small JSON; never checkpoints)
   mkdir -p "benchmarks/results/$2"

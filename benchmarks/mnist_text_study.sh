@@ -30,8 +30,8 @@ ARGS=(--config configs/mnist_text.py --workdir "$RUNS/$NAME" --config.data.conte
       --config.train.num_steps="$STEPS" "${EXTRA[@]}")
 python -m deediff_jax.main "${ARGS[@]}"
 python -m deediff_jax.main "${ARGS[@]}" --mode sweep --config.sample.steps=25 --config.sweep.num_images=200 \
-    --config.sample.batch_size=100 --config.sweep.thresholds=0.03,0.05,0.07,0.1,0.13,0.16,0.2,0.25 \
-    --config.sweep.cosine_thresholds=0.95,0.98,0.99,0.995 --config.exit.target_layer_ratio=0.6
+    --config.sample.batch_size=100 --config.sweep.thresholds=0.03,0.06,0.1,0.15,0.2,0.3 \
+    --config.sweep.depths=2,3,4,5 --config.sweep.cosine_thresholds=0.95,0.99 --config.exit.target_layer_ratio=0.6
 mkdir -p "benchmarks/results/$NAME"
 cp "$RUNS/$NAME"/sweep/*.{json,csv,md,png} "benchmarks/results/$NAME/"
 cp "$RUNS/$NAME"/samples.png "$RUNS/$NAME"/sample_stats.json "benchmarks/results/$NAME/"
