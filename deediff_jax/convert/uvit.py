@@ -418,8 +418,11 @@ def _exit_initializer(mc):
   hs = jnp.zeros((mc.num_blocks, 1, mc.num_tokens, mc.embed_dim), jnp.float32)
   temb = jnp.zeros((1, mc.embed_dim), jnp.float32)
 
+  x_in = (jnp.zeros((1, mc.image_size, mc.image_size, mc.in_channels), jnp.float32)
+          if mc.input_skip else None)
+
   def init_exits(m, hs, temb):
-    return m.exit_heads(hs[:-1]), m.uems(hs, temb)
+    return m.exit_heads(hs[:-1], x_in), m.uems(hs, temb)
 
   def init(rng):
     params = module.init(rng, hs, temb, method=init_exits)["params"]
