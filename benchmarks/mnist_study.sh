@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The MNIST early-exit study (issue 5), sized for a 2-core CPU: U-ViT D=128, 7 blocks (depth 6),
-# patch 4 (49 patch tokens), batch 64, 10,000 steps: about 2 h per model at ~0.75 s/step, so a
-# run spans sessions (training resumes from the workdir). Measured so far (README "MNIST"):
-# 2,000 steps reach loss_simple 0.049 but sample noise; patch 7 plateaus at loss 0.19.
+# cosine schedule, model.input_skip, batch 64. 28x28 uses patch 4 (49 tokens, STEPS steps,
+# default 4,000, ~0.8 s/step); scratch14 pools MNIST to 14x14 with patch 2 (49 tokens, STEPS14
+# steps, default 3,000: 36 min). Training resumes from the workdir. Measured (README "MNIST"):
+# 14x14 samples digits after 3,000 steps; 28x28 still samples blobs after 2,000 (see
+# benchmarks/diagnose_denoiser.py for why).
 #
 #   bash benchmarks/mnist_study.sh scratch    # joint DeeDiff training from scratch, then sweep
 #   bash benchmarks/mnist_study.sh backbone   # the backbone alone (no exit losses)
 #   bash benchmarks/mnist_study.sh frozen     # exits + UEMs trained on the frozen backbone, then sweep
 #   bash benchmarks/mnist_study.sh scratch14  # joint training on MNIST pooled to 14x14 (patch 2), then sweep
+#   bash benchmarks/mnist_study.sh backbone14 && bash benchmarks/mnist_study.sh frozen14   # the same, frozen mode
 #
 # RUNS (default /root/runs) holds the workdirs; results are copied to benchmarks/results/mnist_*.
 set -euo pipefail
@@ -30,7 +33,7 @@ publish() {  # workdir -> benchmarks/results/NAME (tables, plots, small JSON; ne
 # MNIST pooled to 14x14, patch 2: 49 tokens like 28x28/patch 4, but 4 pixels per token.
 SMALL=(--config.data.source="npz:$RUNS/mnist14.npz" --config.data.image_size=14 --config.model.image_size=14
        --config.model.patch_size=2 --config.train.lr=2e-3)
-case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14}" in
+case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|frozen14}" in
   scratch)
     run --workdir "$RUNS/mnist_scratch" "${SIZE[@]}" --config.train.num_steps="$STEPS"
     run --workdir "$RUNS/mnist_scratch" --mode sweep "${SIZE[@]}" --config.train.num_steps="$STEPS" "${SWEEP[@]}"
@@ -41,6 +44,16 @@ case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14}" in
     run --workdir "$RUNS/mnist14_scratch" --mode sweep "${SIZE[@]}" "${SMALL[@]}" \
         --config.train.num_steps="${STEPS14:-3000}" "${SWEEP[@]}"
     publish "$RUNS/mnist14_scratch" mnist14_scratch ;;
+  backbone14)  # the 14x14 backbone alone (no exit losses), for frozen14
+    [ -f "$RUNS/mnist14.npz" ] || python benchmarks/make_mnist14.py ../shared/data/mnist10k.npz "$RUNS/mnist14.npz"
+    run --workdir "$RUNS/mnist14_backbone" "${SIZE[@]}" "${SMALL[@]}" --config.train.num_steps="${STEPS14:-3000}" \
+        --config.loss.lambda_u=0 --config.loss.beta_ual=0 --config.train.sample_at_end=False ;;
+  frozen14)    # exits + UEMs trained on the frozen 14x14 backbone, then the same sweep as scratch14
+    run --workdir "$RUNS/mnist14_frozen" "${SIZE[@]}" "${SMALL[@]}" --config.train.num_steps=800 \
+        --config.train.mode=frozen_backbone --config.train.init_from="$RUNS/mnist14_backbone"
+    run --workdir "$RUNS/mnist14_frozen" --mode sweep "${SIZE[@]}" "${SMALL[@]}" --config.train.num_steps=800 \
+        --config.train.mode=frozen_backbone --config.train.init_from="$RUNS/mnist14_backbone" "${SWEEP[@]}"
+    publish "$RUNS/mnist14_frozen" mnist14_frozen ;;
   backbone)
     run --workdir "$RUNS/mnist_backbone" "${SIZE[@]}" --config.train.num_steps="$STEPS" \
         --config.loss.lambda_u=0 --config.loss.beta_ual=0 --config.train.sample_at_end=False ;;

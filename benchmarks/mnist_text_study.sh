@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The text-guided MNIST study (issue 7): captions written from the labels (data/captions.py),
-# encoded once with all-MiniLM-L6-v2, a text-conditional U-ViT (D=128, 7 blocks, patch 4, 16
-# context tokens) trained 10,000 steps at batch 64 (hours on a 2-core CPU; resumable), then
-# sampled from the held-out wordings and swept.
+# encoded once with all-MiniLM-L6-v2, a text-conditional U-ViT (D=128, 7 blocks, 16 context
+# tokens, cosine schedule, model.input_skip) trained STEPS steps at batch 64 (resumable), then
+# sampled from the held-out wordings and swept. RES=14 STEPS=2500 took 41 min on a 2-core CPU.
 #
 #   bash benchmarks/mnist_text_study.sh           # 28x28, patch 4
 #   RES=14 STEPS=2500 bash benchmarks/mnist_text_study.sh   # MNIST pooled to 14x14, patch 2
 #
-# RUNS (default /root/runs) holds the workdir; results are copied to benchmarks/results/mnist_text.
+# RUNS (default /root/runs) holds the workdir; results are copied to benchmarks/results/mnist_text
+# (mnist14_text with RES=14).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-/root/runs}
