@@ -339,9 +339,12 @@ def test_readme_dry_run_example_matches_the_launcher():
 
 
 def test_run_deletes_the_vm_after_ctrl_c_during_training(fake_gcloud):
+  # A shell's background job (`cmd &`, e.g. CI started with nohup) inherits SIGINT ignored, and
+  # Python then never raises KeyboardInterrupt; give the script the default disposition back.
   proc = subprocess.Popen([sys.executable, str(SCRIPT), *RUN], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True,
-                          env=fake_gcloud.env(FAKE_GCLOUD_HANG_ON="deediff_jax.main"))
+                          env=fake_gcloud.env(FAKE_GCLOUD_HANG_ON="deediff_jax.main"),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   # Stay under the fake train step's 60 s hang: SIGINT must arrive while it still runs.
   deadline = time.time() + 30
   while len(fake_gcloud.calls()) < 5 and time.time() < deadline:  # wait for the train step
