@@ -30,12 +30,11 @@ EpsFn = Callable  # (x [B, H, W, C], t int [B]) -> eps_hat [B, H, W, C]
 
 
 def x0_estimate(sched, x_t, eps_hat, t):
-  """The clipped x0 a sampler derives from eps_hat at (integer) times t [B]."""
-  import jax.numpy as jnp
+  """(clipped x0, the eps consistent with it) exactly as the DDIM/DDPM samplers derive them."""
+  from deediff_jax.diffusion import samplers
   from deediff_jax.diffusion import schedule as S
   a, s = S.alpha_sigma(sched, t)
-  a, s = a[:, None, None, None], s[:, None, None, None]
-  return jnp.clip((x_t - s * eps_hat) / a, -1.0, 1.0)
+  return samplers._x0_from_eps(x_t, eps_hat, a[:, None, None, None], s[:, None, None, None], clip=True)
 
 
 def per_time_errors(eps_fn: EpsFn, sched, x0, times: Sequence[int], rng) -> tuple[list, list]:
@@ -50,7 +49,7 @@ def per_time_errors(eps_fn: EpsFn, sched, x0, times: Sequence[int], rng) -> tupl
     noise = jax.random.normal(jax.random.fold_in(rng, i), x0.shape, jnp.float32)
     x_t = S.q_sample(sched, x0, tt, noise)
     eps = eps_fn(x_t, tt)
-    x0_hat = x0_estimate(sched, x_t, eps, tt)
+    x0_hat, _ = x0_estimate(sched, x_t, eps, tt)
     a, s = S.alpha_sigma(sched, int(t))
     rows.append({"t": int(t), "eps_mse": float(jnp.mean((eps - noise) ** 2)),
                  "x0_mse": float(jnp.mean((x0_hat - x0) ** 2)), "sigma_over_alpha": float(s / a)})
@@ -67,16 +66,13 @@ def restart(eps_fn: EpsFn, sched, x0, t_start: int, steps: int, rng):
   times = np.unique(np.round(np.linspace(t_start, 0, steps)).astype(np.int32))[::-1]
   x = S.q_sample(sched, x0, jnp.full((b,), int(t_start), jnp.int32),
                  jax.random.normal(rng, x0.shape, jnp.float32))
-  for i, t in enumerate(times):
+  for t, t_next in zip(times, list(times[1:]) + [None]):
     tt = jnp.full((b,), int(t), jnp.int32)
-    a, s = S.alpha_sigma(sched, int(t))
-    x0_hat = x0_estimate(sched, x, eps_fn(x, tt), tt)
-    if i + 1 == len(times):
+    x0_hat, eps = x0_estimate(sched, x, eps_fn(x, tt), tt)
+    if t_next is None:
       return x0_hat
-    eps = (x - a * x0_hat) / s  # eps consistent with the clipped x0, as the samplers do
-    a_next, s_next = S.alpha_sigma(sched, int(times[i + 1]))
+    a_next, s_next = S.alpha_sigma(sched, int(t_next))
     x = a_next * x0_hat + s_next * eps
-  return x
 
 
 def markdown(rows: list, restarts: list, meta: dict) -> str:
