@@ -20,10 +20,12 @@ STEPS=${STEPS:-4000}   # joint / backbone training steps (the frozen stage train
 SIZE=(--config.diffusion.schedule=cosine --config.model.input_skip=True --config.model.embed_dim=128 --config.model.depth=6 --config.model.num_heads=4
       --config.train.batch_size=64 --config.train.lr=1e-3 --config.train.warmup_steps=200
       --config.train.ema_rate=0.999 --config.train.checkpoint_every=500 --config.train.log_every=100)
-# Sweep: 200 images per setting from the same noise, DDIM 25 steps, guidance 1.
+# Sweep: 200 images per setting from the same noise, DDIM 25 steps, guidance 1; the UEM threshold
+# calibrated to 60% of the blocks, once as one number and once per timestep bucket (5 buckets).
 SWEEP=(--config.sample.steps=25 --config.sweep.num_images=200 --config.sample.batch_size=100
        --config.sweep.thresholds=0.03,0.06,0.1,0.15,0.2,0.3 --config.sweep.depths=2,3,4,5
-       --config.sweep.cosine_thresholds=0.95,0.99 --config.exit.target_layer_ratio=0.6)
+       --config.sweep.cosine_thresholds=0.95,0.99 --config.exit.target_layer_ratio=0.6
+       --config.exit.calibration_buckets=5)
 run() { python -m deediff_jax.main --config configs/mnist.py "$@"; }
 publish() {  # workdir -> benchmarks/results/NAME (tables, plots, small JSON; never checkpoints)
   mkdir -p "benchmarks/results/$2"

@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.exit = e = ml_collections.ConfigDict()
   e.policy = "uem"            # uem | uem_no_time | static | time_schedule | state_cosine | none
   e.threshold = 0.1           # uem: exit when u < threshold; state_cosine: when cosine > threshold
+  e.threshold_schedule = ""   # score policies: comma-separated thresholds per timestep bucket, noisy -> clean (overrides threshold)
   e.aggregate = "all"         # all | mean
   e.min_layers = 1            # no exit before this many blocks ran
   e.depth = 0                 # static policy: blocks to run (0 = all)
@@ -99,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.calibration_metric = "layer_ratio_run"   # layer_ratio_run (real cost) | layer_ratio_per_sample (paper)
   e.calibration_tolerance = 0.02  # allowed distance to target_layer_ratio
   e.calibration_images = 0    # 0: min(sample.batch_size, sample.num_images)
+  e.calibration_buckets = 1   # >1: calibrate one threshold per timestep bucket to target_layer_ratio each
 
   c.sample = s = ml_collections.ConfigDict()
   s.sampler = "ddim"          # ddpm | ddim | dpm_solver | euler_maruyama
@@ -213,6 +215,15 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       "model.context_dim); set --config.sample.guidance_scale=0")
   if cfg.exit.threshold < 0:
     raise ConfigError(f"exit.threshold must be >= 0, got {cfg.exit.threshold}")
+  if str(cfg.exit.threshold_schedule).strip():
+    parse_threshold_schedule(cfg.exit.threshold_schedule, cfg.exit.policy)
+  if cfg.exit.calibration_buckets < 1:
+    raise ConfigError(f"exit.calibration_buckets must be >= 1 (1 = one threshold), got "
+                      f"{cfg.exit.calibration_buckets}")
+  if cfg.exit.calibration_buckets > cfg.sample.steps:
+    raise ConfigError(f"exit.calibration_buckets={cfg.exit.calibration_buckets} exceeds sample.steps="
+                      f"{cfg.sample.steps}, so some buckets would hold no sampling step; use at most "
+                      f"{cfg.sample.steps}")
   if not 1 <= cfg.exit.min_layers <= mc.num_blocks:
     raise ConfigError(f"exit.min_layers must be in [1, {mc.num_blocks}] (the model has "
                       f"{mc.num_blocks} blocks), got {cfg.exit.min_layers}")
@@ -246,6 +257,16 @@ def parse_depth_schedule(text: str, num_blocks: int, key: str = "exit.schedule")
     if not 1 <= v <= num_blocks:
       raise ConfigError(f"config key '{key}': depth {v} is outside [1, {num_blocks}]")
   return depths
+
+
+def parse_threshold_schedule(text: str, policy: str = "uem", key: str = "exit.threshold_schedule") -> list[float]:
+  """'0.05,0.1,0.2' -> [0.05, 0.1, 0.2]: a score-policy threshold per timestep bucket, noisiest first."""
+  values = parse_floats(text, key)
+  if not values:
+    raise ConfigError(f"config key '{key}' is empty; give thresholds per timestep bucket like '0.05,0.1,0.2'")
+  if policy != "state_cosine" and min(values) < 0:
+    raise ConfigError(f"config key '{key}': thresholds must be >= 0 (u is in (0, 1)), got {min(values)}")
+  return values
 
 
 def parse_floats(text: str, key: str) -> list[float]:

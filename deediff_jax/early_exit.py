@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from deediff_jax.config import POLICIES, ConfigError, parse_depth_schedule
+from deediff_jax.config import POLICIES, ConfigError, parse_depth_schedule, parse_threshold_schedule
 from deediff_jax.model.deediff import DeeDiffUViT, slice_layer
 from deediff_jax.model.exits import UEM
 from deediff_jax.model.uvit import Block, Head, ModelConfig
@@ -75,7 +75,8 @@ def make_policy_params(num_blocks: int, *, threshold: float = 0.0, depth: int = 
 def policy_from_config(config, num_blocks: int, policy: Optional[str] = None):
   """`config.exit` -> (policy_name, policy_params); `policy` overrides exit.policy.
 
-  Raises ConfigError on an unknown policy or a bad exit.schedule.
+  A non-empty exit.threshold_schedule (one threshold per timestep bucket) replaces exit.threshold
+  for the score policies. Raises ConfigError on an unknown policy or a bad exit.schedule.
   """
   e = config.exit
   policy = e.policy if policy is None else policy
@@ -84,7 +85,10 @@ def policy_from_config(config, num_blocks: int, policy: Optional[str] = None):
   schedule = None
   if policy == "time_schedule":
     schedule = parse_depth_schedule(e.schedule, num_blocks, key="exit.schedule")
-  return policy, make_policy_params(num_blocks, threshold=float(e.threshold), depth=int(e.depth),
+  threshold = float(e.threshold)
+  if policy in ("uem", "uem_no_time", "state_cosine") and str(e.get("threshold_schedule", "")).strip():
+    threshold = parse_threshold_schedule(e.threshold_schedule, policy)
+  return policy, make_policy_params(num_blocks, threshold=threshold, depth=int(e.depth),
                                       schedule=schedule, min_layers=int(e.min_layers))
 
 

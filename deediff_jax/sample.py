@@ -163,7 +163,8 @@ def run(config, workdir, params=None) -> dict:
   e, s = config.exit, config.sample
   fid_ = fidelity(full_images, images)
   result = {
-      "policy": policy, "threshold": float(e.threshold), "aggregate": e.aggregate,
+      "policy": policy, "threshold": float(e.threshold),
+      "threshold_schedule": str(e.get("threshold_schedule", "")), "aggregate": e.aggregate,
       "depth": int(e.depth) if e.depth > 0 else n, "schedule": e.schedule, "min_layers": int(e.min_layers),
       "sampler": s.sampler, "steps": int(s.steps), "eta": float(s.eta),
       "guidance_scale": float(s.guidance_scale), "num_images": num, "batch_size": int(s.batch_size),

@@ -4,7 +4,8 @@ The UEMs' kernels are zero and their biases logit(U[i]), so u_i = U[i] for every
 step: a threshold t makes every sample exit at the first block with U[i] < t, and both layer
 ratios are exactly that layer / N. Calibration must land inside the interval of thresholds that
 gives the target layer, and the PSNR variant must return the threshold of the shallowest exit
-whose measured PSNR is above the floor.
+whose measured PSNR is above the floor. The per-bucket search is also checked on a synthetic
+probe whose buckets respond differently and interact.
 """
 import math
 
@@ -15,7 +16,8 @@ import pytest
 
 from deediff_jax.config import base_config
 from deediff_jax.diffusion import samplers
-from deediff_jax.early_exit import make_policy_params
+from deediff_jax.diffusion.schedule import make_schedule
+from deediff_jax.early_exit import _by_bucket, make_policy_params, policy_from_config
 from deediff_jax.eval import calibrate as C
 from deediff_jax.eval import fidelity as F
 from deediff_jax.model import build, init_params
@@ -159,3 +161,101 @@ def test_psnr_floor_picks_the_shallowest_exit_above_the_floor(model):
                             policy_params=make_policy_params(N, threshold=threshold), labels=labels)
   assert F.fidelity(full, imgs)["psnr_vs_full"] >= floor
   assert psnr[layer - 1] < floor
+
+
+# ----------------------------------------------------------------------------- per timestep bucket
+
+@pytest.mark.parametrize("schedule,steps,k", [("linear", 4, 2), ("cosine", 25, 5), ("linear", 7, 3),
+                                              ("cosine", 10, 10)])
+def test_step_buckets_match_the_policy_bucketing(schedule, steps, k):
+  c = base_config()
+  c.diffusion.schedule = schedule
+  c.sample.steps = steps
+  frac = samplers.grid_arrays(make_schedule(schedule, 1000), steps)["time_frac"][:-1]
+  # early_exit's own bucketing of a [K] threshold, step by step (values[b] = b).
+  want = [int(_by_bucket(jnp.arange(k), f, 1, "test")[0]) for f in frac]
+  got = C.step_buckets(c, k)
+  assert got.tolist() == want
+  assert got[0] == 0 and got[-1] == k - 1 and set(got.tolist()) == set(range(k))
+
+
+def test_per_bucket_target_is_hit_and_carried_by_threshold_schedule(model, capsys):
+  c = _config()
+  c.exit.update(target_layer_ratio=0.6, calibration_buckets=2)
+  thresholds, report = C.calibrate_threshold(model, c, C.calibration_rng(c))
+  assert isinstance(thresholds, list) and len(thresholds) == 2
+  for t in thresholds:                      # every bucket exits at block 3: U[2] < t <= U[1]
+    assert U[2] < t <= U[1]
+  assert report["method"] == "target_layer_ratio_per_bucket" and report["buckets"] == 2
+  assert report["within_tolerance"] and report["threshold"] == thresholds
+  assert report["achieved"]["per_bucket"] == [pytest.approx(0.6, abs=1e-12)] * 2
+  assert report["achieved"]["layer_ratio_run"] == pytest.approx(0.6, abs=1e-12)
+  for p in report["probes"]:                # hand-computed: each bucket exits at its own layer
+    assert p["per_bucket"] == [pytest.approx(_exit_layer(t) / N, abs=1e-12) for t in p["threshold"]]
+  # maybe_calibrate writes exit.threshold_schedule (not exit.threshold), and sampling with that
+  # config reproduces the measured ratio.
+  c2 = _config()
+  c2.exit.update(target_layer_ratio=0.6, calibration_buckets=2)
+  report2 = C.maybe_calibrate(model, c2)
+  assert c2.exit.threshold == 0.1 and c2.exit.threshold_schedule == C.schedule_text(report2["threshold"])
+  assert [float(v) for v in c2.exit.threshold_schedule.split(",")] == report2["threshold"]
+  out = capsys.readouterr().out
+  assert out.startswith(f"calibrated exit.threshold_schedule={thresholds[0]:.4g},{thresholds[1]:.4g} (uem)")
+  assert "in each of 2 timestep buckets (measured 0.600/0.600, noisiest first)" in out
+  policy, pp = policy_from_config(c2, N)
+  assert np.asarray(pp["threshold"]).tolist() == pytest.approx(report2["threshold"])
+  labels, _, _ = C.conditioning(c2, 8)
+  _, st = samplers.sample(model, c2, C.calibration_rng(c2), 8, policy=policy, policy_params=pp, labels=labels)
+  assert samplers.summarize(st, N)["layer_ratio_run"] == pytest.approx(0.6, abs=1e-12)
+
+
+def test_per_bucket_search_on_interacting_buckets():
+  """Three buckets with different responses, each pushed by the one before it (an early exit at a
+  noisy step changes the input of the next): every bucket must still end within tolerance."""
+  target, tol = 0.5, 0.01
+  slopes = np.array([0.3, 0.8, 1.0])          # bucket 0 barely responds: its a must go far
+
+  def ratios(a):
+    r = np.empty(3)
+    for b in range(3):
+      push = 0.15 * a[b - 1] if b > 0 else 0.0
+      r[b] = np.clip(1.0 - slopes[b] * a[b] + push, 0.0, 1.0)
+    return r
+
+  calls = []
+
+  def probe(a):
+    a = np.asarray(a, np.float64)
+    calls.append(a.copy())
+    return {"threshold": a.tolist(), "layer_ratio_run": float(ratios(a).mean()),
+            "layer_ratio_per_sample": 0.0, "per_bucket": ratios(a).tolist(), "_a": a}
+
+  # Bucket 0 reaches at least 0.7 > target: it stays at a = 1, the others are solved.
+  best = C._search_ratio_buckets(probe, target, tol, "layer_ratio_run", "uem", 3)
+  assert best["_a"][0] == 1.0 and best["per_bucket"][0] == pytest.approx(0.7)
+  assert abs(best["per_bucket"][1] - target) <= tol and abs(best["per_bucket"][2] - target) <= tol
+  assert len(calls) <= C.MAX_BUCKET_PROBES and calls[0].tolist() == [1.0, 1.0, 1.0]
+  # A reachable bucket 0: all three within tolerance, and the answer is a measured probe.
+  slopes[0] = 0.9
+  calls.clear()
+  best = C._search_ratio_buckets(probe, target, tol, "layer_ratio_run", "uem", 3)
+  assert all(abs(v - target) <= tol for v in best["per_bucket"])
+  assert any(np.array_equal(best["_a"], a) for a in calls)
+  np.testing.assert_allclose(best["per_bucket"], ratios(best["_a"]))
+  # No bucket can reach the target: a one-line error with the smallest reachable value.
+  with pytest.raises(C.CalibrationError, match=r"below the smallest layer_ratio_run policy uem reaches "
+                                               r"in every timestep bucket on this model \(at least 0.100"):
+    C._search_ratio_buckets(probe, 0.05, tol, "layer_ratio_run", "uem", 3)
+
+
+def test_per_bucket_requests_that_cannot_work(model):
+  c = _config()
+  c.exit.update(max_psnr_drop=20.0, calibration_buckets=2)
+  with pytest.raises(C.CalibrationError, match=r"^exit.calibration_buckets=2 calibrates to "
+                                               r"exit.target_layer_ratio only; use it instead of the PSNR "
+                                               r"floor, or set --config.exit.calibration_buckets=1$"):
+    C.calibrate_threshold(model, c, C.calibration_rng(c))
+  c = _config()
+  c.exit.update(target_layer_ratio=0.6, calibration_buckets=5)      # 4 sampling steps
+  with pytest.raises(C.CalibrationError, match=r"exit.calibration_buckets=5 exceeds sample.steps=4"):
+    C.calibrate_threshold(model, c, C.calibration_rng(c))

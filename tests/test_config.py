@@ -35,6 +35,13 @@ def with_(key, value):
     ("train.mode", "frozen_backbone", "train.mode=frozen_backbone needs train.init_from=DIR (a checkpoint "
                                       "workdir or converted U-ViT weights)"),
     ("model.image_size", 16, "model.image_size/in_channels (16, 1) must match data.image_size/channels (8, 1)"),
+    ("exit.threshold_schedule", "0.1,x", "config key 'exit.threshold_schedule' must be comma-separated "
+                                         "numbers, got '0.1,x'"),
+    ("exit.threshold_schedule", "0.1,-0.2", "config key 'exit.threshold_schedule': thresholds must be >= 0 "
+                                            "(u is in (0, 1)), got -0.2"),
+    ("exit.calibration_buckets", 0, "exit.calibration_buckets must be >= 1 (1 = one threshold), got 0"),
+    ("exit.calibration_buckets", 51, "exit.calibration_buckets=51 exceeds sample.steps=50, so some buckets "
+                                     "would hold no sampling step; use at most 50"),
 ])
 def test_bad_values_give_one_line_errors(key, value, message):
   with pytest.raises(ConfigError) as e:

@@ -42,7 +42,8 @@ def swept(tmp_path_factory):
   c = _config()
   module = build(c.model)
   export_params(workdir, jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(0)), c)
-  c.exit.target_layer_ratio = 0.6      # adds one calibrated uem row, chosen for heatmap and grids
+  # Adds a calibrated uem row (chosen for heatmap and grids) and a per-bucket calibrated one.
+  c.exit.update(target_layer_ratio=0.6, calibration_buckets=2)
   out = io.StringIO()
   steps, S.CLASSIFIER_STEPS = S.CLASSIFIER_STEPS, 150    # a quicker classifier: same code path
   try:
@@ -57,11 +58,11 @@ def swept(tmp_path_factory):
 def test_every_file_and_every_field(swept):
   rows, out_dir = swept["rows"], swept["out_dir"]
   expected = (["sweep.json", "sweep.csv", "sweep.md", "run.json", "pareto_fid.png", "pareto_psnr.png",
-               "exit_heatmap.png"] + list(POLICY_FILES))
+               "exit_heatmap.png", "exit_heatmap_per_bucket.png"] + list(POLICY_FILES))
   assert sorted(os.listdir(out_dir)) == sorted(expected)
-  # One row per setting: 2 thresholds + 5 depths + 2 schedules + 1 cosine + none + 1 calibrated.
+  # One row per setting: 2 thresholds + 5 depths + 2 schedules + 1 cosine + none + 2 calibrated.
   settings = S.settings_from_config(swept["config"])
-  assert len(settings) == 11 and len(rows) == 12
+  assert len(settings) == 11 and len(rows) == 13
   assert [r["setting"] for r in rows if not r["calibrated"]] == [s.label() for s in settings]
   for r in rows:
     assert tuple(r) == S.ROW_KEYS
@@ -84,6 +85,9 @@ def test_every_file_and_every_field(swept):
                         "depth" if r["policy"] == "static" else
                         "schedule" if r["policy"] == "time_schedule" else None) for r in rows}
   for r in rows:
+    if r["threshold_schedule"] is not None:    # the per-bucket row: a schedule instead of one threshold
+      assert r["threshold"] is None and r["policy"] == "uem" and r["calibrated"]
+      r = dict(r, threshold=0.0)
     for k in ("threshold", "depth", "schedule"):
       assert (r[k] is not None) == (keys[r["policy"]] == k), (r["setting"], k)
 
@@ -124,16 +128,25 @@ def test_numbers_follow_their_definitions(swept):
 def test_calibrated_row_heatmap_and_grids(swept):
   rows = swept["rows"]
   cal = [r for r in rows if r["calibrated"]]
-  assert len(cal) == 1
-  cal = cal[0]
+  assert len(cal) == 2
+  cal, per_bucket = cal
   assert cal["policy"] == "uem" and cal["threshold"] == cal["calibration"]["threshold"]
   rep = cal["calibration"]
-  assert rep["method"] == "target_layer_ratio" and rep["target"] == 0.6
-  # Placed after the other uem rows.
-  assert [r["policy"] for r in rows[:3]] == ["uem", "uem", "uem"] and rows[2] is cal
+  assert rep["method"] == "target_layer_ratio" and rep["target"] == 0.6 and rep["buckets"] == 1
+  # The per-bucket row: two thresholds (noisiest first), as exit.threshold_schedule text.
+  rep2 = per_bucket["calibration"]
+  assert rep2["method"] == "target_layer_ratio_per_bucket" and rep2["buckets"] == 2
+  assert len(rep2["threshold"]) == 2 and len(rep2["achieved"]["per_bucket"]) == 2
+  assert [float(v) for v in per_bucket["threshold_schedule"].split(",")] == rep2["threshold"]
+  assert per_bucket["setting"] == ("uem per bucket " + "/".join(f"{v:.3g}" for v in rep2["threshold"])
+                                   + " (calibrated)")
+  # Placed after the other uem rows, scalar first.
+  assert [r["policy"] for r in rows[:4]] == ["uem"] * 4 and rows[2] is cal and rows[3] is per_bucket
   with open(os.path.join(swept["out_dir"], "run.json")) as f:
     info = json.load(f)
   assert info["calibration"] == rep and info["heatmap_setting"] == cal["setting"]
+  assert info["calibration_per_bucket"] == rep2
+  assert info["heatmap_per_bucket_setting"] == per_bucket["setting"]
   # The baseline is timed before and after the settings; rows use the mean.
   assert len(info["seconds_full_runs"]) == 2
   assert info["seconds_full"] == np.mean(info["seconds_full_runs"]) == rows[0]["seconds_full"]
@@ -168,6 +181,9 @@ def test_csv_and_markdown(swept):
   assert "Checkpoint: step 0" in md and f"{NUM} images per setting" in md
   assert "classifier-FID (small CNN features; not comparable to Inception FID)" in md
   assert "Calibration: calibrated exit.threshold=" in md
+  assert "Per-bucket calibration: calibrated exit.threshold_schedule=" in md
+  # The schedule is a scalar CSV field; the per-bucket row has no single threshold.
+  assert [t["threshold_schedule"] for t in table] == [r["threshold_schedule"] or "" for r in rows]
   lines = [l for l in md.splitlines() if l.startswith("|")]
   assert len(lines) == 2 + len(rows)
   assert lines[0].startswith("| setting | layers run |") and "class acc." in lines[0]
@@ -237,6 +253,17 @@ def test_settings_and_defaults():
   assert S.setting_from_exit_config(c).label() == "time_schedule 2,5"
   c.exit.update(policy="static", depth=0)
   assert S.setting_from_exit_config(c).depth == N
+  # A per-bucket threshold schedule from the config: its label and its traced [K] threshold.
+  c.exit.update(policy="uem", threshold_schedule="0.2, 0.1,0.05")
+  s = S.setting_from_exit_config(c)
+  assert s.threshold is None and s.threshold_schedule == "0.2,0.1,0.05"
+  assert s.label() == "uem per bucket 0.2/0.1/0.05"
+  np.testing.assert_allclose(np.asarray(s.policy_params(N)["threshold"]), [0.2, 0.1, 0.05], rtol=1e-6)
+  from deediff_jax.early_exit import policy_from_config
+  _, pp = policy_from_config(c, N)
+  np.testing.assert_allclose(np.asarray(pp["threshold"]), [0.2, 0.1, 0.05], rtol=1e-6)
+  _, pp = policy_from_config(c, N, policy="static")       # the depth policies ignore it
+  assert np.asarray(pp["threshold"]).shape == ()
 
 
 def test_chosen_row_without_calibration():

@@ -33,15 +33,24 @@ returned threshold, never an interpolation: `achieved` in the report is that mea
 The calibration batch uses its own noise (`calibration_rng`: the sample seed folded with a
 fixed stream id), so the images that are finally evaluated are not the ones it was tuned on.
 
-Only a scalar threshold is calibrated. `early_exit` also accepts one threshold per timestep
-bucket (a [K] array, bucketed like `time_schedule`), but a per-bucket schedule has K degrees of
-freedom for one target, so it needs a second criterion (e.g. the best PSNR at the target
-compute, searched bucket by bucket) and a config key to carry it (exit.threshold is one number);
-neither is implemented here.
+Per-timestep-bucket thresholds (`exit.calibration_buckets` = K > 1, with target_layer_ratio
+only). One scalar threshold compares the UEM's u across timesteps, and u (an error estimate in
+eps space) is not comparable across them: on MNIST 14x14 a scalar threshold sends every sample
+out after block 1 at the noisy half of the steps and runs all blocks at the clean end
+(benchmarks/results/mnist14_scratch/exit_heatmap.png). With K buckets (bucketed like
+`time_schedule`: bucket = floor((1 - time_frac) * K), noisiest first) the second criterion is
+"every bucket spends the target": K bisections on a_k run side by side, each moved by its own
+bucket's measured ratio, and every probe measures all K at once (one sampling run, one compiled
+program: the threshold is a traced [K] array). The buckets interact (an exit at a noisy step
+changes the input of the later ones), so the result is the probe whose worst bucket is closest
+to the target, as measured. A bucket that stays above the target even at a = 1 stays at a = 1
+and the report says the target is not met there. The result is a `threshold_schedule`
+("t_0,...,t_{K-1}", noisiest first: the `exit.threshold_schedule` key), not `exit.threshold`.
 
-API: `calibrate_threshold(params, config, rng) -> (threshold, report)`, `wanted(config)`,
-`maybe_calibrate(params, config)` (calibrates when asked, sets config.exit.threshold, prints
-one line, returns the report or None), `calibration_rng(config)`.
+API: `calibrate_threshold(params, config, rng) -> (threshold, report)` (threshold: a float, or a
+list of K floats with calibration_buckets = K > 1), `wanted(config)`, `maybe_calibrate(params,
+config)` (calibrates when asked, sets config.exit.threshold or .threshold_schedule, prints one
+line, returns the report or None), `calibration_rng(config)`, `step_buckets(config, k)`.
 """
 from __future__ import annotations
 
@@ -54,6 +63,7 @@ import jax
 import numpy as np
 
 from deediff_jax.diffusion import samplers
+from deediff_jax.diffusion import schedule as sched_lib
 from deediff_jax.early_exit import make_policy_params
 from deediff_jax.eval import fidelity as fidelity_lib
 from deediff_jax.model.uvit import ModelConfig
@@ -64,6 +74,7 @@ CALIBRATION_STREAM = 0xCA1B      # fold_in id of the calibration batch's noise
 PSNR_8BIT = 10.0 * math.log10(4.0 / ((2.0 / 255.0) ** 2 / 12.0))
 DEFAULT_TOLERANCE = 0.02
 MAX_PROBES = 14                  # sampling runs per calibration, at most
+MAX_BUCKET_PROBES = 24           # the same with calibration_buckets > 1 (K bisections at once)
 PSNR_RESOLUTION = 1e-3           # the PSNR search stops when the bracket on a is this narrow
 _log = logging.getLogger(__name__)
 
@@ -148,18 +159,50 @@ def check_request(config, policy: Optional[str] = None) -> tuple:
   tol = float(_get(config, "calibration_tolerance", DEFAULT_TOLERANCE))
   if tol <= 0:
     raise CalibrationError(f"exit.calibration_tolerance must be positive, got {tol}")
+  k = buckets_of(config)
+  if k > 1 and floor is not None:
+    raise CalibrationError(f"exit.calibration_buckets={k} calibrates to exit.target_layer_ratio only; "
+                           "use it instead of the PSNR floor, or set --config.exit.calibration_buckets=1")
+  if k > int(config.sample.steps):
+    raise CalibrationError(f"exit.calibration_buckets={k} exceeds sample.steps={int(config.sample.steps)}, "
+                           f"so some buckets hold no sampling step; use at most {int(config.sample.steps)}")
   return policy, target, floor, metric, tol
 
 
+def buckets_of(config) -> int:
+  """exit.calibration_buckets (1 = one scalar threshold)."""
+  k = int(_get(config, "calibration_buckets", 1))
+  if k < 1:
+    raise CalibrationError(f"exit.calibration_buckets must be >= 1 (1 = one threshold), got {k}")
+  return k
+
+
+def step_buckets(config, k: int) -> np.ndarray:
+  """[sample.steps] the timestep bucket of each sampling step, as `early_exit` buckets a
+  per-bucket threshold (same float32 arithmetic): floor((1 - time_frac) * k), clipped."""
+  schedule = sched_lib.from_config(config.diffusion)
+  frac = np.asarray(samplers.grid_arrays(schedule, int(config.sample.steps))["time_frac"][:-1], np.float32)
+  bucket = np.floor((np.float32(1.0) - frac) * np.float32(k)).astype(np.int64)
+  return np.clip(bucket, 0, k - 1)
+
+
+def bucket_ratios(summary: dict, n_blocks: int, buckets: np.ndarray, k: int, metric: str) -> list:
+  """The metric (layer_ratio_run or layer_ratio_per_sample) of each bucket's sampling steps."""
+  key = "layers_run_per_step" if metric == "layer_ratio_run" else "mean_exit_layer_per_step"
+  per_step = np.asarray(summary[key], np.float64) / n_blocks
+  return [float(np.mean(per_step[buckets == b])) for b in range(k)]
+
+
 def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
-                        num: Optional[int] = None) -> tuple[float, dict]:
+                        num: Optional[int] = None, buckets: Optional[int] = None) -> tuple:
   """The threshold that meets config.exit's target on a calibration batch -> (threshold, report).
 
   `policy` defaults to config.exit.policy (uem, uem_no_time or state_cosine); `num` (the batch
   size) to `exit.calibration_images`, else min(sample.batch_size, sample.num_images). The report
   holds the method, target, tolerance or floor, the threshold, what it achieved (`achieved`),
   every probe, the sampler and the seconds spent. Raises CalibrationError when the target cannot
-  be met by any threshold.
+  be met by any threshold. `buckets` overrides exit.calibration_buckets; with K > 1 the
+  threshold is a list of K floats, noisiest bucket first, and `achieved` has `per_bucket`.
   """
   e = config.exit
   policy, target, floor, metric, tol = check_request(config, policy)
@@ -175,14 +218,22 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
   if floor is not None:
     reference, _ = samplers.sample(params, run_config, rng, num, plain=True, **cond)
   probes = []
+  k = buckets_of(config) if buckets is None else int(buckets)
+  steps_bucket = step_buckets(config, k) if k > 1 else None
 
-  def probe(a: float) -> dict:
-    thr = threshold_of(policy, a)
+  def probe(a) -> dict:
+    """One sampling run at aggressiveness a: a float, or a [K] array with buckets."""
+    if k > 1:
+      thr = [threshold_of(policy, float(v)) for v in a]
+    else:
+      thr = threshold_of(policy, a)
     pp = make_policy_params(n_blocks, threshold=thr, min_layers=int(e.min_layers))
     images, stats = samplers.sample(params, run_config, rng, num, policy=policy, policy_params=pp, **cond)
     summary = samplers.summarize(stats, n_blocks)
     rec = {"threshold": thr, "layer_ratio_run": summary["layer_ratio_run"],
            "layer_ratio_per_sample": summary["layer_ratio_per_sample"]}
+    if k > 1:
+      rec["per_bucket"] = bucket_ratios(summary, n_blocks, steps_bucket, k, metric)
     if reference is not None:
       f = fidelity_lib.fidelity(reference, images)
       rec.update(psnr_vs_full=f["psnr_vs_full"], psnr_worst5=f["psnr_worst5"])
@@ -191,26 +242,31 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
     _log.info("calibration probe %s", rec)
     return rec
 
-  if floor is None:
+  if k > 1:
+    best = _search_ratio_buckets(probe, target, tol, metric, policy, k)
+  elif floor is None:
     best = _search_ratio(probe, target, tol, metric, policy)
   else:
     best = _search_psnr(probe, floor)
   threshold = best["threshold"]
-  achieved = {k: v for k, v in best.items() if k not in ("threshold", "_a")}
+  achieved = {key: v for key, v in best.items() if key not in ("threshold", "_a")}
   report = {
-      "method": "target_layer_ratio" if floor is None else "psnr_floor",
+      "method": ("target_layer_ratio" if k == 1 else "target_layer_ratio_per_bucket") if floor is None
+                else "psnr_floor",
+      "buckets": k,
       "policy": policy,
       "threshold": threshold,
       "achieved": achieved,
       "calibration_images": num,
       "sampler": run_config.sample.sampler, "steps": int(config.sample.steps),
       "aggregate": e.aggregate, "min_layers": int(e.min_layers),
-      "probes": [{k: v for k, v in p.items() if k != "_a"} for p in probes],
+      "probes": [{key: v for key, v in p.items() if key != "_a"} for p in probes],
       "seconds": time.perf_counter() - t0,
   }
   if floor is None:
-    report.update(metric=metric, target=target, tolerance=tol,
-                  within_tolerance=_within(achieved[metric], target, tol))
+    within = (_within(achieved[metric], target, tol) if k == 1
+              else all(_within(v, target, tol) for v in achieved["per_bucket"]))
+    report.update(metric=metric, target=target, tolerance=tol, within_tolerance=within)
   else:
     report.update(metric="psnr_vs_full", psnr_floor=floor,
                   max_psnr_drop=float(_get(config, "max_psnr_drop", 0.0)) or None,
@@ -254,6 +310,46 @@ def _search_ratio(probe, target: float, tol: float, metric: str, policy: str) ->
   return min(records, key=lambda r: (abs(r[metric] - target), -r[metric]))
 
 
+def _search_ratio_buckets(probe, target: float, tol: float, metric: str, policy: str, k: int) -> dict:
+  """K bisections on a_k side by side, each bucket's metric within tol of target (module doc)."""
+  if target >= 1.0 - tol:
+    rec = _full_depth_record(policy)
+    return dict(rec, threshold=[rec["threshold"]] * k, per_bucket=[1.0] * k, _a=np.zeros(k))
+  records = [probe(np.ones(k))]
+  least = np.asarray(records[0]["per_bucket"])
+  # A bucket that is above the target even at a = 1 cannot be helped: it stays there.
+  stuck = least > target + tol + 1e-9
+  if stuck.all():
+    raise CalibrationError(
+        f"exit.target_layer_ratio={target:g} is below the smallest {metric} policy {policy} reaches "
+        f"in every timestep bucket on this model (at least {least.min():.3f}, with exit.min_layers); "
+        f"choose a target >= {least.min():.3f}")
+  lo, hi = np.zeros(k), np.ones(k)
+
+  def off(rec):
+    return [b for b in range(k) if not stuck[b] and not _within(rec["per_bucket"][b], target, tol)]
+
+  while off(records[-1]) and len(records) < MAX_BUCKET_PROBES:
+    last = records[-1]
+    a = np.array(last["_a"], np.float64)
+    for b in off(last):
+      if last["per_bucket"][b] > target:
+        lo[b] = a[b]
+      else:
+        hi[b] = a[b]
+      if hi[b] - lo[b] < PSNR_RESOLUTION:
+        # The other buckets moved under this one: its old bracket no longer holds; reopen it.
+        lo[b], hi[b] = 0.0, 1.0
+      a[b] = 0.5 * (lo[b] + hi[b])
+    records.append(probe(a))
+
+  def worst(rec):
+    return max([abs(rec["per_bucket"][b] - target) for b in range(k) if not stuck[b]])
+
+  # The measured probe with the smallest worst-bucket miss (the latest among equals).
+  return min(reversed(records), key=worst)
+
+
 def _search_psnr(probe, floor: float) -> dict:
   """Bisection on a for the largest a with psnr_vs_full(a) >= floor."""
   top = probe(1.0)
@@ -279,9 +375,17 @@ def maybe_calibrate(params, config) -> Optional[dict]:
   if not wanted(config):
     return None
   threshold, report = calibrate_threshold(params, config, calibration_rng(config))
-  config.exit.threshold = float(threshold)
+  if isinstance(threshold, (list, tuple)):
+    config.exit.threshold_schedule = schedule_text(threshold)
+  else:
+    config.exit.threshold = float(threshold)
   print(describe(report))
   return report
+
+
+def schedule_text(thresholds) -> str:
+  """[0.25, 0.125] -> '0.25,0.125': the exit.threshold_schedule text, exact (repr) values."""
+  return ",".join(repr(float(v)) for v in thresholds)
 
 
 def describe(report: dict) -> str:
@@ -289,18 +393,24 @@ def describe(report: dict) -> str:
   a = report["achieved"]
   ratios = (f"layer_ratio_run {a['layer_ratio_run']:.3f}, layer_ratio_per_sample "
             f"{a['layer_ratio_per_sample']:.3f}")
-  if report["method"] == "target_layer_ratio":
+  if report["method"] in ("target_layer_ratio", "target_layer_ratio_per_bucket"):
     goal = f"target {report['metric']} {report['target']:g} ± {report['tolerance']:g}"
+    if report["method"] == "target_layer_ratio_per_bucket":
+      goal += (f" in each of {report['buckets']} timestep buckets (measured "
+               + "/".join(f"{v:.3f}" for v in a["per_bucket"]) + ", noisiest first)")
     if not report["within_tolerance"]:
       goal += " NOT met (closest measured)"
   else:
     goal = (f"psnr_vs_full {a['psnr_vs_full']:.2f} dB >= floor {report['psnr_floor']:.2f} dB "
             f"(worst 5%: {a['psnr_worst5']:.2f} dB)")
-  return (f"calibrated exit.threshold={report['threshold']:.6g} ({report['policy']}): {ratios}; "
+  thr = report["threshold"]
+  chosen = (f"exit.threshold_schedule={','.join(f'{v:.4g}' for v in thr)}" if isinstance(thr, (list, tuple))
+            else f"exit.threshold={thr:.6g}")
+  return (f"calibrated {chosen} ({report['policy']}): {ratios}; "
           f"{goal}; {report['calibration_images']} calibration images, {report['sampler']} "
           f"{report['steps']} steps, {len(report['probes'])} probes, {report['seconds']:.1f}s")
 
 
-__all__ = ["CalibrationError", "PSNR_8BIT", "calibrate_threshold", "calibration_rng", "check_request",
-           "conditioning",
-           "describe", "maybe_calibrate", "psnr_floor", "wanted"]
+__all__ = ["CalibrationError", "PSNR_8BIT", "bucket_ratios", "buckets_of", "calibrate_threshold",
+           "calibration_rng", "check_request", "conditioning", "describe", "maybe_calibrate", "psnr_floor",
+           "schedule_text", "step_buckets", "wanted"]

@@ -12,7 +12,9 @@ For every setting built from `config.sweep` (`settings_from_config`):
   none                one row (full depth through the early-exit loop)
 
 plus, when `exit.target_layer_ratio` / `exit.max_psnr_drop` / `exit.min_psnr` ask for it, one
-calibrated row (`eval/calibrate.py`) of exit.policy (uem unless it is another score policy).
+calibrated row (`eval/calibrate.py`) of exit.policy (uem unless it is another score policy), and
+with `exit.calibration_buckets` = K > 1 a second one right after it, calibrated per timestep
+bucket (key `threshold_schedule`, one threshold per bucket, noisiest first).
 
 Every setting samples the same `sweep.num_images` images: the same initial noise, sampler noise
 and labels (`samplers.sample` derives them from `sample.seed` and the batch index only), with
@@ -41,6 +43,7 @@ Files in DIR/sweep/:
                   image identical up to float rounding, are left out and named in a note)
   exit_heatmap.png  timestep x exit layer for the chosen UEM row: the calibrated one if any,
                   else the row with exit.threshold, else the middle threshold of the list
+  exit_heatmap_per_bucket.png  the same for the per-bucket calibrated row, when there is one
   grid_<policy>.png samples of each policy's row whose layer_ratio_run is closest to the
                   chosen UEM row's (matched compute); text models: one row per caption
   captions.{md,json}  text models with labelled held-out captions: class accuracy per caption,
@@ -63,7 +66,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from deediff_jax.config import POLICIES, parse_depth_schedule, parse_floats
+from deediff_jax.config import POLICIES, parse_depth_schedule, parse_floats, parse_threshold_schedule
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion import schedule as sched_lib
 from deediff_jax.early_exit import make_policy_params
@@ -88,7 +91,7 @@ GRID_IMAGES = 100
 SWEEP_DIR = "sweep"
 # Every row has every key (None where it does not apply), in this order.
 ROW_KEYS = (
-    "policy", "setting", "threshold", "depth", "schedule", "calibrated",
+    "policy", "setting", "threshold", "threshold_schedule", "depth", "schedule", "calibrated",
     "layer_ratio_run", "layer_ratio_per_sample", "gflops_per_image", "gflops_ratio",
     "seconds", "seconds_full", "speedup",
     "psnr_vs_full", "psnr_worst5", "psnr_p5", "mse_vs_full", "mse_worst5", "mse_p95",
@@ -116,13 +119,18 @@ class Setting:
   """One exit setting: a policy and the value it is swept over."""
   policy: str
   threshold: Optional[float] = None      # uem / uem_no_time / state_cosine
+  threshold_schedule: Optional[str] = None  # the same, one threshold per timestep bucket ("0.1,0.2")
   depth: Optional[int] = None            # static
   schedule: Optional[str] = None         # time_schedule, e.g. "3,5,6,9" (noisiest bucket first)
   calibration: Optional[dict] = None     # the calibration report, for a calibrated threshold
 
   def label(self) -> str:
     if self.policy in SCORE_POLICIES:
-      text = f"{self.policy} {self.threshold:g}"
+      if self.threshold_schedule is not None:
+        text = (f"{self.policy} per bucket "
+                + "/".join(f"{v:.3g}" for v in parse_floats(self.threshold_schedule, "threshold_schedule")))
+      else:
+        text = f"{self.policy} {self.threshold:g}"
       return text + " (calibrated)" if self.calibration is not None else text
     if self.policy == "static":
       return f"static {self.depth}"
@@ -134,7 +142,9 @@ class Setting:
     """The traced policy parameters. exit.min_layers applies to the score policies only: the
     depth policies' depth is the setting itself."""
     if self.policy in SCORE_POLICIES:
-      return make_policy_params(num_blocks, threshold=float(self.threshold), min_layers=min_layers)
+      threshold = (parse_threshold_schedule(self.threshold_schedule, self.policy)
+                   if self.threshold_schedule is not None else float(self.threshold))
+      return make_policy_params(num_blocks, threshold=threshold, min_layers=min_layers)
     if self.policy == "static":
       return make_policy_params(num_blocks, depth=int(self.depth))
     if self.policy == "time_schedule":
@@ -216,6 +226,9 @@ def setting_from_exit_config(config) -> Setting:
   cfg = ModelConfig.from_config(config.model)
   e = config.exit
   if e.policy in SCORE_POLICIES:
+    if str(e.get("threshold_schedule", "")).strip():
+      return Setting(e.policy, threshold_schedule=cal_lib.schedule_text(
+          parse_threshold_schedule(e.threshold_schedule, e.policy)))
     return Setting(e.policy, threshold=float(e.threshold))
   if e.policy == "static":
     return Setting("static", depth=int(e.depth) if e.depth > 0 else cfg.num_blocks)
@@ -524,7 +537,8 @@ def evaluate(ctx: Context, setting: Setting) -> tuple[dict, np.ndarray, dict]:
   quality = ctx.quality.score(images, ctx.labels)
   row = {
       "policy": setting.policy, "setting": setting.label(),
-      "threshold": setting.threshold, "depth": setting.depth, "schedule": setting.schedule,
+      "threshold": setting.threshold, "threshold_schedule": setting.threshold_schedule,
+      "depth": setting.depth, "schedule": setting.schedule,
       "calibrated": setting.calibration is not None,
       "layer_ratio_run": summary["layer_ratio_run"],
       "layer_ratio_per_sample": summary["layer_ratio_per_sample"],
@@ -609,6 +623,8 @@ def header_md(info: dict, title: str = "Early-exit sweep") -> str:
   lines.append(text)
   if info.get("calibration"):
     lines += ["", "Calibration: " + cal_lib.describe(info["calibration"]) + "."]
+  if info.get("calibration_per_bucket"):
+    lines += ["", "Per-bucket calibration: " + cal_lib.describe(info["calibration_per_bucket"]) + "."]
   if info.get("captions"):
     acc = info["captions"]["overall_accuracy"]
     lines += ["", f"Text model: class accuracy over the held-out captions {acc['full']:.3f} at full "
@@ -647,7 +663,7 @@ def chosen_index(rows, config) -> int:
     return calibrated[0]
   want = config.exit.policy if config.exit.policy in SCORE_POLICIES else "uem"
   for policies in ((want,), UEM_POLICIES, SCORE_POLICIES):
-    idx = [i for i, r in enumerate(rows) if r["policy"] in policies]
+    idx = [i for i, r in enumerate(rows) if r["policy"] in policies and r["threshold"] is not None]
     if idx:
       exact = [i for i in idx if math.isclose(rows[i]["threshold"], float(config.exit.threshold),
                                                 rel_tol=1e-9, abs_tol=1e-12)]
@@ -771,17 +787,28 @@ def write_outputs(out_dir: str, rows, images, stats, ctx: Context, info: dict) -
       np.asarray(stats[ref]["exit_layer"]), ctx.cfg.num_blocks, os.path.join(out_dir, "exit_heatmap.png"),
       time_labels(ctx.config),
       title=f"Where samples exit: {rows[ref]['setting']} (layers run {rows[ref]['layer_ratio_run']:.3f})")
+  bucketed = [i for i, r in enumerate(rows) if r["calibrated"] and r["threshold_schedule"] and i != ref]
+  if bucketed:
+    i = bucketed[0]
+    paths["exit_heatmap_per_bucket.png"] = plots.exit_heatmap(
+        np.asarray(stats[i]["exit_layer"]), ctx.cfg.num_blocks,
+        os.path.join(out_dir, "exit_heatmap_per_bucket.png"), time_labels(ctx.config),
+        title=f"Where samples exit: {rows[i]['setting']} (layers run {rows[i]['layer_ratio_run']:.3f})")
+    info["heatmap_per_bucket_setting"] = rows[i]["setting"]
+  # A per-bucket threshold schedule is its own curve in the plots (one point, no value label).
+  plot_rows = [dict(r, policy=f"{r['policy']} per bucket", threshold_schedule=None)
+               if r["threshold_schedule"] else r for r in rows]
   if any(r["fid"] is not None for r in rows):
-    paths["pareto_fid.png"] = plots.pareto_plot(rows, os.path.join(out_dir, "pareto_fid.png"),
+    paths["pareto_fid.png"] = plots.pareto_plot(plot_rows, os.path.join(out_dir, "pareto_fid.png"),
                                                 x="gflops_per_image", y="fid",
                                                 fid_kind=ctx.quality.fid_kind)
   # Rows identical to full depth up to rounding would squash the PSNR axis; they are noted instead.
-  psnr_rows = [dict(r, psnr_vs_full=None) if r["psnr_vs_full"] >= IDENTICAL_PSNR else r for r in rows]
+  psnr_rows = [dict(r, psnr_vs_full=None) if r["psnr_vs_full"] >= IDENTICAL_PSNR else r for r in plot_rows]
   if any(r["psnr_vs_full"] is not None for r in psnr_rows):
     paths["pareto_psnr.png"] = plots.pareto_plot(psnr_rows, os.path.join(out_dir, "pareto_psnr.png"),
                                                  x="gflops_per_image", y="psnr_vs_full")
   else:
-    paths["pareto_psnr.png"] = plots.pareto_plot(rows, os.path.join(out_dir, "pareto_psnr.png"),
+    paths["pareto_psnr.png"] = plots.pareto_plot(plot_rows, os.path.join(out_dir, "pareto_psnr.png"),
                                                  x="gflops_per_image", y="psnr_vs_full")
   paths["sweep.json"] = write_json(os.path.join(out_dir, "sweep.json"), rows)
   paths["sweep.csv"] = write_csv(os.path.join(out_dir, "sweep.csv"), rows)
@@ -813,15 +840,18 @@ def _calibration_policy(config) -> str:
   return config.exit.policy if config.exit.policy in SCORE_POLICIES else "uem"
 
 
-def calibrated_setting(ctx: Context, policy: Optional[str] = None) -> Setting:
+def calibrated_setting(ctx: Context, policy: Optional[str] = None, buckets: Optional[int] = None) -> Setting:
   """Calibrates `policy` (default: exit.policy when it is a score policy, else uem) on a held-out
-  batch of one sampling batch (`calibrate.calibration_rng`), and prints what was chosen."""
+  batch of one sampling batch (`calibrate.calibration_rng`), and prints what was chosen.
+  `buckets` overrides exit.calibration_buckets (K > 1: a per-bucket threshold schedule)."""
   config = ctx.config
   policy = _calibration_policy(config) if policy is None else policy
   num = min(int(config.sample.batch_size), ctx.num)
   threshold, report = cal_lib.calibrate_threshold(ctx.params, config, cal_lib.calibration_rng(config),
-                                                  policy=policy, num=num)
+                                                  policy=policy, num=num, buckets=buckets)
   print(cal_lib.describe(report))
+  if isinstance(threshold, (list, tuple)):
+    return Setting(policy, threshold_schedule=cal_lib.schedule_text(threshold), calibration=report)
   return Setting(policy, threshold=float(threshold), calibration=report)
 
 
@@ -844,12 +874,18 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> list[dic
   cfg = ModelConfig.from_config(config.model)
   settings = settings_from_config(config, cfg.num_blocks)
   ctx = start(config, workdir, settings, params=params)
-  calibration = None
+  calibration = calibration_per_bucket = None
   if cal_lib.wanted(config):
-    cs = calibrated_setting(ctx)
+    # The scalar calibration always; with exit.calibration_buckets = K > 1 the per-bucket one
+    # too, right after it, so the table compares the two at the same target.
+    cs = calibrated_setting(ctx, buckets=1)
     calibration = cs.calibration
+    extra = [cs]
+    if cal_lib.buckets_of(config) > 1:
+      extra.append(calibrated_setting(ctx))
+      calibration_per_bucket = extra[-1].calibration
     last = max((i for i, s in enumerate(settings) if s.policy == cs.policy), default=len(settings) - 1)
-    settings.insert(last + 1, cs)
+    settings[last + 1:last + 1] = extra
   rows, images, stats = [], [], []
   bar = tqdm(settings, desc="sweep", unit="setting", disable=not progress)
   for s in bar:
@@ -862,6 +898,8 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> list[dic
   info = run_info(ctx)
   if calibration is not None:
     info["calibration"] = calibration
+  if calibration_per_bucket is not None:
+    info["calibration_per_bucket"] = calibration_per_bucket
   out_dir = os.path.join(str(workdir), SWEEP_DIR)
   write_outputs(out_dir, rows, images, stats, ctx, info)
   with open(os.path.join(out_dir, "sweep.md")) as f:
