@@ -60,11 +60,12 @@ import time
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion import schedule as sched_lib
-from deediff_jax.early_exit import make_policy_params
+from deediff_jax.early_exit import _by_bucket, make_policy_params
 from deediff_jax.eval import fidelity as fidelity_lib
 from deediff_jax.model.uvit import ModelConfig
 
@@ -178,12 +179,11 @@ def buckets_of(config) -> int:
 
 
 def step_buckets(config, k: int) -> np.ndarray:
-  """[sample.steps] the timestep bucket of each sampling step, as `early_exit` buckets a
-  per-bucket threshold (same float32 arithmetic): floor((1 - time_frac) * k), clipped."""
+  """[sample.steps] the timestep bucket of each sampling step: early_exit's own bucketing of a
+  per-bucket threshold, applied to every step's time_frac at once (values[b] = b)."""
   schedule = sched_lib.from_config(config.diffusion)
-  frac = np.asarray(samplers.grid_arrays(schedule, int(config.sample.steps))["time_frac"][:-1], np.float32)
-  bucket = np.floor((np.float32(1.0) - frac) * np.float32(k)).astype(np.int64)
-  return np.clip(bucket, 0, k - 1)
+  frac = samplers.grid_arrays(schedule, int(config.sample.steps))["time_frac"][:-1]
+  return np.asarray(_by_bucket(jnp.arange(k), frac, frac.shape[0], "step_buckets"), np.int64)
 
 
 def bucket_ratios(summary: dict, n_blocks: int, buckets: np.ndarray, k: int, metric: str) -> list:
