@@ -15,6 +15,6 @@ def get_config():
   c.train.update(num_steps=300000, batch_size=1024, lr=2e-4, weight_decay=0.03, warmup_steps=5000,
                  ema_rate=0.9999, lr_schedule="constant", checkpoint_every=10000, log_every=100)
   c.mesh.fsdp = 8
-  c.sample.update(sampler="dpm_solver", steps=50, num_images=64, batch_size=64, guidance_scale=0.4)
+  c.sample.update(sampler="dpm_solver_fast", steps=50, num_images=64, batch_size=64, guidance_scale=0.4)
   c.sweep.fid_kind = "inception"
   return c

@@ -15,6 +15,6 @@ def get_config():
   c.diffusion.schedule = "stable"
   c.train.update(num_steps=1000000, batch_size=256, lr=2e-4, weight_decay=0.03, warmup_steps=5000,
                  ema_rate=0.9999, lr_schedule="constant", checkpoint_every=10000, log_every=100)
-  c.sample.update(sampler="dpm_solver", steps=50, num_images=64, batch_size=64, guidance_scale=1.0)
+  c.sample.update(sampler="dpm_solver_fast", steps=50, num_images=64, batch_size=64, guidance_scale=1.0)
   c.sweep.fid_kind = "inception"
   return c

@@ -10,11 +10,15 @@ from typing import Any
 
 import ml_collections
 
-POLICIES = ("uem", "uem_no_time", "static", "time_schedule", "state_cosine", "none")
+POLICIES = ("uem", "uem_no_time", "static", "time_schedule", "state_cosine", "none", "adadiff", "oracle")
+SCORE_POLICIES = ("uem", "uem_no_time", "state_cosine", "adadiff")   # exit on a score vs exit.threshold
+UEM_POLICIES = ("uem", "uem_no_time")                                 # need exit_style=deediff's UEMs
 AGGREGATES = ("all", "mean")
-SAMPLERS = ("ddpm", "ddim", "dpm_solver", "euler_maruyama")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver", "euler_maruyama", "dpm_solver_fast")
 SCHEDULES = ("linear", "cosine", "stable", "vpsde")
-TRAIN_MODES = ("scratch", "finetune", "frozen_backbone")
+TRAIN_MODES = ("scratch", "finetune", "frozen_backbone", "uem_only")
+EXIT_STYLES = ("deediff", "adadiff")
+UEM_TARGETS = ("eps", "x0", "fidelity")
 FID_KINDS = ("classifier", "inception", "none")
 
 
@@ -40,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.mlp_time_embed = False    # Linear(4D)-SiLU-Linear(D) on the time token (U-ViT: off)
   m.input_skip = False        # every head's 3x3 conv also sees the noisy input x_t (U-ViT: off; see README)
   m.uem = "token_linear"      # token_linear | token_linear_no_time | attention_probe
+  m.exit_style = "deediff"    # deediff (paper: head + UEM per block) | adadiff (official code: shared head, per-pixel confidence)
   m.remat = False             # rematerialise blocks in training (less memory, more compute)
   m.dtype = "float32"         # compute dtype: float32 | bfloat16
 
@@ -61,10 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.beta_ual = 1.0       # weight of L_UAL (uncertainty-aware layer loss)
   c.loss.stop_grad_ual_weight = True  # no gradient into u through the (1 - u) UAL weight
   c.loss.layer_loss = 0.0     # weight of an optional unweighted sum of per-layer MSEs
+  c.loss.uem_target = "eps"   # what the UEM regresses: eps (paper) | x0 (sampler's x0 error) | fidelity (distance to the model's own final output)
   c.loss.cfg_dropout = 0.1    # probability of replacing the condition by the null one
 
   c.train = t = ml_collections.ConfigDict()
-  t.mode = "scratch"          # scratch | finetune | frozen_backbone
+  t.mode = "scratch"          # scratch | finetune | frozen_backbone | uem_only (only UEMs/LTEs learn, from init_from)
   t.num_steps = 2000          # optimiser steps
   t.batch_size = 128          # global batch (all hosts and devices)
   t.lr = 1e-3                 # peak AdamW learning rate
@@ -87,8 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1             # devices that shard large parameters
 
   c.exit = e = ml_collections.ConfigDict()
-  e.policy = "uem"            # uem | uem_no_time | static | time_schedule | state_cosine | none
-  e.threshold = 0.1           # uem: exit when u < threshold; state_cosine: when cosine > threshold
+  e.policy = "uem"            # uem | uem_no_time | static | time_schedule | state_cosine | adadiff | oracle | none
+  e.threshold = 0.1           # uem: exit when u < threshold; state_cosine: cosine > threshold; adadiff: confidence > threshold; oracle: x0 RMS tolerance
   e.threshold_schedule = ""   # score policies: comma-separated thresholds per timestep bucket, noisy -> clean (overrides threshold)
   e.aggregate = "all"         # all | mean
   e.min_layers = 1            # no exit before this many blocks ran
@@ -103,7 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.calibration_buckets = 1   # >1: calibrate one threshold per timestep bucket to target_layer_ratio each
 
   c.sample = s = ml_collections.ConfigDict()
-  s.sampler = "ddim"          # ddpm | ddim | dpm_solver | euler_maruyama
+  s.sampler = "ddim"          # ddpm | ddim | dpm_solver | euler_maruyama | dpm_solver_fast
   s.steps = 50                # sampler steps (network evaluations per image, before CFG)
   s.num_images = 64           # images written by --mode sample
   s.batch_size = 64           # images per sampling batch
@@ -113,9 +119,13 @@ def base_config() -> ml_collections.ConfigDict:
   s.use_ema = True            # sample with the EMA parameters
 
   c.sweep = w = ml_collections.ConfigDict()
-  w.policies = "uem,static,time_schedule,state_cosine,none"  # policies to sweep
+  w.policies = "uem,static,time_schedule,state_cosine,oracle,none"  # policies to sweep (adadiff models: adadiff replaces uem)
   w.thresholds = "0.02,0.04,0.06,0.08,0.1,0.13,0.16,0.2,0.25,0.3"  # uem thresholds
   w.cosine_thresholds = "0.9,0.95,0.97,0.98,0.99,0.995"  # state_cosine thresholds
+  w.confidence_thresholds = "0.8,0.85,0.9,0.92,0.95,0.97"  # adadiff thresholds (exit when confidence > it)
+  w.oracle_tolerances = "0.01,0.03,0.1,0.3"  # oracle tolerances (RMS x0 distance to the final layer)
+  w.step_fractions = "0.3,0.45,0.6,0.75"  # full-depth rows with this share of sample.steps (fewer steps)
+  w.combo_depths = ""         # static depths also run at the step_fractions >= 0.6 (exit + fewer steps)
   w.depths = ""               # static depths; empty = every depth
   w.time_schedules = ""       # ';'-separated time_schedule strings; empty = a few defaults
   w.num_images = 256          # images per setting (same noise for every setting)
@@ -168,6 +178,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   enum("sample.sampler", SAMPLERS)
   enum("diffusion.schedule", SCHEDULES)
   enum("train.mode", TRAIN_MODES)
+  enum("model.exit_style", EXIT_STYLES)
+  enum("loss.uem_target", UEM_TARGETS)
   enum("sweep.fid_kind", FID_KINDS)
   enum("train.lr_schedule", ("cosine", "constant"))
   if not 0.0 <= cfg.loss.cfg_dropout < 1.0:
@@ -213,8 +225,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if cfg.sample.guidance_scale != 0 and mc.num_classes == 0 and mc.context_dim == 0:
     raise ConfigError("sample.guidance_scale needs a conditional model (model.num_classes or "
                       "model.context_dim); set --config.sample.guidance_scale=0")
-  if cfg.exit.threshold < 0:
-    raise ConfigError(f"exit.threshold must be >= 0, got {cfg.exit.threshold}")
+  if cfg.exit.threshold < 0 and cfg.exit.policy != "state_cosine":  # cosines may be negative
+    raise ConfigError(f"exit.threshold must be >= 0 for exit.policy={cfg.exit.policy}, got {cfg.exit.threshold}")
   if str(cfg.exit.threshold_schedule).strip():
     parse_threshold_schedule(cfg.exit.threshold_schedule, cfg.exit.policy)
   if cfg.exit.calibration_buckets < 1:
@@ -229,12 +241,21 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f"{mc.num_blocks} blocks), got {cfg.exit.min_layers}")
   if not 0 <= cfg.exit.depth <= mc.num_blocks:
     raise ConfigError(f"exit.depth must be in [0, {mc.num_blocks}] (0 = all), got {cfg.exit.depth}")
+  if cfg.exit.policy in UEM_POLICIES and mc.exit_style == "adadiff":
+    raise ConfigError(f"exit.policy '{cfg.exit.policy}' needs the UEMs of model.exit_style=deediff; this "
+                      "model is adadiff: use --config.exit.policy=adadiff")
+  if cfg.exit.policy == "adadiff" and mc.exit_style != "adadiff":
+    raise ConfigError("exit.policy 'adadiff' needs model.exit_style=adadiff (per-pixel confidence modules); "
+                      "use exit.policy=uem for a deediff model")
+  if cfg.loss.uem_target != "eps" and mc.exit_style == "adadiff":
+    raise ConfigError("loss.uem_target applies to exit_style=deediff; adadiff uses the official "
+                      "confidence target, so leave loss.uem_target=eps")
   if cfg.exit.policy == "uem_no_time" and mc.uem != "token_linear_no_time":
     raise ConfigError("exit.policy 'uem_no_time' needs a model trained with "
                       "model.uem=token_linear_no_time")
   if cfg.exit.policy == "time_schedule":
     parse_depth_schedule(cfg.exit.schedule, mc.num_blocks, key="exit.schedule")
-  if cfg.train.mode in ("finetune", "frozen_backbone") and not cfg.train.init_from:
+  if cfg.train.mode in ("finetune", "frozen_backbone", "uem_only") and not cfg.train.init_from:
     raise ConfigError(f"train.mode={cfg.train.mode} needs train.init_from=DIR (a checkpoint "
                       "workdir or converted U-ViT weights)")
   if not cfg.data.latent and (mc.image_size != cfg.data.image_size or mc.in_channels != cfg.data.channels):

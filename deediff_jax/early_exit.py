@@ -24,6 +24,14 @@ compiled program. The threshold may also be an array with one value per timestep
   static             exit after exactly `depth` blocks
   time_schedule      ASE-style: a depth per timestep bucket (first entry = noisiest bucket)
   state_cosine       CALM-style: exit when cos(h_i, h_{i-1}) > threshold (never at layer 1)
+  adadiff            the official AdaDiff rule (model.exit_style=adadiff): exit when the mean of the
+                     per-pixel confidence map exceeds threshold; among the in-blocks the first
+                     confident block only arms a patience flag and the next confident one exits;
+                     the mid- and out-blocks exit at once. aggregate="mean" is exactly the official
+                     batch rule (with classifier-free guidance each half of the batch decides on
+                     its own mean, as the official code's two separate network calls do)
+  oracle             evaluation only: runs every block and takes each sample's first layer whose x0
+                     is within `threshold` (RMS, x0 units) of the final layer's x0 (needs x0_scale)
   none               full depth (through the same loop)
 
 Batch semantics (DESIGN §4.2): each sample keeps the first layer at which it was confident;
@@ -42,13 +50,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from deediff_jax.config import POLICIES, ConfigError, parse_depth_schedule, parse_threshold_schedule
+from deediff_jax.config import (POLICIES, SCORE_POLICIES, UEM_POLICIES, ConfigError, parse_depth_schedule,
+                                parse_threshold_schedule)
 from deediff_jax.model.deediff import DeeDiffUViT, slice_layer
-from deediff_jax.model.exits import UEM
+from deediff_jax.model.exits import LTE, UEM
 from deediff_jax.model.uvit import Block, Head, ModelConfig
 
 AGGREGATES = ("all", "mean")
-SCORE_POLICIES = ("uem", "uem_no_time", "state_cosine")
 _COS_EPS = 1e-12
 
 
@@ -72,6 +80,22 @@ def make_policy_params(num_blocks: int, *, threshold: float = 0.0, depth: int = 
   }
 
 
+def policy_params_for(policy: str, num_blocks: int, *, threshold=None, depth=None, schedule=None,
+                      min_layers: int = 1) -> dict:
+  """The one path from a policy's setting to its traced parameters (every mode uses it): each
+  policy reads only its own value; exit.min_layers applies to every policy."""
+  if policy not in POLICIES:
+    raise ConfigError(f"unknown exit policy {policy!r}; choose one of {', '.join(POLICIES)}")
+  kw = {}
+  if policy in SCORE_POLICIES or policy == "oracle":
+    kw["threshold"] = 0.0 if threshold is None else threshold
+  elif policy == "static":
+    kw["depth"] = int(depth or 0)
+  elif policy == "time_schedule":
+    kw["schedule"] = schedule
+  return make_policy_params(num_blocks, min_layers=min_layers, **kw)
+
+
 def policy_from_config(config, num_blocks: int, policy: Optional[str] = None):
   """`config.exit` -> (policy_name, policy_params); `policy` overrides exit.policy.
 
@@ -86,10 +110,10 @@ def policy_from_config(config, num_blocks: int, policy: Optional[str] = None):
   if policy == "time_schedule":
     schedule = parse_depth_schedule(e.schedule, num_blocks, key="exit.schedule")
   threshold = float(e.threshold)
-  if policy in ("uem", "uem_no_time", "state_cosine") and str(e.get("threshold_schedule", "")).strip():
+  if policy in SCORE_POLICIES and str(e.get("threshold_schedule", "")).strip():
     threshold = parse_threshold_schedule(e.threshold_schedule, policy)
-  return policy, make_policy_params(num_blocks, threshold=threshold, depth=int(e.depth),
-                                      schedule=schedule, min_layers=int(e.min_layers))
+  return policy, policy_params_for(policy, num_blocks, threshold=threshold, depth=int(e.depth),
+                                   schedule=schedule, min_layers=int(e.min_layers))
 
 
 def check_policy(policy: str, cfg: ModelConfig, aggregate: str = "all"):
@@ -99,6 +123,10 @@ def check_policy(policy: str, cfg: ModelConfig, aggregate: str = "all"):
     raise ValueError(f"unknown exit aggregate {aggregate!r}; choose one of {', '.join(AGGREGATES)}")
   if policy == "uem_no_time" and cfg.uem != "token_linear_no_time":
     raise ValueError("exit policy 'uem_no_time' needs a model built with model.uem=token_linear_no_time")
+  if policy in UEM_POLICIES and cfg.exit_style != "deediff":
+    raise ValueError(f"exit policy {policy!r} needs model.exit_style=deediff (UEMs); use policy 'adadiff'")
+  if policy == "adadiff" and cfg.exit_style != "adadiff":
+    raise ValueError("exit policy 'adadiff' needs model.exit_style=adadiff (confidence modules)")
 
 
 def _by_bucket(values, time_frac, batch: int, what: str):
@@ -166,19 +194,38 @@ def _check_batch(x, cfg_pairs):
     raise ValueError(f"cfg_pairs=True needs an even batch [cond rows; null rows], got {x.shape[0]} rows")
 
 
+def confidence_scores(cfg: ModelConfig, lte_params, h):
+  """Per-sample mean of one layer's AdaDiff confidence map: [B]."""
+  conf = LTE(cfg).apply({"params": lte_params}, h)
+  return jnp.mean(conf, axis=(1, 2, 3))
+
+
+def _batch_mean(score, cfg_pairs: bool):
+  """aggregate="mean": the batch mean, or with CFG pairs each half's own mean (per row)."""
+  if not cfg_pairs:
+    return jnp.broadcast_to(jnp.mean(score), score.shape)
+  half = score.shape[0] // 2
+  means = jnp.stack([jnp.mean(score[:half]), jnp.mean(score[half:])])
+  return jnp.repeat(means, half)
+
+
 def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy: str,
                        policy_params, time_frac=None, cfg_pairs: bool = False,
-                       aggregate: str = "all"):
+                       aggregate: str = "all", x0_scale=None, guidance_scale=None):
   """Noise prediction with early exit: (eps [B, H, W, C] float32, stats).
 
   stats: `exit_layer` int32 [B] (1-based block after which each sample exited) and
   `layers_run` int32 scalar (blocks actually executed). `t_model` is the network's time input
   (scalar or [B]); `time_frac` in [0, 1] (1 = noisiest, scalar or [B]) is only needed by
-  time_schedule and by per-timestep-bucket thresholds.
+  time_schedule and by per-timestep-bucket thresholds. policy="oracle" needs `x0_scale`
+  (sigma/alpha of the step) and, with cfg_pairs, the `guidance_scale` its decision uses.
   """
   cfg = ModelConfig.from_config(cfg)
   check_policy(policy, cfg, aggregate)
   _check_batch(x, cfg_pairs)
+  if policy == "oracle":
+    return oracle_forward(params, cfg, x, t_model, y, context, policy_params=policy_params,
+                          x0_scale=x0_scale, cfg_pairs=cfg_pairs, guidance_scale=guidance_scale)
   module = DeeDiffUViT(cfg)
   n, k = cfg.num_blocks, cfg.num_segment_blocks
   b = x.shape[0]
@@ -187,8 +234,11 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
 
   in_block, out_block, head = Block(cfg), Block(cfg, use_skip=True), Head(cfg)
   in_params, out_params = params["in_blocks"], params["out_blocks"]
-  mid_params, exit_heads, last_head = params["mid_block"], params["exit_heads"], params["head"]
-  uem_params = params["uems"] if policy in ("uem", "uem_no_time") else None
+  mid_params, last_head = params["mid_block"], params["head"]
+  shared_head = cfg.exit_style == "adadiff"  # every exit decodes with the backbone's head
+  exit_heads = None if shared_head else params["exit_heads"]
+  uem_params = params["uems"] if policy in UEM_POLICIES else None
+  lte_params = params["ltes"] if policy == "adadiff" else None
   sched_depth = _schedule_depth(pp, time_frac, b) if policy == "time_schedule" else None
   thr = _threshold(pp, time_frac, b) if policy in SCORE_POLICIES else None
   if aggregate == "mean" and thr is not None:
@@ -209,18 +259,31 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
   x_in = x.astype(cfg.compute_dtype) if cfg.input_skip else None
 
   def head_at(i, h):
+    if shared_head:
+      return head.apply({"params": last_head}, h, x_in)
     def exit_head(h):
       return head.apply({"params": slice_layer(exit_heads, jnp.minimum(i, n - 2))}, h, x_in)
     def final_head(h):
       return head.apply({"params": last_head}, h, x_in)
     return lax.cond(i < n - 1, exit_head, final_head, h)
 
-  def confident(i, h_new, h_old):
+  def confident(i, h_new, h_old, armed):
+    """(confident now [B], patience flags [B])."""
     layer = i + 1
-    if policy in ("uem", "uem_no_time"):
+    pair_and = cfg_pairs
+    if policy in UEM_POLICIES:
       u = uem_scores(cfg, slice_layer(uem_params, i), h_new, temb)
       score = jnp.mean(u) if aggregate == "mean" else u
       conf = jnp.broadcast_to(score < thr, (b,))
+    elif policy == "adadiff":
+      c = confidence_scores(cfg, slice_layer(lte_params, i), h_new)
+      if aggregate == "mean":
+        c = _batch_mean(c, cfg_pairs)
+        pair_and = False  # each half decides alone, like the official two network calls
+      over = c > thr
+      # Patience among the in-blocks: the first confident in-block arms, the next one exits.
+      conf = jnp.where(i < k, over & armed, over)
+      armed = armed | (over & (i < k))
     elif policy == "state_cosine":
       cos = patch_cosine(cfg, h_new, h_old)
       score = jnp.mean(cos) if aggregate == "mean" else cos
@@ -232,30 +295,77 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
     else:  # none
       conf = jnp.zeros((b,), bool)
     conf = (conf & (layer >= pp["min_layers"])) | (layer >= n)
-    return _pair_and(conf, cfg_pairs)
+    return _pair_and(conf, pair_and), armed
 
   def cond_fn(carry):
-    i, _, _, _, exited, _ = carry
+    i, _, _, _, exited, _, _ = carry
     return (i < n) & ~jnp.all(exited)
 
   def body_fn(carry):
-    i, h, buf, eps, exited, exit_layer = carry
+    i, h, buf, eps, exited, exit_layer, armed = carry
     seg = (i >= k).astype(jnp.int32) + (i > k).astype(jnp.int32)
     h_new = lax.switch(seg, (run_in, run_mid, run_out), i, h, buf)
     # In-blocks fill slots 0..k-1; later blocks write the scratch slot k, so no branch is needed
     # and the update stays in place.
     buf = lax.dynamic_update_index_in_dim(buf, h_new, jnp.minimum(i, k), 0)
-    newly = confident(i, h_new, h) & ~exited
+    conf, armed = confident(i, h_new, h, armed)
+    newly = conf & ~exited
     mask = newly[:, None, None, None]
     eps = lax.cond(jnp.any(newly), lambda e: jnp.where(mask, head_at(i, h_new), e), lambda e: e, eps)
     exit_layer = jnp.where(newly, i + 1, exit_layer)
-    return i + 1, h_new, buf, eps, exited | newly, exit_layer
+    return i + 1, h_new, buf, eps, exited | newly, exit_layer, armed
 
   carry = (jnp.zeros((), jnp.int32), h0, jnp.zeros((k + 1,) + h0.shape, h0.dtype),
            jnp.zeros(x.shape[:3] + (cfg.in_channels,), jnp.float32), jnp.zeros((b,), bool),
-           jnp.full((b,), n, jnp.int32))
-  layers_run, _, _, eps, _, exit_layer = lax.while_loop(cond_fn, body_fn, carry)
+           jnp.full((b,), n, jnp.int32), jnp.zeros((b,), bool))
+  layers_run, _, _, eps, _, exit_layer, _ = lax.while_loop(cond_fn, body_fn, carry)
   return eps, {"exit_layer": exit_layer, "layers_run": layers_run}
+
+
+# ----------------------------------------------------------------------------- the oracle
+
+def oracle_exits(eps_all, x0_scale, tolerance, min_layers=1):
+  """First layer (0-based) per sample whose x0 is within `tolerance` RMS of the last layer's.
+
+  eps_all [N, B, H, W, C]; x0 = (x - sigma eps) / alpha, so the x0 distance of two predictions
+  from the same x is (sigma / alpha) |eps_i - eps_N|. x0_scale: sigma/alpha, scalar or [B].
+  """
+  n, b = eps_all.shape[:2]
+  scale = jnp.broadcast_to(jnp.asarray(x0_scale, jnp.float32), (b,))
+  rms = jnp.sqrt(jnp.mean(jnp.square(eps_all - eps_all[-1:]), axis=(2, 3, 4))) * scale[None]   # [N, B]
+  layers = jnp.arange(1, n + 1)[:, None]
+  conf = ((rms <= tolerance) & (layers >= min_layers)) | (layers == n)
+  return jnp.argmax(conf, axis=0)
+
+
+def oracle_forward(params, cfg, x, t_model, y=None, context=None, *, policy_params, x0_scale,
+                   cfg_pairs: bool = False, guidance_scale=None):
+  """policy="oracle": every block runs; each sample takes its first layer within tolerance.
+
+  `layers_run` is what an exit loop *would* run (the deepest exit), not what ran: the oracle
+  saves nothing and only shows the ceiling of any exit policy on this model.
+  """
+  if x0_scale is None:
+    raise ValueError("exit policy 'oracle' needs x0_scale (sigma/alpha of the step); sample through "
+                     "deediff_jax.sampling, which passes it")
+  cfg = ModelConfig.from_config(cfg)
+  module = DeeDiffUViT(cfg)
+  b = x.shape[0]
+  eps_all, _ = module.apply({"params": params}, x, t_model, y, context, method=DeeDiffUViT.all_exits)
+  decide = eps_all
+  if cfg_pairs:
+    if guidance_scale is None:
+      raise ValueError("exit policy 'oracle' with cfg_pairs needs guidance_scale")
+    half = b // 2
+    s = jnp.asarray(guidance_scale, jnp.float32)
+    decide = (1.0 + s) * eps_all[:, :half] - s * eps_all[:, half:]
+  scale = jnp.broadcast_to(jnp.asarray(x0_scale, jnp.float32), (b,))[:decide.shape[1]]
+  first = oracle_exits(decide, scale, policy_params["threshold"], policy_params["min_layers"])
+  if cfg_pairs:
+    first = jnp.concatenate([first, first])
+  eps = eps_all[first, jnp.arange(b)]
+  exit_layer = (first + 1).astype(jnp.int32)
+  return eps.astype(jnp.float32), {"exit_layer": exit_layer, "layers_run": jnp.max(exit_layer)}
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -264,8 +374,9 @@ def exit_reference(params, cfg, x, t_model, y=None, context=None, *, policy: str
                    time_frac=None, cfg_pairs: bool = False, aggregate: str = "all"):
   """Runs ALL layers (`all_exits`) and picks each sample's first confident output with plain jnp.
 
-  Same signature and semantics as `early_exit_forward`, no savings: the ground truth for tests
-  and for fidelity checks. `layers_run` is what the loop would have run (the deepest exit).
+  Same signature and semantics as `early_exit_forward` (not for the oracle, which is itself a
+  reference), no savings: the ground truth for tests and for fidelity checks. `layers_run` is
+  what the loop would have run (the deepest exit).
   """
   cfg = ModelConfig.from_config(cfg)
   check_policy(policy, cfg, aggregate)
@@ -280,9 +391,21 @@ def exit_reference(params, cfg, x, t_model, y=None, context=None, *, policy: str
   if policy in SCORE_POLICIES:
     thr = _threshold(pp, time_frac, b)
     thr = jnp.mean(thr) if aggregate == "mean" else thr
-  if policy in ("uem", "uem_no_time"):
+  pair_and = cfg_pairs
+  if policy in UEM_POLICIES:
     score = jnp.mean(u_all, axis=1, keepdims=True) if aggregate == "mean" else u_all
     conf = score < thr
+  elif policy == "adadiff":
+    score = jnp.mean(u_all, axis=(2, 3, 4))                             # [N, B] per-sample confidence
+    if aggregate == "mean":
+      halves = jnp.split(score, 2, axis=1) if cfg_pairs else [score]
+      score = jnp.concatenate([jnp.broadcast_to(jnp.mean(h, 1, keepdims=True), h.shape) for h in halves], 1)
+      pair_and = False
+    over = score > thr
+    k = cfg.num_segment_blocks
+    # Patience: an in-block exits only if an earlier in-block was already confident.
+    seen_before = jnp.cumsum(over[:k].astype(jnp.int32), axis=0) - over[:k].astype(jnp.int32)
+    conf = jnp.concatenate([over[:k] & (seen_before > 0), over[k:]], axis=0)
   elif policy == "state_cosine":
     h0, _ = module.apply(variables, x, t_model, y, context, method=DeeDiffUViT.embed)
     hs = module.apply(variables, h0, method=DeeDiffUViT.hidden_states)  # [N, B, T, D]
@@ -298,7 +421,7 @@ def exit_reference(params, cfg, x, t_model, y=None, context=None, *, policy: str
     conf = jnp.zeros((n, b), bool)
   conf = jnp.broadcast_to(conf, (n, b))
   conf = (conf & (layers >= pp["min_layers"])) | (layers == n)
-  if cfg_pairs:
+  if pair_and:
     half = b // 2
     both = conf[:, :half] & conf[:, half:]
     conf = jnp.concatenate([both, both], axis=1)

@@ -27,7 +27,7 @@ def with_(key, value):
 
 @pytest.mark.parametrize("key, value, message", [
     ("exit.policy", "fast", "config key 'exit.policy' is 'fast'; choose one of uem, uem_no_time, static, "
-                            "time_schedule, state_cosine, none"),
+                            "time_schedule, state_cosine, none, adadiff, oracle"),
     ("model.depth", 7, "model.depth: must be even (depth//2 in-blocks + mid + depth//2 out-blocks), got 7; use 8"),
     ("train.batch_size", 0, "config key 'train.batch_size' must be positive, got 0"),
     ("exit.min_layers", 10, "exit.min_layers must be in [1, 9] (the model has 9 blocks), got 10"),

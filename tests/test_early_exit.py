@@ -281,7 +281,8 @@ def test_policy_from_config_and_errors(setup):
   name, pp = ee.policy_from_config(c, n)
   assert name == "time_schedule"
   np.testing.assert_array_equal(np.asarray(pp["schedule"]), [2, 3, 5])
-  assert int(pp["min_layers"]) == 2 and float(pp["threshold"]) == pytest.approx(0.25)
+  # Each policy reads only its own value: a time_schedule carries no threshold.
+  assert int(pp["min_layers"]) == 2 and float(pp["threshold"]) == 0.0
   assert int(pp["depth"]) == n  # depth 0 means all blocks
   c.exit.schedule = "2,9"
   with pytest.raises(ConfigError, match="depth 9 is outside"):

@@ -8,6 +8,22 @@ With eps_i the noise prediction of block i (i = 1..N), u_i its uncertainty and e
   L_layer  = sum_{i<N} mean (eps_i - eps)^2                        (optional, unweighted)
   L        = L_simple + lambda_u L_u + beta_ual L_UAL + layer_loss L_layer
 
+`uem_target` picks what u_hat measures (`loss.uem_target`):
+  eps       tanh(mean |eps_i - eps|)                               (the paper; saturates early)
+  x0        squash(mean (sigma/alpha) |eps_i - eps|)               (the error of the x0 the sampler
+                                                                    derives, x0 = (x - sigma eps)/alpha)
+  fidelity  squash(mean (sigma/alpha) |eps_i - sg(eps_N)|)         (distance from the model's own final
+                                                                    prediction: what PSNR vs full measures)
+with squash(e) = e / (1 + e): monotone, 0.5 at an x0 error of 1, and still resolving errors of
+several units, where tanh is already flat (at high noise sigma/alpha is large).
+
+`adadiff_loss` is the official AdaDiff objective (Tangshengku/AdaDiff `sde.py`), with per-pixel
+confidence maps c_i [N, B, H, W, C] and the backbone's shared head for every eps_i:
+  L_simple = mean (eps_N - eps)^2
+  L_conf   = sum_i (1/N) mean_batch mean_pixels (c_i - sg(1 - tanh|eps_i - eps|))^2
+  L_layer  = sum_i w_i mean_batch mean_pixels (eps_i - eps)^2,  w_i = mean(c_i) / sum_j mean(c_j)
+(w is NOT detached: the layer-wise loss also trains the confidence modules.)
+
 "||eps_i - eps||^2" is taken as a per-sample *mean* over pixels, the same normalisation as
 L_simple, so that lambda = beta = 1 keeps every term on one scale whatever the image size.
 By default the UAL weight (1 - u_i) is a constant to the optimiser (stop_grad_ual_weight):
@@ -29,14 +45,35 @@ def pseudo_uncertainty(eps_all, eps):
   return jax.lax.stop_gradient(jnp.tanh(jnp.mean(jnp.abs(eps_all - eps[None]), axis=(-3, -2, -1))))
 
 
+UEM_TARGETS = ("eps", "x0", "fidelity")
+
+
+def squash(e):
+  """[0, inf) -> [0, 1): e / (1 + e)."""
+  return e / (1.0 + e)
+
+
+def uem_target_values(eps_all, eps, target: str = "eps", x0_scale=None):
+  """u_hat [N, B] for `loss.uem_target`; gradient stopped. x0_scale: sigma/alpha per sample [B]."""
+  if target == "eps":
+    return pseudo_uncertainty(eps_all, eps)
+  if target not in UEM_TARGETS:
+    raise ValueError(f"unknown loss.uem_target {target!r}; choose one of {', '.join(UEM_TARGETS)}")
+  if x0_scale is None:
+    raise ValueError(f"loss.uem_target={target} needs sigma/alpha per sample (x0_scale)")
+  ref = eps if target == "x0" else eps_all[-1]
+  err = jnp.mean(jnp.abs(eps_all - ref[None]), axis=(-3, -2, -1)) * jnp.asarray(x0_scale, jnp.float32)[None]
+  return jax.lax.stop_gradient(squash(err))
+
+
 def deediff_loss(eps_all, u_all, eps, *, lambda_u=1.0, beta_ual=1.0, stop_grad_ual_weight=True,
-                 layer_loss=0.0):
+                 layer_loss=0.0, uem_target="eps", x0_scale=None):
   """Total loss and each term, from eps_all [N, B, H, W, C], u_all [N, B] and eps [B, H, W, C]."""
   eps_all = eps_all.astype(jnp.float32)
   u_all = u_all.astype(jnp.float32)
   mse = per_sample_mse(eps_all, eps[None])             # [N, B]
   l_simple = jnp.mean(mse[-1])
-  u_hat = pseudo_uncertainty(eps_all, eps)
+  u_hat = uem_target_values(eps_all, eps, uem_target, x0_scale)
   l_u = jnp.sum(jnp.mean(jnp.square(u_all - u_hat), axis=-1))
   weight = 1.0 - u_all[:-1]
   if stop_grad_ual_weight:
@@ -49,7 +86,31 @@ def deediff_loss(eps_all, u_all, eps, *, lambda_u=1.0, beta_ual=1.0, stop_grad_u
   return total, metrics
 
 
-def loss_from_config(eps_all, u_all, eps, loss_config):
-  return deediff_loss(eps_all, u_all, eps, lambda_u=loss_config.lambda_u, beta_ual=loss_config.beta_ual,
+def adadiff_loss(eps_all, conf_all, eps, *, lambda_u=1.0, beta_ual=1.0):
+  """The official AdaDiff loss from eps_all and conf_all [N, B, H, W, C]; lambda_u and beta_ual
+  weight the confidence and layer-wise terms (1 and 1 in the official code)."""
+  eps_all = eps_all.astype(jnp.float32)
+  conf_all = conf_all.astype(jnp.float32)
+  n = eps_all.shape[0]
+  mse = per_sample_mse(eps_all, eps[None])             # [N, B]
+  l_simple = jnp.mean(mse[-1])
+  target = jax.lax.stop_gradient(1.0 - jnp.tanh(jnp.abs(eps_all - eps[None])))
+  l_conf = jnp.sum(jnp.mean(per_sample_mse(conf_all, target), axis=-1)) / n
+  layer_conf = jnp.mean(conf_all, axis=(1, 2, 3, 4))   # [N]: batch and pixel mean, not detached
+  weights = layer_conf / jnp.sum(layer_conf)
+  l_layer = jnp.sum(weights * jnp.mean(mse, axis=-1))
+  total = l_simple + lambda_u * l_conf + beta_ual * l_layer
+  metrics = {"loss": total, "loss_simple": l_simple, "loss_confidence": l_conf,
+             "loss_layerwise": l_layer, "confidence_mean": jnp.mean(conf_all),
+             "confidence_target_mean": jnp.mean(target)}
+  return total, metrics
+
+
+def loss_from_config(eps_all, scores, eps, loss_config, *, exit_style="deediff", x0_scale=None):
+  """The configured loss; `scores` are u [N, B] (deediff) or confidence maps (adadiff)."""
+  if exit_style == "adadiff":
+    return adadiff_loss(eps_all, scores, eps, lambda_u=loss_config.lambda_u, beta_ual=loss_config.beta_ual)
+  return deediff_loss(eps_all, scores, eps, lambda_u=loss_config.lambda_u, beta_ual=loss_config.beta_ual,
                       stop_grad_ual_weight=loss_config.stop_grad_ual_weight,
-                      layer_loss=loss_config.layer_loss)
+                      layer_loss=loss_config.layer_loss,
+                      uem_target=loss_config.get("uem_target", "eps"), x0_scale=x0_scale)

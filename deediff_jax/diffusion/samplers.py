@@ -15,6 +15,8 @@ statistics give the exit heatmap (timestep x layer).
   where lambda is infinite and the second-order correction vanishes.
 - `euler_maruyama`: the reverse VPSDE dx = [f - g^2 score] dt + g dW with score = -eps/sigma,
   as in U-ViT's CIFAR-10/CelebA sampler; the last step adds no noise.
+- `dpm_solver_fast`: U-ViT's latent-model evaluation sampler, DPM-Solver++ singlestep in its
+  "fast" mode (order 3, lower orders at the end, uniform time steps), see `dpm_solver_fast_grid`.
 
 x0 predictions are clipped to [-1, 1] only for DDPM/DDIM and only when asked (`clip`; the
 top-level `sample` turns it on for pixel models, off for latent ones).
@@ -86,7 +88,7 @@ def _scan_steps(step_fn, schedule, steps, x_init, rng, carry_extra=None):
 
 def _predict(eps_fn, x, s):
   eps, st = eps_fn(x, s["t_model"], s["time_frac"])
-  return eps.astype(x.dtype), {"layers_run": st["layers_run"], "exit_layer": st["exit_layer"]}
+  return eps.astype(x.dtype), dict(st)  # exit_layer, layers_run (+ whatever else eps_fn reports)
 
 
 def _x0_from_eps(x, eps, alpha, sigma, clip):
@@ -167,6 +169,122 @@ def euler_maruyama(eps_fn: EpsFn, schedule: Schedule, steps: int, x_init, rng):
   return _scan_steps(step, schedule, steps, x_init, rng)
 
 
+# ----------------------------------------------------------------------------- DPM-Solver-fast
+
+def dpm_solver_fast_orders(steps: int) -> list:
+  """The orders of DPM-Solver-fast's outer steps for `steps` network evaluations (they sum to it).
+
+  K = steps // 3 + 1 outer steps: third order, then the remainder as lower orders at the end:
+  steps % 3 == 0 -> [3]*(K-2) + [2, 1]; == 1 -> [3]*(K-1) + [1]; == 2 -> [3]*(K-1) + [2].
+  """
+  if steps < 1:
+    raise SamplerError(f"sample.steps must be >= 1, got {steps}")
+  k = steps // 3 + 1
+  tail = {0: [2, 1], 1: [1], 2: [2]}[steps % 3]
+  return [3] * (k - len(tail)) + tail
+
+
+def _fast_log_alpha(schedule: Schedule, t: np.ndarray) -> np.ndarray:
+  """log alpha at continuous times t (float64): the VPSDE's own, or for a discrete schedule the
+  piecewise-linear interpolation of 0.5 log alpha_bar[n] placed at t_n = (n + 1) / N."""
+  if schedule.continuous:
+    return np.asarray(sched_lib.vpsde_log_mean_coeff(schedule, t), np.float64)
+  n = schedule.num_timesteps
+  log_alpha = 0.5 * np.log(np.asarray(schedule.alphas_cumprod, np.float64))
+  return np.interp(t, np.arange(1, n + 1, dtype=np.float64) / n, log_alpha)
+
+
+def dpm_solver_fast_grid(schedule: Schedule, steps: int) -> dict:
+  """Everything DPM-Solver-fast needs, on the host in float64 (the schedule must be concrete).
+
+  U-ViT's call: `DPM_Solver(model_fn, NoiseScheduleVP('discrete', betas), predict_x0=True)
+  .sample(x, steps, eps=1/N, T=1)` with the defaults method='fast', order=3,
+  skip_type='time_uniform', solver_type='dpm_solver', denoise=False. Its grid is
+  t = linspace(1, 1/N, steps + 1) (continuous time; the VPSDE uses linspace(1, 1e-3, steps + 1)),
+  and an outer step of order k goes from t[i] to t[i+k] with its intermediate points at
+  t[i+1], t[i+2] (r1, r2 from lambda), so network evaluation j is at t[j], j < steps, and its
+  result moves x to t[j+1]. The sampler ends at t = 1/N (no final denoising).
+
+  The network's time input: U-ViT passes t * N to a network trained on 1-based labels n = 1..N
+  (noise level alpha_bar[n-1] in our 0-based indexing); in this library's 0-based label
+  convention (`schedule.model_time`) that is t * N - 1 = (t - 1/N) N, i.e. 999 at t = 1.
+  `time_frac` (1 = noisiest) is that label / (N - 1), as `grid_arrays` gives the other samplers;
+  the VPSDE uses 999 t and t.
+
+  Returns orders, t [steps + 1], log_alpha / alpha / sigma / lam [steps + 1], t_model and
+  time_frac [steps], and the per-evaluation update coefficients `cx`, `c0`, `c1`, `start`
+  [steps]: x[t_{j+1}] = cx x_s + c0 x0_s + c1 x0_j, where x_s / x0_s are the state and the x0
+  prediction at the start of the current outer step (`start` marks evaluations that begin one).
+  """
+  orders = dpm_solver_fast_orders(steps)
+  if schedule.continuous:
+    t = np.linspace(1.0, sched_lib.VPSDE_T_EPS, steps + 1, dtype=np.float64)
+    label = 999.0 * t
+    frac = t
+  else:
+    n = schedule.num_timesteps
+    t = np.linspace(1.0, 1.0 / n, steps + 1, dtype=np.float64)
+    label = t * n - 1.0
+    frac = label / (n - 1)
+  log_alpha = _fast_log_alpha(schedule, t)
+  alpha = np.exp(log_alpha)
+  sigma = np.sqrt(-np.expm1(2.0 * log_alpha))
+  lam = log_alpha - np.log(sigma)
+  cx, c0, c1 = np.zeros(steps), np.zeros(steps), np.zeros(steps)
+  start = np.zeros(steps, bool)
+  i = 0
+  for order in orders:
+    h = lam[i + order] - lam[i]
+    start[i] = True
+    # stage 0 (every order): the first-order DPM-Solver++ step from t[i] to t[i+1]
+    cx[i] = sigma[i + 1] / sigma[i]
+    c0[i] = -alpha[i + 1] * np.expm1(-(lam[i + 1] - lam[i]))
+    if order == 2:
+      r1 = (lam[i + 1] - lam[i]) / h
+      e = -alpha[i + 2] * np.expm1(-h)
+      cx[i + 1] = sigma[i + 2] / sigma[i]
+      c0[i + 1], c1[i + 1] = e * (1.0 - 0.5 / r1), e * (0.5 / r1)
+    elif order == 3:
+      r1, r2 = (lam[i + 1] - lam[i]) / h, (lam[i + 2] - lam[i]) / h
+      phi22 = np.expm1(-r2 * h) / (r2 * h) + 1.0
+      cx[i + 1] = sigma[i + 2] / sigma[i]
+      d = (r2 / r1) * alpha[i + 2] * phi22
+      c0[i + 1], c1[i + 1] = -alpha[i + 2] * np.expm1(-r2 * h) - d, d
+      phi2 = np.expm1(-h) / h + 1.0
+      cx[i + 2] = sigma[i + 3] / sigma[i]
+      d = alpha[i + 3] * phi2 / r2
+      c0[i + 2], c1[i + 2] = -alpha[i + 3] * np.expm1(-h) - d, d
+    i += order
+  assert i == steps
+  return {"orders": orders, "t": t, "log_alpha": log_alpha, "alpha": alpha, "sigma": sigma, "lam": lam,
+          "t_model": label[:-1], "time_frac": frac[:-1], "cx": cx, "c0": c0, "c1": c1, "start": start}
+
+
+def dpm_solver_fast(eps_fn: EpsFn, schedule: Schedule, steps: int, x_init, rng=None):
+  """U-ViT's DPM-Solver-fast (DPM-Solver++ singlestep, orders 3/2/1, uniform time): `steps`
+  network evaluations in one `lax.scan` (one eval per iteration, coefficients from
+  `dpm_solver_fast_grid`); deterministic, so `rng` is unused."""
+  del rng
+  g = dpm_solver_fast_grid(schedule, steps)
+  f32 = lambda k: jnp.asarray(g[k], jnp.float32)
+  per_step = {"t_model": f32("t_model"), "time_frac": f32("time_frac"),
+              "alpha": f32("alpha")[:-1], "sigma": f32("sigma")[:-1],
+              "cx": f32("cx"), "c0": f32("c0"), "c1": f32("c1"), "start": jnp.asarray(g["start"])}
+
+  def step(carry, s):
+    x, x_s, x0_s = carry
+    a, sg = _bcast(s["alpha"], x), _bcast(s["sigma"], x)
+    eps, st = _predict(eps_fn, x, s)
+    x0 = (x - sg * eps) / a
+    x_s = jnp.where(s["start"], x, x_s)
+    x0_s = jnp.where(s["start"], x0, x0_s)
+    cx, c0, c1 = (_bcast(s[k], x).astype(x.dtype) for k in ("cx", "c0", "c1"))
+    return (cx * x_s + c0 * x0_s + c1 * x0, x_s, x0_s), st
+
+  (x, _, _), stats = lax.scan(step, (x_init, x_init, jnp.zeros_like(x_init)), per_step)
+  return x, stats
+
+
 def run_sampler(name: str, eps_fn: EpsFn, schedule: Schedule, steps: int, x_init, rng, *,
                 eta=0.0, clip=False):
   if name == "ddim":
@@ -177,6 +295,8 @@ def run_sampler(name: str, eps_fn: EpsFn, schedule: Schedule, steps: int, x_init
     return dpm_solver(eps_fn, schedule, steps, x_init, rng)
   if name == "euler_maruyama":
     return euler_maruyama(eps_fn, schedule, steps, x_init, rng)
+  if name == "dpm_solver_fast":
+    return dpm_solver_fast(eps_fn, schedule, steps, x_init, rng)
   raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
@@ -213,14 +333,25 @@ def _conditioning(cfg: ModelConfig, y, context, null_y, null_context, doubled: b
   return y, context
 
 
+def x0_scale_fn(schedule: Schedule):
+  """time_frac -> sigma/alpha of that time: how much an eps error grows in the sampler's x0."""
+  def fn(time_frac):
+    frac = jnp.asarray(time_frac, jnp.float32)
+    t = frac if schedule.continuous else jnp.round(frac * (schedule.num_timesteps - 1)).astype(jnp.int32)
+    alpha, sigma = sched_lib.alpha_sigma(schedule, t)
+    return sigma / alpha
+  return fn
+
+
 def make_eps_fn(params, cfg, policy: str = "none", policy_params=None, y=None, context=None,
                 guidance_scale=0.0, null_y=None, null_context=None, *, aggregate: str = "all",
-                plain: bool = False) -> EpsFn:
+                plain: bool = False, x0_scale_of=None) -> EpsFn:
   """The noise predictor a sampler calls: early exit (default) or the plain full-depth forward.
 
   `plain=True` is the real baseline: `module.apply` (the scan forward, no while loop, no exit
   machinery); its stats report every sample at full depth. `guidance_scale` may be traced, but a
-  Python 0 (the default) means no guidance and no doubled batch.
+  Python 0 (the default) means no guidance and no doubled batch. policy="oracle" needs
+  `x0_scale_of` (`x0_scale_fn(schedule)`).
   """
   cfg = ModelConfig.from_config(cfg)
   n = cfg.num_blocks
@@ -240,9 +371,14 @@ def make_eps_fn(params, cfg, policy: str = "none", policy_params=None, y=None, c
       eps = module.apply({"params": params}, xin, t, y_in, ctx_in)
       stats = {"exit_layer": jnp.full((xin.shape[0],), n, jnp.int32), "layers_run": jnp.asarray(n, jnp.int32)}
     else:
+      extra = {}
+      if policy == "oracle":
+        if x0_scale_of is None:
+          raise SamplerError("exit policy 'oracle' needs x0_scale_of (samplers.x0_scale_fn(schedule))")
+        extra = dict(x0_scale=x0_scale_of(time_frac), guidance_scale=guidance_scale if doubled else None)
       eps, stats = early_exit_forward(params, cfg, xin, t, y_in, ctx_in, policy=policy,
                                       policy_params=policy_params, time_frac=time_frac,
-                                      cfg_pairs=doubled, aggregate=aggregate)
+                                      cfg_pairs=doubled, aggregate=aggregate, **extra)
     if doubled:
       eps = guide(eps, guidance_scale)
     return eps, {"exit_layer": stats["exit_layer"][:b], "layers_run": stats["layers_run"]}
@@ -267,7 +403,7 @@ def _compiled(cfg: ModelConfig, schedule_name: str, timesteps: int, sampler: str
   def fn(params, x_init, rng, y, context, null_context, policy_params, guidance_scale, eta):
     eps_fn = make_eps_fn(params, cfg, policy, policy_params, y, context,
                          guidance_scale if doubled else 0.0, None, null_context,
-                         aggregate=aggregate, plain=plain)
+                         aggregate=aggregate, plain=plain, x0_scale_of=x0_scale_fn(schedule))
     x, stats = run_sampler(sampler, eps_fn, schedule, steps, x_init, rng, eta=eta, clip=clip)
     return x, stats
   return jax.jit(fn)

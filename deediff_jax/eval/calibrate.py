@@ -69,7 +69,7 @@ from deediff_jax.early_exit import _by_bucket, make_policy_params
 from deediff_jax.eval import fidelity as fidelity_lib
 from deediff_jax.model.uvit import ModelConfig
 
-CALIBRATABLE = ("uem", "uem_no_time", "state_cosine")
+CALIBRATABLE = ("uem", "uem_no_time", "state_cosine", "adadiff")
 METRICS = ("layer_ratio_run", "layer_ratio_per_sample")
 CALIBRATION_STREAM = 0xCA1B      # fold_in id of the calibration batch's noise
 PSNR_8BIT = 10.0 * math.log10(4.0 / ((2.0 / 255.0) ** 2 / 12.0))
@@ -125,8 +125,13 @@ def conditioning(config, num: int):
 
 
 def threshold_of(policy: str, a: float) -> float:
-  """Aggressiveness a in [0, 1] -> the policy's threshold (see the module doc)."""
-  return float(1.0 - 2.0 * a) if policy == "state_cosine" else float(a)
+  """Aggressiveness a in [0, 1] -> the policy's threshold (see the module doc). adadiff exits
+  when its confidence (in (0, 1)) exceeds the threshold: a = 0 is 1 (never), a = 1 is 0."""
+  if policy == "state_cosine":
+    return float(1.0 - 2.0 * a)
+  if policy == "adadiff":
+    return float(1.0 - a)
+  return float(a)
 
 
 def calibration_size(config) -> int:
@@ -370,6 +375,90 @@ def _search_psnr(probe, floor: float) -> dict:
   return ok
 
 
+# ----------------------------------------------------------------------------- depth schedules
+
+ORACLE_QUANTILE = 0.9            # a bucket's depth covers this share of the oracle's exits in it
+ORACLE_TOLERANCES = (1e-4, 4.0)  # the bracket of the oracle's tolerance (RMS x0 units)
+MAX_SCHEDULE_PROBES = 12
+
+
+def schedule_from_exits(exit_layer, buckets: np.ndarray, k: int, quantile: float = ORACLE_QUANTILE) -> list:
+  """A depth per timestep bucket from per-step exit layers [steps, B]: the `quantile` of the
+  exits that fell in the bucket, rounded up (so most samples get the depth they needed)."""
+  el = np.asarray(exit_layer)
+  out = []
+  for b in range(k):
+    vals = el[buckets == b].ravel()
+    out.append(int(math.ceil(np.quantile(vals, quantile) - 1e-9)) if vals.size else int(el.max()))
+  return out
+
+
+def schedule_ratio(schedule, buckets: np.ndarray, n_blocks: int) -> float:
+  """layer_ratio_run of a time_schedule over the sampling steps (steps per bucket may differ)."""
+  return float(np.mean(np.asarray(schedule, np.float64)[buckets]) / n_blocks)
+
+
+def calibrate_time_schedule(params, config, rng, *, target: float, buckets: int,
+                            num: Optional[int] = None, quantile: float = ORACLE_QUANTILE) -> tuple:
+  """A time_schedule (depth per timestep bucket, noisiest first) at `target` layer ratio, measured
+  rather than guessed: the oracle policy (every block runs; a sample takes the first layer whose
+  x0 is within tolerance of the final layer's) samples a calibration batch, each bucket gets the
+  `quantile` of the oracle's exit layers in it, and the tolerance is bisected (in log space) until
+  the schedule's layer ratio is within exit.calibration_tolerance of `target`.
+
+  So compute goes where the model itself needs depth to agree with its full output. Returns
+  (schedule list, report); the schedule is the probe closest to the target, as measured.
+  """
+  cfg = ModelConfig.from_config(config.model)
+  n_blocks = cfg.num_blocks
+  if not 0.0 < target <= 1.0:
+    raise CalibrationError(f"the target layer ratio must be in (0, 1], got {target}")
+  if buckets > int(config.sample.steps):
+    raise CalibrationError(f"{buckets} timestep buckets exceed sample.steps={int(config.sample.steps)}")
+  tol = float(_get(config, "calibration_tolerance", DEFAULT_TOLERANCE))
+  num = calibration_size(config) if num is None else int(num)
+  labels, context, null_context = conditioning(config, num)
+  cond = dict(labels=labels, context=context, null_context=null_context)
+  steps_bucket = step_buckets(config, buckets)
+  t0 = time.perf_counter()
+  probes = []
+
+  def probe(log_tol: float) -> dict:
+    tolerance = float(math.exp(log_tol))
+    pp = make_policy_params(n_blocks, threshold=tolerance, min_layers=int(config.exit.min_layers))
+    _, stats = samplers.sample(params, config, rng, num, policy="oracle", policy_params=pp, **cond)
+    sched = schedule_from_exits(stats["exit_layer"], steps_bucket, buckets, quantile)
+    rec = {"tolerance": tolerance, "schedule": sched,
+           "layer_ratio": schedule_ratio(sched, steps_bucket, n_blocks),
+           "oracle_layer_ratio_per_sample": float(np.mean(stats["exit_layer"]) / n_blocks)}
+    probes.append(rec)
+    _log.info("schedule calibration probe %s", rec)
+    return rec
+
+  lo, hi = (math.log(v) for v in ORACLE_TOLERANCES)  # ratio falls as the tolerance grows
+  best = None
+  for _ in range(MAX_SCHEDULE_PROBES):
+    mid = 0.5 * (lo + hi)
+    rec = probe(mid)
+    if best is None or abs(rec["layer_ratio"] - target) < abs(best["layer_ratio"] - target):
+      best = rec
+    if _within(rec["layer_ratio"], target, tol):
+      break
+    if rec["layer_ratio"] > target:
+      lo = mid
+    else:
+      hi = mid
+  report = {"method": "oracle_time_schedule", "policy": "time_schedule", "buckets": buckets,
+            "quantile": quantile, "target": target, "tolerance": tol,
+            "schedule": ",".join(str(v) for v in best["schedule"]),
+            "achieved": {"layer_ratio_run": best["layer_ratio"], "layer_ratio_per_sample": best["layer_ratio"],
+                         "oracle_tolerance": best["tolerance"]},
+            "within_tolerance": _within(best["layer_ratio"], target, tol),
+            "calibration_images": num, "sampler": config.sample.sampler, "steps": int(config.sample.steps),
+            "probes": probes, "seconds": time.perf_counter() - t0}
+  return best["schedule"], report
+
+
 def maybe_calibrate(params, config) -> Optional[dict]:
   """If the config asks for it, calibrates, sets config.exit.threshold and returns the report."""
   if not wanted(config):
@@ -391,6 +480,13 @@ def schedule_text(thresholds) -> str:
 def describe(report: dict) -> str:
   """One line: what was chosen and what it achieved."""
   a = report["achieved"]
+  if report["method"] == "oracle_time_schedule":
+    return (f"calibrated time_schedule {report['schedule']} from the oracle's exits (tolerance "
+            f"{a['oracle_tolerance']:.3g} RMS x0, {report['quantile']:g} quantile per bucket): layer ratio "
+            f"{a['layer_ratio_run']:.3f}; target {report['target']:g} ± {report['tolerance']:g}"
+            + ("" if report["within_tolerance"] else " NOT met (closest measured)")
+            + f"; {report['calibration_images']} calibration images, {report['sampler']} {report['steps']} "
+            f"steps, {len(report['probes'])} probes, {report['seconds']:.1f}s")
   ratios = (f"layer_ratio_run {a['layer_ratio_run']:.3f}, layer_ratio_per_sample "
             f"{a['layer_ratio_per_sample']:.3f}")
   if report["method"] in ("target_layer_ratio", "target_layer_ratio_per_bucket"):
@@ -412,5 +508,6 @@ def describe(report: dict) -> str:
 
 
 __all__ = ["CalibrationError", "PSNR_8BIT", "bucket_ratios", "buckets_of", "calibrate_threshold",
+           "calibrate_time_schedule", "schedule_from_exits", "schedule_ratio",
            "calibration_rng", "check_request", "conditioning", "describe", "maybe_calibrate", "psnr_floor",
            "schedule_text", "step_buckets", "wanted"]

@@ -120,7 +120,7 @@ DETERMINISTIC_SAMPLER = "ddim"  # with eta = 0; used when the configured sampler
 def is_deterministic(config) -> bool:
   """True when `config.sample` describes a sampler with no noise after the initial one."""
   s = config.sample
-  return s.sampler == "dpm_solver" or (s.sampler == "ddim" and float(s.eta) == 0.0)
+  return s.sampler in ("dpm_solver", "dpm_solver_fast") or (s.sampler == "ddim" and float(s.eta) == 0.0)
 
 
 def deterministic_config(config):

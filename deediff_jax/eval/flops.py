@@ -49,8 +49,10 @@ ELEMENTWISE = {
 }
 # Exit policies whose confidence test runs a module after every block (see early_exit.py).
 UEM_POLICIES = ("uem", "uem_no_time")
-NO_MONITOR_POLICIES = ("static", "time_schedule", "none")
-POLICIES = UEM_POLICIES + ("state_cosine",) + NO_MONITOR_POLICIES
+# The oracle runs every block but is costed at the depth it would stop at (a ceiling, not a
+# runnable saving), with no monitor: what any policy could reach at best.
+NO_MONITOR_POLICIES = ("static", "time_schedule", "none", "oracle")
+POLICIES = UEM_POLICIES + ("state_cosine", "adadiff") + NO_MONITOR_POLICIES
 
 
 class FlopsError(ValueError):
@@ -178,10 +180,24 @@ def cosine_flops(cfg, *, matmul_only: bool = False) -> int:
   return c.total
 
 
+def lte_flops(cfg, *, matmul_only: bool = False) -> int:
+  """AdaDiff's confidence module after a block: Linear(D -> p*p*C) + sigmoid per patch token,
+  then the mean over the map."""
+  cfg = _cfg(cfg)
+  p, d = cfg.num_patches, cfg.embed_dim
+  c = _Count(matmul_only)
+  c.dense(p, d, cfg.patch_dim)
+  c.ew(ELEMENTWISE["sigmoid"] * p * cfg.patch_dim)
+  c.ew(p * cfg.patch_dim + 1)
+  return c.total
+
+
 def monitor_flops(cfg, policy: str, *, matmul_only: bool = False) -> int:
   """What an exit policy computes after each block it runs, per image."""
   if policy in UEM_POLICIES:
     return uem_flops(cfg, matmul_only=matmul_only)
+  if policy == "adadiff":
+    return lte_flops(cfg, matmul_only=matmul_only)
   if policy == "state_cosine":
     return cosine_flops(cfg, matmul_only=matmul_only)
   if policy in NO_MONITOR_POLICIES:

@@ -9,12 +9,24 @@ For every setting built from `config.sweep` (`settings_from_config`):
   time_schedule       one row per `sweep.time_schedules` (';'-separated; empty: a few noisy-
                       shallow schedules derived from N, `default_time_schedules`) (key `schedule`)
   state_cosine        one row per `sweep.cosine_thresholds` value           (key `threshold`)
-  none                one row (full depth through the early-exit loop)
+  adadiff             one row per `sweep.confidence_thresholds` value (exit_style=adadiff models;
+                      in the default policy list it takes uem's place for them) (key `threshold`)
+  oracle              one row per `sweep.oracle_tolerances` value: the ceiling of any exit policy
+                      on this model (every block runs; cost = the depth it would stop at;
+                      `runnable` is False: these rows are not savings you can have)
+  none                one row (full depth through the early-exit loop), plus one plain
+                      full-depth row per `sweep.step_fractions` value with that share of
+                      `sample.steps` (fewer sampler steps: what a user tries first; PSNR against
+                      the full-step samples from the same noise), and `sweep.combo_depths` static
+                      depths at each of those step counts >= 60% (early exit on top of fewer steps)
 
 plus, when `exit.target_layer_ratio` / `exit.max_psnr_drop` / `exit.min_psnr` ask for it, one
-calibrated row (`eval/calibrate.py`) of exit.policy (uem unless it is another score policy), and
-with `exit.calibration_buckets` = K > 1 a second one right after it, calibrated per timestep
-bucket (key `threshold_schedule`, one threshold per bucket, noisiest first).
+calibrated row (`eval/calibrate.py`) of exit.policy (uem unless it is another score policy;
+adadiff for adadiff models), and with `exit.calibration_buckets` = K > 1 a second one right after
+it, calibrated per timestep bucket (key `threshold_schedule`, one threshold per bucket, noisiest
+first). With `exit.target_layer_ratio` and time_schedule in the policies, also a time_schedule
+calibrated from the oracle's exits to the same target (`calibrate.calibrate_time_schedule`): the
+strongest fixed rule, no guessed schedule.
 
 Every setting samples the same `sweep.num_images` images: the same initial noise, sampler noise
 and labels (`samplers.sample` derives them from `sample.seed` and the batch index only), with
@@ -66,10 +78,11 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from deediff_jax.config import POLICIES, parse_depth_schedule, parse_floats, parse_threshold_schedule
+from deediff_jax.config import (POLICIES, SCORE_POLICIES, UEM_POLICIES, parse_depth_schedule, parse_floats,
+                                parse_threshold_schedule)
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion import schedule as sched_lib
-from deediff_jax.early_exit import make_policy_params
+from deediff_jax.early_exit import make_policy_params, policy_params_for
 from deediff_jax.eval import calibrate as cal_lib
 from deediff_jax.eval import fid as fid_lib
 from deediff_jax.eval import fidelity as fidelity_lib
@@ -77,8 +90,6 @@ from deediff_jax.eval import flops as flops_lib
 from deediff_jax.eval import plots
 from deediff_jax.model.uvit import ModelConfig
 
-SCORE_POLICIES = ("uem", "uem_no_time", "state_cosine")
-UEM_POLICIES = ("uem", "uem_no_time")
 FID_KIND_NAMES = {
     "classifier": "classifier-FID (small CNN features; not comparable to Inception FID)",
     "inception": "Inception FID",
@@ -88,10 +99,18 @@ MAX_REAL_IMAGES = 10000     # real images for the classifier and the FID statist
 CLASSIFIER_STEPS = 600      # training steps of the classifier-FID net (sweep.classifier_steps overrides)
 IDENTICAL_PSNR = fidelity_lib.PSNR_MAX - 1e-6   # a mean this high: every image equal up to rounding
 GRID_IMAGES = 100
+DEFAULT_POLICIES = "uem,static,time_schedule,state_cosine,oracle,none"   # base_config's sweep.policies
+DEFAULT_SCHEDULE_BUCKETS = 4   # buckets of the oracle-calibrated time_schedule without calibration_buckets
+THRESHOLD_KEYS = {             # policy -> (its sweep values key, an example)
+    "uem": ("sweep.thresholds", "0.05,0.1,0.2"), "uem_no_time": ("sweep.thresholds", "0.05,0.1,0.2"),
+    "state_cosine": ("sweep.cosine_thresholds", "0.9,0.95,0.99"),
+    "adadiff": ("sweep.confidence_thresholds", "0.85,0.9,0.95"),
+    "oracle": ("sweep.oracle_tolerances", "0.01,0.03,0.1"),
+}
 SWEEP_DIR = "sweep"
 # Every row has every key (None where it does not apply), in this order.
 ROW_KEYS = (
-    "policy", "setting", "threshold", "threshold_schedule", "depth", "schedule", "calibrated",
+    "policy", "setting", "threshold", "threshold_schedule", "depth", "schedule", "calibrated", "runnable",
     "layer_ratio_run", "layer_ratio_per_sample", "gflops_per_image", "gflops_ratio",
     "seconds", "seconds_full", "speedup",
     "psnr_vs_full", "psnr_worst5", "psnr_p5", "mse_vs_full", "mse_worst5", "mse_p95",
@@ -123,33 +142,45 @@ class Setting:
   depth: Optional[int] = None            # static
   schedule: Optional[str] = None         # time_schedule, e.g. "3,5,6,9" (noisiest bucket first)
   calibration: Optional[dict] = None     # the calibration report, for a calibrated threshold
+  steps: Optional[int] = None            # sampler steps when not sample.steps (fewer-steps rows)
+  plain: bool = False                    # the plain full-depth forward (fewer-steps rows)
+
+  @property
+  def runnable(self) -> bool:
+    """False for the oracle: its cost is what it would run, but it runs every block."""
+    return self.policy != "oracle"
 
   def label(self) -> str:
-    if self.policy in SCORE_POLICIES:
+    if self.policy in SCORE_POLICIES or self.policy == "oracle":
       if self.threshold_schedule is not None:
         text = (f"{self.policy} per bucket "
                 + "/".join(f"{v:.3g}" for v in parse_floats(self.threshold_schedule, "threshold_schedule")))
       else:
         text = f"{self.policy} {self.threshold:g}"
-      return text + " (calibrated)" if self.calibration is not None else text
-    if self.policy == "static":
-      return f"static {self.depth}"
-    if self.policy == "time_schedule":
-      return f"time_schedule {self.schedule}"
-    return self.policy
+      if self.policy == "oracle":
+        text += " (ceiling)"
+    elif self.policy == "static":
+      text = f"static {self.depth}"
+    elif self.policy == "time_schedule":
+      text = f"time_schedule {self.schedule}"
+    else:
+      text = self.policy
+    if self.calibration is not None:
+      text += " (calibrated)"
+    if self.steps is not None:
+      text += f" @ {self.steps} steps"
+    return text
 
   def policy_params(self, num_blocks: int, min_layers: int = 1) -> dict:
-    """The traced policy parameters. exit.min_layers applies to the score policies only: the
-    depth policies' depth is the setting itself."""
-    if self.policy in SCORE_POLICIES:
+    """The traced policy parameters: `early_exit.policy_params_for`, the one path from a setting
+    to them that every mode uses (exit.min_layers applies to every policy, as in --mode sample)."""
+    threshold = None
+    if self.policy in SCORE_POLICIES or self.policy == "oracle":
       threshold = (parse_threshold_schedule(self.threshold_schedule, self.policy)
                    if self.threshold_schedule is not None else float(self.threshold))
-      return make_policy_params(num_blocks, threshold=threshold, min_layers=min_layers)
-    if self.policy == "static":
-      return make_policy_params(num_blocks, depth=int(self.depth))
-    if self.policy == "time_schedule":
-      return make_policy_params(num_blocks, schedule=_ints(self.schedule))
-    return make_policy_params(num_blocks)
+    return policy_params_for(self.policy, num_blocks, threshold=threshold, depth=self.depth,
+                             schedule=_ints(self.schedule) if self.schedule else None,
+                             min_layers=min_layers)
 
 
 def _ints(text: str) -> list[int]:
@@ -163,8 +194,9 @@ def default_time_schedules(num_blocks: int) -> list[str]:
   def d(frac):
     return max(1, min(n, math.ceil(frac * n - 1e-9)))
 
+  # The last two are DuoDiff switches: a shallow network above a switch time, full depth below.
   candidates = [[d(1 / 3), d(1 / 2), d(2 / 3), n], [d(1 / 2), d(2 / 3), n, n],
-                [d(1 / 4), d(1 / 3), d(1 / 2), d(2 / 3), n], [d(1 / 2), n]]
+                [d(1 / 4), d(1 / 3), d(1 / 2), d(2 / 3), n], [d(1 / 2), n], [d(1 / 3), n]]
   out = []
   for c in candidates:
     text = ",".join(str(v) for v in c)
@@ -175,7 +207,10 @@ def default_time_schedules(num_blocks: int) -> list[str]:
 
 def parse_policies(config, cfg: ModelConfig) -> list[str]:
   names = []
-  for name in (s.strip() for s in str(config.sweep.policies).split(",")):
+  text = str(config.sweep.policies)
+  if cfg.exit_style == "adadiff" and text == DEFAULT_POLICIES:
+    text = text.replace("uem,", "adadiff,")  # the default list, for a model whose exits are AdaDiff's
+  for name in (s.strip() for s in text.split(",")):
     if not name:
       continue
     if name not in POLICIES:
@@ -184,6 +219,11 @@ def parse_policies(config, cfg: ModelConfig) -> list[str]:
       names.append(name)
   if not names:
     raise SweepError(f"sweep.policies is empty; give e.g. --config.sweep.policies=uem,static,none")
+  bad = [p for p in names if p in UEM_POLICIES] if cfg.exit_style == "adadiff" else (
+      ["adadiff"] if "adadiff" in names else [])
+  if bad:
+    raise SweepError(f"sweep.policies has {bad[0]}, which this model (model.exit_style={cfg.exit_style}) "
+                     f"cannot run; use {'adadiff' if bad[0] != 'adadiff' else 'uem'} instead")
   if "uem_no_time" in names and cfg.uem != "token_linear_no_time":
     raise SweepError("sweep.policies has uem_no_time, which needs a model trained with "
                      "model.uem=token_linear_no_time; drop it from sweep.policies")
@@ -197,14 +237,13 @@ def settings_from_config(config, num_blocks: Optional[int] = None) -> list[Setti
   w = config.sweep
   out: list[Setting] = []
   for policy in parse_policies(config, cfg):
-    if policy in UEM_POLICIES or policy == "state_cosine":
-      key = "sweep.cosine_thresholds" if policy == "state_cosine" else "sweep.thresholds"
-      values = parse_floats(w.cosine_thresholds if policy == "state_cosine" else w.thresholds, key)
+    if policy in SCORE_POLICIES or policy == "oracle":
+      key, example = THRESHOLD_KEYS[policy]
+      values = parse_floats(w[key.split(".")[1]], key)
       if not values:
-        raise SweepError(f"{key} is empty but sweep.policies has {policy}; give values like "
-                         f"{'0.9,0.95,0.99' if policy == 'state_cosine' else '0.05,0.1,0.2'}")
-      if policy in UEM_POLICIES and min(values) < 0:
-        raise SweepError(f"{key} must be >= 0 (u is in (0, 1)), got {min(values)}")
+        raise SweepError(f"{key} is empty but sweep.policies has {policy}; give values like {example}")
+      if policy != "state_cosine" and min(values) < 0:
+        raise SweepError(f"{key} must be >= 0, got {min(values)}")
       out += [Setting(policy, threshold=float(v)) for v in dict.fromkeys(values)]
     elif policy == "static":
       depths = (list(range(1, n + 1)) if not str(w.depths).strip()
@@ -218,6 +257,24 @@ def settings_from_config(config, num_blocks: Optional[int] = None) -> list[Setti
       out += [Setting("time_schedule", schedule=s) for s in dict.fromkeys(scheds)]
     else:
       out.append(Setting("none"))
+      out += fewer_steps_settings(config, n)
+  return out
+
+
+def fewer_steps_settings(config, num_blocks: int) -> list[Setting]:
+  """Plain full-depth rows at sweep.step_fractions of sample.steps, and sweep.combo_depths static
+  depths at those step counts that keep >= 60% of the steps (exit on top of fewer steps)."""
+  steps = int(config.sample.steps)
+  fracs = parse_floats(config.sweep.get("step_fractions", ""), "sweep.step_fractions")
+  if any(not 0 < f < 1 for f in fracs):
+    raise SweepError(f"sweep.step_fractions must be in (0, 1), got {config.sweep.step_fractions!r}")
+  counts = list(dict.fromkeys(max(1, int(round(f * steps))) for f in fracs))
+  counts = [c for c in counts if c < steps]
+  out = [Setting("none", steps=c, plain=True) for c in counts]
+  combo = str(config.sweep.get("combo_depths", "")).strip()
+  if combo:
+    depths = parse_depth_schedule(combo, num_blocks, key="sweep.combo_depths")
+    out += [Setting("static", depth=d, steps=c) for c in counts if c >= 0.6 * steps for d in depths]
   return out
 
 
@@ -225,7 +282,7 @@ def setting_from_exit_config(config) -> Setting:
   """The one setting config.exit describes (for `--mode eval`)."""
   cfg = ModelConfig.from_config(config.model)
   e = config.exit
-  if e.policy in SCORE_POLICIES:
+  if e.policy in SCORE_POLICIES or e.policy == "oracle":
     if str(e.get("threshold_schedule", "")).strip():
       return Setting(e.policy, threshold_schedule=cal_lib.schedule_text(
           parse_threshold_schedule(e.threshold_schedule, e.policy)))
@@ -405,17 +462,24 @@ def _batch_sizes(num: int, bs: int) -> list[int]:
   return sorted(sizes)
 
 
+CHEAP_THRESHOLD = {"uem": 2.0, "uem_no_time": 2.0,      # u < 2 always
+                   "state_cosine": -2.0, "adadiff": -1.0,   # cos > -2, confidence > -1 always
+                   "oracle": 1e30}                           # every layer within tolerance
+
+
 def _cheap_params(setting: Setting, n: int, min_layers: int) -> dict:
-  """Policy values of the same shapes that exit as early as possible: a fast warm-up run."""
-  if setting.policy in UEM_POLICIES:
-    return make_policy_params(n, threshold=2.0, min_layers=min_layers)     # u < 2 always
-  if setting.policy == "state_cosine":
-    return make_policy_params(n, threshold=-2.0, min_layers=min_layers)    # cos > -2 always
+  """Policy values of the same shapes (a per-bucket threshold stays an array of its length) that
+  exit as early as possible: a fast warm-up run that compiles the timed program."""
+  if setting.policy in CHEAP_THRESHOLD:
+    value = CHEAP_THRESHOLD[setting.policy]
+    if setting.threshold_schedule is not None:
+      value = [value] * len(parse_floats(setting.threshold_schedule, "threshold_schedule"))
+    return make_policy_params(n, threshold=value, min_layers=min_layers)
   if setting.policy == "static":
-    return make_policy_params(n, depth=1)
+    return make_policy_params(n, depth=1, min_layers=min_layers)
   if setting.policy == "time_schedule":
-    return make_policy_params(n, schedule=[1] * len(_ints(setting.schedule)))
-  return make_policy_params(n)
+    return make_policy_params(n, schedule=[1] * len(_ints(setting.schedule)), min_layers=min_layers)
+  return make_policy_params(n, min_layers=min_layers)
 
 
 def _sample(ctx: Context, config, *, plain=False, setting: Optional[Setting] = None, pp=None):
@@ -424,9 +488,12 @@ def _sample(ctx: Context, config, *, plain=False, setting: Optional[Setting] = N
 
 
 def _warm_up(ctx: Context, config, *, plain=False, setting: Optional[Setting] = None) -> None:
-  """Compiles (once per sampler x policy x schedule length) every batch shape of the run."""
-  key = (config.sample.sampler, "plain" if plain else setting.policy,
-         len(_ints(setting.schedule)) if setting is not None and setting.schedule else 0)
+  """Compiles (once per sampler x steps x policy x schedule and threshold shapes) every batch
+  shape of the run, so nothing compiles inside a timed call."""
+  thr_len = (len(parse_floats(setting.threshold_schedule, "threshold_schedule"))
+             if setting is not None and setting.threshold_schedule is not None else 0)
+  key = (config.sample.sampler, int(config.sample.steps), "plain" if plain else setting.policy,
+         len(_ints(setting.schedule)) if setting is not None and setting.schedule else 0, thr_len)
   if key in ctx.compiled:
     return
   n = ctx.cfg.num_blocks
@@ -442,12 +509,22 @@ def _warm_up(ctx: Context, config, *, plain=False, setting: Optional[Setting] = 
   ctx.compiled.add(key)
 
 
-def _timed(ctx: Context, **kw):
+def _timed(ctx: Context, config=None, **kw):
   """(images, stats, seconds) with the configured sampler; compiled beforehand."""
-  _warm_up(ctx, ctx.config, **{k: v for k, v in kw.items() if k in ("plain", "setting")})
+  config = ctx.config if config is None else config
+  _warm_up(ctx, config, **{k: v for k, v in kw.items() if k in ("plain", "setting")})
   t0 = time.perf_counter()
-  images, stats = _sample(ctx, ctx.config, **kw)
+  images, stats = _sample(ctx, config, **kw)
   return images, stats, time.perf_counter() - t0
+
+
+def with_steps(config, steps: Optional[int]):
+  """`config` itself, or a copy that samples with `steps` steps."""
+  if steps is None or int(steps) == int(config.sample.steps):
+    return config
+  c = config.copy_and_resolve_references()
+  c.sample.steps = int(steps)
+  return c
 
 
 def check_local(workdir) -> None:
@@ -505,7 +582,7 @@ def retime_baseline(ctx: Context, rows) -> None:
 
 
 def check_params_for(settings, params) -> None:
-  if any(s.policy != "none" for s in settings) and "exit_heads" not in params:
+  if any(s.policy != "none" for s in settings) and not ({"exit_heads", "ltes"} & set(params)):
     raise SweepError("this checkpoint has no exit heads/UEMs (a bare backbone); train them first "
                      "(--config.train.mode=frozen_backbone) or use --config.sweep.policies=none")
 
@@ -522,24 +599,27 @@ def gflops_from_stats(cfg: ModelConfig, stats: dict, policy: str, cfg_factor: in
 def evaluate(ctx: Context, setting: Setting) -> tuple[dict, np.ndarray, dict]:
   """Samples, times and scores one setting -> (row, images, stats)."""
   n = ctx.cfg.num_blocks
-  config = ctx.config
-  min_layers = int(config.exit.min_layers) if setting.policy in SCORE_POLICIES else 1
+  config = with_steps(ctx.config, setting.steps)
+  min_layers = int(config.exit.min_layers)
   pp = setting.policy_params(n, min_layers)
-  images, stats, seconds = _timed(ctx, setting=setting, pp=pp)
+  kw = dict(plain=True) if setting.plain else dict(setting=setting, pp=pp)
+  images, stats, seconds = _timed(ctx, config, **kw)
   if ctx.deterministic:
     images_fid = images
   else:
-    _warm_up(ctx, ctx.fidelity_config, setting=setting)
-    images_fid, _ = _sample(ctx, ctx.fidelity_config, setting=setting, pp=pp)
+    fid_config = with_steps(ctx.fidelity_config, setting.steps)
+    _warm_up(ctx, fid_config, **{k: v for k, v in kw.items() if k != "pp"})
+    images_fid, _ = _sample(ctx, fid_config, **kw)
   fidelity = fidelity_lib.fidelity(ctx.images_full_fidelity, images_fid)
   summary = samplers.summarize(stats, n)
-  gflops = gflops_from_stats(ctx.cfg, stats, setting.policy, ctx.cfg_factor)
+  gflops = (flops_lib.full_depth_flops_per_image(ctx.cfg, int(config.sample.steps), cfg_factor=ctx.cfg_factor) / 1e9
+            if setting.plain else gflops_from_stats(ctx.cfg, stats, setting.policy, ctx.cfg_factor))
   quality = ctx.quality.score(images, ctx.labels)
   row = {
       "policy": setting.policy, "setting": setting.label(),
       "threshold": setting.threshold, "threshold_schedule": setting.threshold_schedule,
       "depth": setting.depth, "schedule": setting.schedule,
-      "calibrated": setting.calibration is not None,
+      "calibrated": setting.calibration is not None, "runnable": setting.runnable,
       "layer_ratio_run": summary["layer_ratio_run"],
       "layer_ratio_per_sample": summary["layer_ratio_per_sample"],
       "gflops_per_image": gflops, "gflops_ratio": gflops / ctx.gflops_full,
@@ -837,7 +917,9 @@ def _json_default(v):
 # ----------------------------------------------------------------------------- the mode
 
 def _calibration_policy(config) -> str:
-  return config.exit.policy if config.exit.policy in SCORE_POLICIES else "uem"
+  if config.exit.policy in SCORE_POLICIES:
+    return config.exit.policy
+  return "adadiff" if config.model.get("exit_style", "deediff") == "adadiff" else "uem"
 
 
 def calibrated_setting(ctx: Context, policy: Optional[str] = None, buckets: Optional[int] = None) -> Setting:
@@ -886,6 +968,17 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> list[dic
       calibration_per_bucket = extra[-1].calibration
     last = max((i for i, s in enumerate(settings) if s.policy == cs.policy), default=len(settings) - 1)
     settings[last + 1:last + 1] = extra
+    target = float(config.exit.target_layer_ratio)
+    if target > 0 and any(s.policy == "time_schedule" for s in settings):
+      k = cal_lib.buckets_of(config) if cal_lib.buckets_of(config) > 1 else DEFAULT_SCHEDULE_BUCKETS
+      k = min(k, int(config.sample.steps))
+      sched, report = cal_lib.calibrate_time_schedule(
+          ctx.params, config, cal_lib.calibration_rng(config), target=target, buckets=k,
+          num=min(int(config.sample.batch_size), ctx.num))
+      print(cal_lib.describe(report))
+      last = max(i for i, s in enumerate(settings) if s.policy == "time_schedule")
+      settings.insert(last + 1, Setting("time_schedule", schedule=",".join(str(v) for v in sched),
+                                        calibration=report))
   rows, images, stats = [], [], []
   bar = tqdm(settings, desc="sweep", unit="setting", disable=not progress)
   for s in bar:

@@ -27,7 +27,8 @@ from deediff_jax.model.uvit import Block, Head, ModelConfig, timestep_embedding
 
 BACKBONE_KEYS = ("patch_embed", "pos_embed", "label_emb", "time_mlp_1", "time_mlp_2",
                  "context_embed", "in_blocks", "mid_block", "out_blocks", "head")
-EXIT_KEYS = ("exit_heads", "uems")
+EXIT_KEYS = ("exit_heads", "uems", "ltes")
+SCORE_KEYS = ("uems", "ltes")   # what train.mode=uem_only trains
 
 
 def _scanned_blocks(cfg: ModelConfig, use_skip: bool, name: str):
@@ -59,8 +60,11 @@ class DeeDiffUViT(nn.Module):
     self.mid_block = Block(cfg)
     self.out_blocks = _scanned_blocks(cfg, True, "out_blocks")
     self.head = Head(cfg)
-    self.exit_heads = exits.exit_heads(cfg)
-    self.uems = exits.uems(cfg)
+    if cfg.exit_style == "adadiff":
+      self.ltes = exits.ltes(cfg)
+    else:
+      self.exit_heads = exits.exit_heads(cfg)
+      self.uems = exits.uems(cfg)
 
   # ---- pieces (also called one by one by the early-exit path) ----
 
@@ -107,6 +111,12 @@ class DeeDiffUViT(nn.Module):
   def all_predictions(self, hs, x=None):
     """Noise predictions of all N heads: [N, B, H, W, C]. `x`: the noisy input (for input_skip)."""
     x_in = self._head_input(x)
+    if self.cfg.exit_style == "adadiff":
+      # One shared head decodes every block: fold the layers into the batch.
+      n, b = hs.shape[:2]
+      x_rep = None if x_in is None else jnp.broadcast_to(x_in[None], (n,) + x_in.shape).reshape((n * b,) + x_in.shape[1:])
+      eps = self.head(hs.reshape((n * b,) + hs.shape[2:]), x_rep)
+      return eps.reshape((n, b) + eps.shape[1:])
     if self.is_initializing():
       eps_exits = self.exit_heads(hs[:-1], x_in)  # creates the stacked [N-1, ...] parameters
     else:
@@ -129,12 +139,18 @@ class DeeDiffUViT(nn.Module):
     return x.astype(self.cfg.compute_dtype)
 
   def all_uncertainties(self, hs, temb):
-    return self.uems(hs, temb)  # [N, B]
+    """deediff: u [N, B] (uncertainty); adadiff: confidence maps [N, B, H, W, C]."""
+    if self.cfg.exit_style == "adadiff":
+      return self.ltes(hs)
+    return self.uems(hs, temb)
 
   # ---- the two public forwards ----
 
   def all_exits(self, x, t, y=None, context=None):
-    """Training path: (eps_all [N, B, H, W, C], u_all [N, B]). eps_all[-1] is the full model."""
+    """Training path: (eps_all [N, B, H, W, C], scores). eps_all[-1] is the full model.
+
+    scores: u [N, B] for exit_style=deediff, confidence maps [N, B, H, W, C] for adadiff.
+    """
     h, temb = self.embed(x, t, y, context)
     hs = self.hidden_states(h)
     return self.all_predictions(hs, x), self.all_uncertainties(hs, temb)
@@ -180,7 +196,8 @@ def count_params(params) -> dict:
   backbone, exit_params = split_params(params)
   size = lambda tree: int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
   return {"backbone": size(backbone), "exit_heads": size(exit_params.get("exit_heads", {})),
-          "uems": size(exit_params.get("uems", {})), "total": size(params)}
+          "uems": size(exit_params.get("uems", {})), "ltes": size(exit_params.get("ltes", {})),
+          "total": size(params)}
 
 
 def slice_layer(stacked, i):

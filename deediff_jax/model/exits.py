@@ -1,8 +1,13 @@
-"""DeeDiff exits: an output head g_i and an uncertainty estimation module (UEM) u_i per block.
+"""Exits: what turns block i's hidden state into a prediction and a score.
 
-Heads have the U-ViT head's form (`uvit.Head`); the last block's head is the backbone's own
-head, so exit heads are stacked only for blocks 1..N-1. UEMs are stacked for all N blocks
-(u_N is trained too, the last block always exits at inference).
+`model.exit_style=deediff` (the paper's text): an output head g_i and an uncertainty estimation
+module (UEM) u_i per block. Heads have the U-ViT head's form (`uvit.Head`); the last block's head
+is the backbone's own head, so exit heads are stacked only for blocks 1..N-1. UEMs are stacked
+for all N blocks (u_N is trained too, the last block always exits at inference).
+
+`model.exit_style=adadiff` (the official AdaDiff code): no exit heads, every block decodes with
+the backbone's shared head, and a confidence module (`LTE`) per block maps the patch tokens, with
+their gradient stopped, to a per-pixel confidence map in (0, 1).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deediff_jax.model.uvit import LN_EPS, Head, ModelConfig
+from deediff_jax.model.uvit import LN_EPS, Head, ModelConfig, unpatchify
 
 
 class UEM(nn.Module):
@@ -47,6 +52,22 @@ class UEM(nn.Module):
     return jax.nn.sigmoid(nn.Dense(1, name="fc2")(z)[..., 0])
 
 
+class LTE(nn.Module):
+  """AdaDiff's confidence module: sigmoid(Linear(D -> p*p*C)) per patch token -> [B, H, W, C].
+
+  The tokens are detached (the official `.detach()`), so the confidence loss never reaches the
+  backbone; time enters only through the time token that attention mixed into the tokens.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h):
+    cfg = self.cfg
+    tokens = jax.lax.stop_gradient(h[:, cfg.num_extra_tokens:].astype(jnp.float32))
+    logits = nn.Dense(cfg.patch_dim, name="lte")(tokens)
+    return unpatchify(jax.nn.sigmoid(logits), cfg.patch_size, cfg.in_channels)
+
+
 def stacked(module_cls, cfg: ModelConfig, count: int, in_axes, name: str):
   """`count` independent copies of a module with parameters stacked on axis 0."""
   return nn.vmap(module_cls, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -59,3 +80,7 @@ def exit_heads(cfg: ModelConfig, name: str = "exit_heads"):
 
 def uems(cfg: ModelConfig, name: str = "uems"):
   return stacked(UEM, cfg, cfg.num_blocks, (0, None), name)
+
+
+def ltes(cfg: ModelConfig, name: str = "ltes"):
+  return stacked(LTE, cfg, cfg.num_blocks, 0, name)

@@ -20,6 +20,10 @@ import jax.numpy as jnp
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default; flax's default (1e-6) would break parity.
 UEM_KINDS = ("token_linear", "token_linear_no_time", "attention_probe")
+# deediff: the paper's text (a head per block, a per-sample timestep-aware UEM); adadiff: the
+# official AdaDiff code (every exit decodes with the backbone's shared head, a per-pixel
+# confidence module "LTE" on stop-gradient patch tokens).
+EXIT_STYLES = ("deediff", "adadiff")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,7 @@ class ModelConfig:
   # slowly; this path makes the copy a single conv weight. See README "MNIST".
   input_skip: bool = False
   uem: str = "token_linear"
+  exit_style: str = "deediff"
   remat: bool = False
   dtype: str = "float32"      # compute dtype; parameters stay float32.
 
@@ -71,6 +76,8 @@ class ModelConfig:
       bad("context_len", f"set both context_dim and context_len (got {self.context_dim}, {self.context_len}) or neither")
     if self.uem not in UEM_KINDS:
       bad("uem", f"unknown kind {self.uem!r}; choose one of {', '.join(UEM_KINDS)}")
+    if self.exit_style not in EXIT_STYLES:
+      bad("exit_style", f"unknown style {self.exit_style!r}; choose one of {', '.join(EXIT_STYLES)}")
     if self.dtype not in ("float32", "bfloat16"):
       bad("dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
 

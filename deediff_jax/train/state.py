@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from deediff_jax.model.deediff import EXIT_KEYS
+from deediff_jax.model.deediff import EXIT_KEYS, SCORE_KEYS
 
 # Pre-peak steps of the EMA warmup: decay_t = min(ema_rate, (1 + t) / (EMA_WARMUP + t)).
 # Without it a 0.999 EMA after 2,000 steps still carries 0.999**2000 = 13% of the random
@@ -56,8 +56,13 @@ def lr_schedule(train_config):
 
 
 def is_trainable(mode: str, top_key: str) -> bool:
-  """frozen_backbone trains only the exit heads and UEMs; the other modes train everything."""
-  return mode != "frozen_backbone" or top_key in EXIT_KEYS
+  """frozen_backbone trains only the exit heads and score modules (UEMs / LTEs); uem_only only
+  the score modules (backbone and heads fixed); the other modes train everything."""
+  if mode == "frozen_backbone":
+    return top_key in EXIT_KEYS
+  if mode == "uem_only":
+    return top_key in SCORE_KEYS
+  return True
 
 
 def param_labels(params, mode: str):
@@ -67,7 +72,7 @@ def param_labels(params, mode: str):
 
 
 def make_optimizer(train_config, params) -> optax.GradientTransformation:
-  """Global-norm clipping + AdamW on the schedule; frozen_backbone zeroes backbone updates."""
+  """Global-norm clipping + AdamW on the schedule; frozen_backbone / uem_only zero frozen updates."""
   clip = float(train_config.grad_clip)
   # Clipping at +inf is a no-op but keeps the optimizer state's structure independent of
   # grad_clip, so a resumed run may change it.
@@ -76,7 +81,7 @@ def make_optimizer(train_config, params) -> optax.GradientTransformation:
       optax.adamw(lr_schedule(train_config), b1=0.9, b2=0.999, eps=1e-8,
                   weight_decay=float(train_config.weight_decay)))
   mode = train_config.mode
-  if mode != "frozen_backbone":
+  if mode not in ("frozen_backbone", "uem_only"):
     return adamw
   return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
                                param_labels(params, mode))

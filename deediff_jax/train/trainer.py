@@ -30,7 +30,7 @@ from deediff_jax.config import ConfigError, validate
 from deediff_jax.diffusion import schedule as schedule_lib
 from deediff_jax.diffusion.losses import loss_from_config
 from deediff_jax.model import build, init_params
-from deediff_jax.model.deediff import DeeDiffUViT
+from deediff_jax.model.deediff import SCORE_KEYS, DeeDiffUViT
 from deediff_jax.train import checkpoint as ckpt
 from deediff_jax.train import sharding as shd
 from deediff_jax.train.metrics import MetricsWriter
@@ -95,13 +95,15 @@ def train_step(state: TrainState, batch: dict, *, config, module, sched, optimiz
     inputs["context"] = jnp.where(drop[:, None, None], null, ctx)
 
   def loss_fn(params, mb):
-    if mode == "frozen_backbone":
-      # No gradient into the backbone at all: XLA drops its backward pass.
+    if mode in ("frozen_backbone", "uem_only"):
+      # No gradient into the frozen parts at all: XLA drops their backward pass.
       params = {k: (v if is_trainable(mode, k) else jax.lax.stop_gradient(v)) for k, v in params.items()}
     xt = schedule_lib.q_sample(sched, mb["x0"], mb["t"], mb["noise"])
-    eps_all, u_all = module.apply({"params": params}, xt, schedule_lib.model_time(sched, mb["t"]),
-                                  mb.get("y"), mb.get("context"), method=DeeDiffUViT.all_exits)
-    return loss_from_config(eps_all, u_all, mb["noise"], config.loss)
+    eps_all, scores = module.apply({"params": params}, xt, schedule_lib.model_time(sched, mb["t"]),
+                                   mb.get("y"), mb.get("context"), method=DeeDiffUViT.all_exits)
+    alpha, sigma = schedule_lib.alpha_sigma(sched, mb["t"])
+    return loss_from_config(eps_all, scores, mb["noise"], config.loss, exit_style=mc.exit_style,
+                            x0_scale=sigma / alpha)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   accum = int(tc.grad_accum)
@@ -175,9 +177,11 @@ def _load_init_from(setup: Setup, fresh: dict) -> dict:
   loaded = shd.gather_to_host(ckpt.load_params(config.train.init_from, config, use_ema=True))
   params = {}
   for key, value in fresh.items():
-    if key in loaded:
+    if config.train.mode == "uem_only" and key in SCORE_KEYS:
+      params[key] = value  # uem_only trains the score modules anew on a fixed model.
+    elif key in loaded:
       params[key] = loaded[key]
-    elif key in ("exit_heads", "uems"):
+    elif key in ("uems", "ltes") or (key == "exit_heads" and config.train.mode != "uem_only"):
       params[key] = value  # A bare U-ViT backbone: the exits start fresh.
     else:
       raise ckpt.CheckpointError(f"train.init_from {config.train.init_from} has no '{key}' parameters; "
