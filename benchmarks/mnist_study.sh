@@ -35,7 +35,50 @@ publish() {  # workdir -> benchmarks/results/NAME (tables, plots, small JSON; ne
 # MNIST pooled to 14x14, patch 2: 49 tokens like 28x28/patch 4, but 4 pixels per token.
 SMALL=(--config.data.source="npz:$RUNS/mnist14.npz" --config.data.image_size=14 --config.model.image_size=14
        --config.model.patch_size=2 --config.train.lr=2e-3)
-case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|frozen14}" in
+# The 13-block study (issue "Exits that pay"): depth 12 = 13 blocks, the U-ViT-S depth the paper
+# uses, D=128, patch 2 on MNIST pooled to 14x14. Every stage resumes from its workdir.
+#   bash benchmarks/mnist_study.sh joint13          # joint DeeDiff training (2,000 steps) + the full sweep
+#   bash benchmarks/mnist_study.sh uem13 x0         # only the UEMs, retrained on joint13 with loss.uem_target=x0
+#   bash benchmarks/mnist_study.sh uem13 fidelity   # ... fidelity (eps also works: the same target, trained anew)
+#   bash benchmarks/mnist_study.sh adadiff13        # the official AdaDiff formulation, finetuned from joint13
+SIZE13=(--config.diffusion.schedule=cosine --config.model.input_skip=True --config.model.embed_dim=128
+        --config.model.depth=12 --config.model.num_heads=4 --config.train.batch_size=64 --config.train.lr=2e-3
+        --config.train.warmup_steps=200 --config.train.ema_rate=0.999 --config.train.checkpoint_every=250
+        --config.train.log_every=50 --config.train.sample_at_end=False
+        --config.data.source="npz:$RUNS/mnist14.npz" --config.data.image_size=14 --config.model.image_size=14
+        --config.model.patch_size=2)
+# The 13-block sweep: 200 images from the same noise, DDIM 25 steps, guidance 1; learned policies
+# calibrated to 55% of the blocks (one threshold, and one per 5 timestep buckets), the oracle
+# ceiling, fewer steps (30/45/60/75% of 25) and static 11 on top of the two largest.
+SWEEP13=(--config.sample.steps=25 --config.sweep.num_images=200 --config.sample.batch_size=100
+         --config.sweep.thresholds=0.03,0.06,0.1,0.15,0.2,0.3 --config.sweep.depths=3,5,7,9,11
+         --config.sweep.cosine_thresholds=0.95,0.99 --config.sweep.oracle_tolerances=0.02,0.05,0.1,0.2
+         --config.sweep.confidence_thresholds=0.8,0.85,0.9,0.92,0.95,0.97
+         --config.sweep.step_fractions=0.3,0.45,0.6,0.75 --config.sweep.combo_depths=11
+         --config.exit.target_layer_ratio=0.55 --config.exit.calibration_buckets=5)
+JOINT13=(--config.train.num_steps="${STEPS13:-2000}")
+case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|frozen14|joint13|uem13 TARGET|adadiff13}" in
+  joint13)
+    [ -f "$RUNS/mnist14.npz" ] || python benchmarks/make_mnist14.py ../shared/data/mnist10k.npz "$RUNS/mnist14.npz"
+    run --workdir "$RUNS/m14d12_joint" "${SIZE13[@]}" "${JOINT13[@]}"
+    run --workdir "$RUNS/m14d12_joint" --mode sweep "${SIZE13[@]}" "${JOINT13[@]}" "${SWEEP13[@]}"
+    publish "$RUNS/m14d12_joint" mnist13_joint ;;
+  uem13)       # UEMs alone (backbone and heads of joint13 frozen), one target, then the UEM rows
+    target=${2:?usage: mnist_study.sh uem13 eps|x0|fidelity}
+    U=(--config.train.mode=uem_only --config.train.init_from="$RUNS/m14d12_joint" --config.loss.uem_target="$target"
+       --config.train.num_steps="${UEM_STEPS:-300}" --config.train.warmup_steps=50 --config.train.lr=1e-3)
+    run --workdir "$RUNS/m14d12_uem_$target" "${SIZE13[@]}" "${U[@]}"
+    run --workdir "$RUNS/m14d12_uem_$target" --mode sweep "${SIZE13[@]}" "${U[@]}" "${SWEEP13[@]}" \
+        --config.sweep.policies=uem --config.sweep.step_fractions=
+    publish "$RUNS/m14d12_uem_$target" "mnist13_uem_$target" ;;
+  adadiff13)   # the official formulation: shared head + per-pixel confidence, finetuned from joint13
+    A=(--config.model.exit_style=adadiff --config.exit.policy=adadiff --config.exit.threshold=0.9
+       --config.train.mode=finetune --config.train.init_from="$RUNS/m14d12_joint"
+       --config.train.num_steps="${ADA_STEPS:-500}" --config.train.warmup_steps=50 --config.train.lr=1e-3)
+    run --workdir "$RUNS/m14d12_adadiff" "${SIZE13[@]}" "${A[@]}"
+    run --workdir "$RUNS/m14d12_adadiff" --mode sweep "${SIZE13[@]}" "${A[@]}" "${SWEEP13[@]}" \
+        --config.sweep.policies=adadiff,static,none --config.sweep.depths=5,7,9 --config.sweep.step_fractions=
+    publish "$RUNS/m14d12_adadiff" mnist13_adadiff ;;
   scratch)
     run --workdir "$RUNS/mnist_scratch" "${SIZE[@]}" --config.train.num_steps="$STEPS"
     run --workdir "$RUNS/mnist_scratch" --mode sweep "${SIZE[@]}" --config.train.num_steps="$STEPS" "${SWEEP[@]}"

@@ -7,14 +7,24 @@ The output is an `export_params` directory (params-only checkpoint + config.json
 
 API:
   load_torch_checkpoint(path)                -> {name: np.ndarray}   (.pth/.pt/.ckpt, .safetensors, .npz)
-  convert_backbone(state_dict, config)       -> backbone params (every key but exit_heads / uems)
+  convert_backbone(state_dict, config)       -> every param the checkpoint holds (all but exit_heads / uems)
   merge_with_fresh_exits(backbone, config, seed) -> complete params, exits freshly initialised
   convert(state_dict, config, seed=None)     -> complete params for `deediff_jax.model.build(config.model)`
 
-The official checkpoints have no DeeDiff exits, so `convert` returns the converted backbone plus
-exit heads and UEMs freshly initialised (the model's own initialisers, from PRNGKey(seed)), ready
-for `train.mode=frozen_backbone` or `finetune`. Sampling with `exit.policy=none` reproduces the
-official model.
+The official U-ViT checkpoints have no DeeDiff exits, so `convert` returns the converted backbone
+plus exit heads and UEMs freshly initialised (the model's own initialisers, from PRNGKey(seed)),
+ready for `train.mode=frozen_backbone` or `finetune`. Sampling with `exit.policy=none` reproduces
+the official model.
+
+Official AdaDiff checkpoints (Tangshengku/AdaDiff, `model.exit_style=adadiff`) are a U-ViT plus one
+confidence module per block, `lte_classifer.{i}.lte.weight` [p*p*C, D] and `.bias` [p*p*C] for
+i = 0..depth (in-blocks, mid-block, out-blocks in running order). They become
+params['ltes']['lte']['kernel'] [depth+1, D, p*p*C] (each transposed) and ['bias'] [depth+1, p*p*C];
+the p*p*C outputs keep the official '(p1 p2 C)' order, which `unpatchify` reads. There are no exit
+heads or UEMs to initialise: every exit decodes with the backbone's head, so `convert` is the
+complete model and samples as the official code does with `exit.policy=adadiff`,
+`exit.aggregate=mean` (configs/*_adadiff.py). A plain U-ViT checkpoint has no LTEs: convert it
+with exit_style=deediff and train fresh ones with `--config.train.init_from=DIR`.
 
 Conventions (every one checked by tests/test_convert.py against a PyTorch U-ViT):
   * Conv2d weight OIHW -> Flax kernel HWIO; inputs are NHWC on our side, NCHW on theirs.
@@ -66,6 +76,9 @@ _TOP_ORDER = ((("pos_embed",), "pos_embed"),
               (("head", "decoder_pred"), "decoder_pred"),
               (("head", "final_layer"), "final_layer"))
 _LEAF_ORDER = (("kernel", "weight"), ("scale", "weight"), ("embedding", "weight"), ("bias", "bias"))
+# AdaDiff's confidence modules, registered after the head: lte_classifer.{i}.lte, one per block.
+_LTE_PATH, _LTE_NAME = ("ltes", "lte"), "lte_classifer"
+_FRESH_KEYS = ("exit_heads", "uems")  # exits no official checkpoint holds
 
 
 class ConversionError(ValueError):
@@ -186,13 +199,13 @@ def strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _flax_shapes(mc):
-  """Shapes of the backbone params of build(mc), without allocating them."""
+  """Shapes of the params of build(mc) that a checkpoint holds, without allocating them: the
+  backbone, plus the confidence modules (`ltes`) under exit_style=adadiff."""
   import jax
 
-  from deediff_jax.model import build, init_params, split_params
+  from deediff_jax.model import build, init_params
   shapes = jax.eval_shape(lambda: init_params(build(mc), jax.random.PRNGKey(0)))
-  backbone, _ = split_params(shapes)
-  return backbone
+  return {k: v for k, v in shapes.items() if k not in _FRESH_KEYS}
 
 
 def _get(tree, path):
@@ -234,6 +247,9 @@ def _spec(mc, flax_backbone):
     else:
       for path, leaf, shape in _leaves(flax_backbone, entry):
         spec.append((torch_name if leaf is None else f"{torch_name}.{leaf}", path, None, shape))
+  for i in range(mc.num_blocks if _get(flax_backbone, _LTE_PATH) is not None else 0):
+    for path, leaf, shape in _leaves(flax_backbone, _LTE_PATH):
+      spec.append((f"{_LTE_NAME}.{i}.lte.{leaf}", path, i, shape[1:]))
   return spec
 
 
@@ -256,6 +272,7 @@ def _to_flax_layout(path, arr):
 
 
 _BLOCK_RE = re.compile(r"^(in_blocks|out_blocks)\.(\d+)\.")
+_LTE_RE = re.compile(r"^lte_classifer\.(\d+)\.")
 
 
 def _missing_hint(name, names, mc):
@@ -275,6 +292,13 @@ def _missing_hint(name, names, mc):
   m = _BLOCK_RE.match(name)
   if m and not any(n.startswith(m.group(0)) for n in names):  # the whole block is absent
     return f"the checkpoint has fewer blocks: lower model.depth (now {mc.depth})"
+  if _LTE_RE.match(name):
+    if not any(_LTE_RE.match(n) for n in names):
+      return ("the checkpoint has no AdaDiff confidence modules (lte_classifer.*), e.g. a plain U-ViT "
+              "nnet.pth: convert it with model.exit_style=deediff (--config.train.init_from=DIR then "
+              "trains fresh ones for exit_style=adadiff)")
+    return (f"is this an official AdaDiff nnet.pth / nnet_ema.pth state_dict for this config? It has one "
+            f"lte_classifer per block, model.depth + 1 = {mc.num_blocks}")
   return "is this an official U-ViT nnet.pth / nnet_ema.pth state_dict for this config?"
 
 
@@ -296,6 +320,13 @@ def _unused_hint(name, shapes, mc):
   if m:
     top = max(int(mm.group(2)) for mm in map(_BLOCK_RE.match, shapes) if mm and mm.group(1) == m.group(1))
     return f"the checkpoint has {top + 1} {m.group(1)}: set model.depth={2 * (top + 1)} (now {mc.depth})"
+  if _LTE_RE.match(name):
+    if mc.exit_style != "adadiff":
+      return ("the checkpoint is an official AdaDiff model with per-block confidence modules: set "
+              "model.exit_style=adadiff (and exit.policy=adadiff, exit.aggregate=mean)")
+    top = max(int(mm.group(1)) for mm in map(_LTE_RE.match, shapes) if mm)
+    return (f"the checkpoint has {top + 1} lte_classifer modules but AdaDiff has one per block, "
+            f"model.depth + 1 = {mc.num_blocks}")
   return ("not a U-ViT parameter: is this the right file (a U-ViT nnet.pth / nnet_ema.pth, "
           "not an optimizer state or an autoencoder)?")
 
@@ -315,13 +346,17 @@ def _shape_hint(name, arr_shape, mc):
     return "check model.context_dim and embed_dim"
   if ".mlp.fc" in name or name.startswith("time_embed."):
     return "check model.embed_dim and mlp_ratio"
+  if _LTE_RE.match(name):
+    return ("AdaDiff's confidence module is Linear(embed_dim -> patch_size^2 * in_channels): check "
+            "model.embed_dim, patch_size and in_channels")
   return "check model.embed_dim"
 
 
 def convert_backbone(state_dict: Mapping[str, Any], config, *, final_conv: bool = True) -> dict:
   """Official U-ViT state_dict -> the backbone params of `build(config.model)`.
 
-  Returns every top-level key except `exit_heads` and `uems`. Raises MissingTensorError,
+  Returns every top-level key except `exit_heads` and `uems`: under model.exit_style=adadiff
+  that includes the official AdaDiff confidence modules (`ltes`). Raises MissingTensorError,
   ShapeMismatchError or UnusedTensorError (all ConversionError, a ValueError) naming the tensor.
   `final_conv=False`: the checkpoint has no `final_layer` (official conv=False); an identity
   3x3 conv takes its place, which is exact.
@@ -409,7 +444,8 @@ def _to_jax(tree, jnp):
 
 @functools.lru_cache(maxsize=8)
 def _exit_initializer(mc):
-  """A compiled rng -> {exit_heads, uems} init for this model config (one compile per config)."""
+  """A compiled rng -> {exit_heads, uems} (adadiff: {ltes}) init for this model config (one
+  compile per config)."""
   import jax
   import jax.numpy as jnp
 
@@ -420,19 +456,23 @@ def _exit_initializer(mc):
 
   x_in = (jnp.zeros((1, mc.image_size, mc.image_size, mc.in_channels), jnp.float32)
           if mc.input_skip else None)
+  keys = ("ltes",) if mc.exit_style == "adadiff" else ("exit_heads", "uems")
 
   def init_exits(m, hs, temb):
+    if mc.exit_style == "adadiff":
+      return m.ltes(hs)
     return m.exit_heads(hs[:-1], x_in), m.uems(hs, temb)
 
   def init(rng):
     params = module.init(rng, hs, temb, method=init_exits)["params"]
-    return {"exit_heads": params["exit_heads"], "uems": params["uems"]}
+    return {k: params[k] for k in keys}
 
   return jax.jit(init)
 
 
 def merge_with_fresh_exits(backbone: Mapping[str, Any], config, seed: int | None = None) -> dict:
-  """Backbone params + exit heads and UEMs freshly initialised from PRNGKey(seed).
+  """Backbone params + exit heads and UEMs (adadiff: confidence modules) freshly initialised
+  from PRNGKey(seed).
 
   Only the exit modules are initialised (with the model's own initialisers; no full-model
   init, which matters for U-ViT-L/H). `seed=None` takes config.train.seed (0 when given only
@@ -455,9 +495,14 @@ def convert(state_dict: Mapping[str, Any], config, *, seed: int | None = None,
 
   The backbone comes from the checkpoint (`convert_backbone`); exit heads and UEMs, which the
   official checkpoints lack, are freshly initialised from `seed` (`merge_with_fresh_exits`).
-  `config` is the full ml_collections config or `config.model`.
+  Under model.exit_style=adadiff the checkpoint is an official AdaDiff one and holds every
+  parameter (backbone + `lte_classifer` confidence modules), so nothing is initialised and
+  `seed` is unused. `config` is the full ml_collections config or `config.model`.
   """
-  return merge_with_fresh_exits(convert_backbone(state_dict, config, final_conv=final_conv), config, seed)
+  params = convert_backbone(state_dict, config, final_conv=final_conv)
+  if _model_config(config).exit_style == "adadiff":
+    return params
+  return merge_with_fresh_exits(params, config, seed)
 
 
 def time_convention(config) -> str:
@@ -534,6 +579,11 @@ def main(argv=None) -> int:
   except (ConversionError, CheckpointError, ConfigError, ckpt.CheckpointError) as e:
     return fail(e)
   counts = count_params(params)
+  if config.model.get("exit_style", "deediff") == "adadiff":
+    print(f"converted {len(sd)} tensors into {fv.out}: {counts['backbone']:,} backbone + {counts['ltes']:,} "
+          f"confidence-module parameters from {os.path.basename(fv.torch)} (official AdaDiff); time: "
+          f"{time_convention(config)}")
+    return 0
   print(f"converted {len(sd)} tensors into {fv.out}: {counts['backbone']:,} backbone parameters from "
         f"{os.path.basename(fv.torch)} + {counts['exit_heads'] + counts['uems']:,} fresh exit-head/UEM "
         f"parameters (seed {seed}); time: {time_convention(config)}")

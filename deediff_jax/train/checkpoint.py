@@ -45,6 +45,17 @@ def config_to_dict(config) -> dict:
   return json.loads(config.to_json()) if hasattr(config, "to_json") else json.loads(json.dumps(config))
 
 
+def saved_model_key(workdir, key: str, default=None):
+  """config.model[key] as saved in workdir/config.json (the default when there is none)."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    return default
+  try:
+    return json.loads(path.read_text()).get("model", {}).get(key, default)
+  except ValueError:
+    return default
+
+
 def write_config(workdir, config) -> None:
   """workdir/config.json (process 0 only)."""
   if jax.process_index() != 0:
@@ -109,6 +120,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+EXIT_MODEL_KEYS = ("exit_style", "uem")   # model keys of the exits alone, not of the backbone
 
 
 def check_compatible(saved_config: dict, config, where: str, *, keys=("model",), extra=()) -> None:
@@ -180,13 +194,15 @@ def _item_tree(manager, step: int, item: str):
 
 
 def load_params(workdir, config, use_ema: bool = True, *, step: Optional[int] = None,
-                sharding=None) -> dict:
+                sharding=None, backbone_only: bool = False) -> dict:
   """Parameters from a training workdir or an `export_params` directory.
 
   The EMA weights by default (what sampling wants), the raw ones where there is no EMA
   (exports). The saved config must have the same model architecture as `config`. Returns
   the tree as saved (an export of a bare backbone has no exit_heads/uems); every leaf
-  present must have the shape `config.model` gives it.
+  present must have the shape `config.model` gives it. `backbone_only` (train.init_from into
+  another exit style, e.g. an adadiff model finetuned from a deediff one): the exits are
+  dropped and model.exit_style / model.uem may differ.
   """
   workdir = epath.Path(workdir)
   if not checkpoint_dir(workdir).exists():
@@ -204,7 +220,11 @@ def load_params(workdir, config, use_ema: bool = True, *, step: Optional[int] = 
     try:
       with _quiet_tensorstore_teardown():
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        check_compatible(meta.get("config", {}), config, f"checkpoint {path}")
+        saved_config = meta.get("config", {})
+        if backbone_only:  # the exits are not loaded, so their kind may differ
+          saved_config = {**saved_config, "model": {k: v for k, v in saved_config.get("model", {}).items()
+                                                    if k not in EXIT_MODEL_KEYS}}
+        check_compatible(saved_config, config, f"checkpoint {path}")
         tree = _item_tree(manager, step, item)
         target = jax.tree_util.tree_map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
@@ -216,6 +236,9 @@ def load_params(workdir, config, use_ema: bool = True, *, step: Optional[int] = 
       raise CheckpointError(f"cannot restore checkpoint step {step} at {path}: {_reason(e)}") from None
   finally:
     manager.close()
+  if backbone_only:
+    from deediff_jax.model.deediff import EXIT_KEYS
+    params = {k: v for k, v in params.items() if k not in EXIT_KEYS}
   check_param_shapes(params, config, f"checkpoint {path}")
   return params
 
