@@ -253,7 +253,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if cfg.exit.policy == "uem_no_time" and mc.uem != "token_linear_no_time":
     raise ConfigError("exit.policy 'uem_no_time' needs a model trained with "
                       "model.uem=token_linear_no_time")
-  if cfg.exit.policy == "time_schedule":
+  if cfg.exit.policy == "time_schedule" and (str(cfg.exit.schedule).strip() or cfg.exit.target_layer_ratio <= 0):
+    # An empty schedule is fine when exit.target_layer_ratio calibrates one.
     parse_depth_schedule(cfg.exit.schedule, mc.num_blocks, key="exit.schedule")
   if cfg.train.mode in ("finetune", "frozen_backbone", "uem_only") and not cfg.train.init_from:
     raise ConfigError(f"train.mode={cfg.train.mode} needs train.init_from=DIR (a checkpoint "

@@ -9,6 +9,9 @@ does with einops are spelled out with reshape/permute, pattern by pattern.
   randomize_(model, seed=0)      # every tensor random, biases and LayerNorms included
   eps = model(x_nchw, timesteps, y=labels)      # or context=... for the text variant
   sd = numpy_state_dict(model)
+
+  ada = AdaDiffUViT(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=4, num_heads=4)
+  eps, exit_layer, inner, conf = ada(x_nchw, timesteps, thres=0.9)   # the official exit loop
 """
 from __future__ import annotations
 
@@ -140,7 +143,8 @@ class UViT(nn.Module):
     self.decoder_pred = nn.Linear(embed_dim, patch_size ** 2 * in_chans, bias=True)
     self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
 
-  def forward(self, x, timesteps, y=None, context=None):
+  def embed(self, x, timesteps, y=None, context=None):
+    """NCHW image -> (tokens [B, extras + L, D], L)."""
     x = self.patch_embed(x)
     _, l, _ = x.shape
     time_token = self.time_embed(timestep_embedding(timesteps, self.embed_dim)).unsqueeze(1)
@@ -150,7 +154,17 @@ class UViT(nn.Module):
       x = torch.cat((time_token, x), dim=1)
       if y is not None:
         x = torch.cat((self.label_emb(y).unsqueeze(1), x), dim=1)
-    x = x + self.pos_embed
+    return x + self.pos_embed, l
+
+  def output_forward(self, x, l):
+    """The head: norm -> decoder_pred -> drop the extra tokens -> unpatchify -> final conv."""
+    x = self.decoder_pred(self.norm(x))
+    assert x.size(1) == self.extras + l
+    x = unpatchify(x[:, self.extras:, :], self.in_chans)
+    return self.final_layer(x)
+
+  def forward(self, x, timesteps, y=None, context=None):
+    x, l = self.embed(x, timesteps, y, context)
     skips = []
     for blk in self.in_blocks:
       x = blk(x)
@@ -158,10 +172,85 @@ class UViT(nn.Module):
     x = self.mid_block(x)
     for blk in self.out_blocks:
       x = blk(x, skips.pop())          # LIFO
-    x = self.decoder_pred(self.norm(x))
-    assert x.size(1) == self.extras + l
-    x = unpatchify(x[:, self.extras:, :], self.in_chans)
-    return self.final_layer(x)
+    return self.output_forward(x, l)
+
+
+class LTE(nn.Module):
+  """AdaDiff's confidence module: sigmoid(Linear(D -> p*p*C)) of each patch token, in float32."""
+
+  def __init__(self, embed_dim, patch_dim):
+    super().__init__()
+    self.lte = nn.Linear(embed_dim, patch_dim)
+
+  def forward(self, x):
+    return torch.sigmoid(self.lte(x).float())
+
+
+class AdaDiffUViT(UViT):
+  """The official AdaDiff model (Tangshengku/AdaDiff, libs/uvit.py and libs/uvit_t2i.py), written
+  from its description: a U-ViT plus one confidence module per block, `lte_classifer.{i}`
+  (i = 0..depth in running order, registered after the head, so `state_dict()` has the official
+  keys), and every block decodes with the shared head (`output_forward`).
+
+  forward(x, t, y=None, context=None, thres=None) -> (eps, exit_layer, inner_states, confidences)
+
+  thres=None is the training forward: every block runs, nothing exits. Otherwise the official exit
+  loop: after each block the hidden state is decoded (`inner_states`, as the official code does at
+  every block) and its confidence map [B, C, H, W] computed from the detached patch tokens; the
+  whole batch exits when the mean of that map over the batch and all pixels exceeds `thres`. Among
+  the in-blocks the first confident block only arms a patience flag, which stays armed, and the
+  next confident in-block exits (`patience=False`: the text model's rule, where patience is
+  commented out); the mid- and out-blocks exit at once. The exit output is the head applied to
+  the exit block's hidden state (again). `exit_layer` is the 1-based block count.
+  `decode_every_block=False` skips the per-block decoding (it changes no output, only the cost).
+  """
+
+  def __init__(self, *args, patience=True, **kwargs):
+    super().__init__(*args, **kwargs)
+    depth = len(self.in_blocks) + len(self.out_blocks)
+    patch_dim = self.decoder_pred.out_features
+    self.lte_classifer = nn.ModuleList([LTE(self.embed_dim, patch_dim) for _ in range(depth + 1)])
+    self.patience = patience
+
+  def confidence(self, x, l, layer):
+    tokens = x[:, self.extras:, :].float().detach()
+    assert tokens.size(1) == l
+    return unpatchify(self.lte_classifer[layer](tokens), self.in_chans)
+
+  def forward(self, x, timesteps, y=None, context=None, thres=None, decode_every_block=True):
+    x, l = self.embed(x, timesteps, y, context)
+    k = len(self.in_blocks)
+    inner, conf = [], []
+    armed = False
+
+    def step(x, layer):
+      """Decodes and scores block `layer`'s output; True when the batch exits here."""
+      nonlocal armed
+      if decode_every_block or thres is None:
+        inner.append(self.output_forward(x, l))
+      c = self.confidence(x, l, layer)
+      conf.append(c)
+      if thres is None or not torch.mean(c.reshape(-1)) > thres:
+        return False
+      if layer < k and self.patience and not armed:
+        armed = True
+        return False
+      return True
+
+    skips = []
+    for i, blk in enumerate(self.in_blocks):
+      x = blk(x)
+      skips.append(x)
+      if step(x, i):
+        return self.output_forward(x, l), i + 1, inner, conf
+    x = self.mid_block(x)
+    if step(x, k):
+      return self.output_forward(x, l), k + 1, inner, conf
+    for j, blk in enumerate(self.out_blocks):
+      x = blk(x, skips.pop())          # LIFO
+      if step(x, k + 1 + j):
+        return self.output_forward(x, l), k + 2 + j, inner, conf
+    return self.output_forward(x, l), 2 * k + 1, inner, conf
 
 
 @torch.no_grad()

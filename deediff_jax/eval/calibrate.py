@@ -377,6 +377,7 @@ def _search_psnr(probe, floor: float) -> dict:
 
 # ----------------------------------------------------------------------------- depth schedules
 
+DEFAULT_SCHEDULE_BUCKETS = 4    # timestep buckets of a calibrated time_schedule (exit.calibration_buckets > 1 overrides)
 ORACLE_QUANTILE = 0.9            # a bucket's depth covers this share of the oracle's exits in it
 ORACLE_TOLERANCES = (1e-4, 4.0)  # the bracket of the oracle's tolerance (RMS x0 units)
 MAX_SCHEDULE_PROBES = 12
@@ -460,9 +461,21 @@ def calibrate_time_schedule(params, config, rng, *, target: float, buckets: int,
 
 
 def maybe_calibrate(params, config) -> Optional[dict]:
-  """If the config asks for it, calibrates, sets config.exit.threshold and returns the report."""
+  """If the config asks for it, calibrates, sets config.exit.threshold (or .threshold_schedule;
+  for exit.policy=time_schedule the oracle-calibrated .schedule) and returns the report."""
   if not wanted(config):
     return None
+  if config.exit.policy == "time_schedule":
+    target = float(_get(config, "target_layer_ratio", 0.0))
+    if target <= 0:
+      raise CalibrationError("exit.policy=time_schedule calibrates to exit.target_layer_ratio only; set "
+                             "--config.exit.target_layer_ratio=0.55 instead of a PSNR floor")
+    k = buckets_of(config) if buckets_of(config) > 1 else DEFAULT_SCHEDULE_BUCKETS
+    schedule, report = calibrate_time_schedule(params, config, calibration_rng(config), target=target,
+                                               buckets=min(k, int(config.sample.steps)))
+    config.exit.schedule = ",".join(str(v) for v in schedule)
+    print(describe(report))
+    return report
   threshold, report = calibrate_threshold(params, config, calibration_rng(config))
   if isinstance(threshold, (list, tuple)):
     config.exit.threshold_schedule = schedule_text(threshold)

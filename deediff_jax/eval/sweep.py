@@ -100,7 +100,6 @@ CLASSIFIER_STEPS = 600      # training steps of the classifier-FID net (sweep.cl
 IDENTICAL_PSNR = fidelity_lib.PSNR_MAX - 1e-6   # a mean this high: every image equal up to rounding
 GRID_IMAGES = 100
 DEFAULT_POLICIES = "uem,static,time_schedule,state_cosine,oracle,none"   # base_config's sweep.policies
-DEFAULT_SCHEDULE_BUCKETS = 4   # buckets of the oracle-calibrated time_schedule without calibration_buckets
 THRESHOLD_KEYS = {             # policy -> (its sweep values key, an example)
     "uem": ("sweep.thresholds", "0.05,0.1,0.2"), "uem_no_time": ("sweep.thresholds", "0.05,0.1,0.2"),
     "state_cosine": ("sweep.cosine_thresholds", "0.9,0.95,0.99"),
@@ -970,7 +969,7 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> list[dic
     settings[last + 1:last + 1] = extra
     target = float(config.exit.target_layer_ratio)
     if target > 0 and any(s.policy == "time_schedule" for s in settings):
-      k = cal_lib.buckets_of(config) if cal_lib.buckets_of(config) > 1 else DEFAULT_SCHEDULE_BUCKETS
+      k = cal_lib.buckets_of(config) if cal_lib.buckets_of(config) > 1 else cal_lib.DEFAULT_SCHEDULE_BUCKETS
       k = min(k, int(config.sample.steps))
       sched, report = cal_lib.calibrate_time_schedule(
           ctx.params, config, cal_lib.calibration_rng(config), target=target, buckets=k,
