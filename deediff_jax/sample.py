@@ -26,7 +26,7 @@ import numpy as np
 from deediff_jax.diffusion import samplers
 from deediff_jax.early_exit import policy_from_config
 from deediff_jax.eval import plots
-from deediff_jax.eval.fidelity import fidelity
+from deediff_jax.eval.fidelity import deterministic_config, fidelity
 from deediff_jax.model.uvit import ModelConfig
 
 
@@ -115,13 +115,9 @@ def _load_params(workdir, config):
   return load_params(workdir, config, use_ema=config.sample.use_ema)
 
 
-def _warm_up(params, config, rng, num, labels=None, context=None, **kw):
-  """Compiles every batch shape `sample` will use (a full batch and the remainder, if any)."""
-  bs = int(config.sample.batch_size)
-  sizes = {min(bs, num)} | ({num % bs} if num > bs and num % bs else set())
-  for m in sorted(sizes):
-    samplers.sample(params, config, rng, m, labels=None if labels is None else labels[:m],
-                    context=None if context is None else context[:m], **kw)
+def _warm_up(params, config, rng, num, **kw):
+  """Compiles (ahead of time, running nothing) every batch shape `sample` will use."""
+  samplers.sample(params, config, rng, num, compile_only=True, **kw)
 
 
 def _timed(params, config, rng, num, **kw):
@@ -161,7 +157,16 @@ def run(config, workdir, params=None) -> dict:
             cfg.num_classes, captions=captions)
   summary = samplers.summarize(stats, n)
   e, s = config.exit, config.sample
-  fid_ = fidelity(full_images, images)
+  # One rule for fidelity in every mode (the sweep's): the same noise through a deterministic
+  # sampler, the configured one when it is deterministic, else DDIM eta=0 in extra untimed runs.
+  fid_config = deterministic_config(config)
+  if fid_config is not config:
+    images_det, _ = samplers.sample(params, fid_config, rng, num, policy=policy, policy_params=policy_params, **kw)
+    full_det, _ = samplers.sample(params, fid_config, rng, num, plain=True, **kw)
+    fid_ = fidelity(full_det, images_det)
+  else:
+    fid_ = fidelity(full_images, images)
+  fidelity_sampler = fid_config.sample.sampler + (" eta=0" if fid_config.sample.sampler == "ddim" else "")
   result = {
       "policy": policy, "threshold": float(e.threshold),
       "threshold_schedule": str(e.get("threshold_schedule", "")), "aggregate": e.aggregate,
@@ -174,7 +179,7 @@ def run(config, workdir, params=None) -> dict:
       "seconds": seconds, "seconds_full_depth": seconds_full,
       "speedup": seconds_full / seconds,
       "psnr_vs_full": fid_["psnr_vs_full"], "psnr_vs_full_worst5pct": fid_["psnr_worst5"],
-      "mse_vs_full": fid_["mse_vs_full"], "calibration": calibration,
+      "mse_vs_full": fid_["mse_vs_full"], "fidelity_sampler": fidelity_sampler, "calibration": calibration,
       "layers_run_per_step": summary["layers_run_per_step"],
       "mean_exit_layer_per_step": summary["mean_exit_layer_per_step"],
       "exit_histogram": summary["exit_histogram"],

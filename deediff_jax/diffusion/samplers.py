@@ -409,6 +409,25 @@ def _compiled(cfg: ModelConfig, schedule_name: str, timesteps: int, sampler: str
   return jax.jit(fn)
 
 
+_EXECUTABLES: dict = {}   # (jitted fn, argument shapes) -> its ahead-of-time compiled executable
+
+
+def _signature(args) -> tuple:
+  leaves, treedef = jax.tree_util.tree_flatten(args)
+  return (treedef,) + tuple((tuple(np.shape(v)), str(getattr(v, "dtype", type(v)))) for v in leaves)
+
+
+def _executable(fn, args):
+  """The compiled program for these argument shapes: `lower(...).compile()` once, never inside a
+  call that is being timed (warm-ups call `sample(..., compile_only=True)`)."""
+  key = (fn, _signature(args))
+  if key not in _EXECUTABLES:
+    if len(_EXECUTABLES) >= 256:
+      _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+    _EXECUTABLES[key] = fn.lower(*args).compile()
+  return _EXECUTABLES[key]
+
+
 def initial_noise(rng, batch_index: int, shape):
   """The starting noise of one batch: a function of the seed and the batch index only."""
   return jax.random.normal(jax.random.fold_in(jax.random.fold_in(rng, batch_index), 0), shape, jnp.float32)
@@ -416,14 +435,16 @@ def initial_noise(rng, batch_index: int, shape):
 
 def sample(params, config, rng, num: int, *, policy: Optional[str] = None, policy_params=None,
            labels=None, context=None, null_context=None, plain: bool = False,
-           aggregate: Optional[str] = None, progress: bool = False):
+           aggregate: Optional[str] = None, progress: bool = False, compile_only: bool = False):
   """Samples `num` images in batches of `config.sample.batch_size` -> (images, stats).
 
   images: [num, H, W, C] float32 (clipped to [-1, 1] for pixel models; raw for latent models).
   stats (NumPy): `layers_run` [batches, steps], `exit_layer` [steps, num], `batch_sizes` [batches].
   The policy defaults to `config.exit`; `plain=True` uses the plain full-depth forward. The
   initial noise and the sampler's noise depend only on `rng` and the batch index, so early exit
-  and full depth start from the same noise.
+  and full depth start from the same noise. `compile_only=True` compiles the program of every
+  batch shape (ahead of time, nothing runs) and returns None: a timed call after it compiles
+  nothing.
   """
   cfg = ModelConfig.from_config(config.model)
   n = cfg.num_blocks
@@ -457,19 +478,26 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
   bs = int(s.batch_size)
   starts = list(range(0, num, bs))
   images, layers_run, exit_layer, sizes = [], [], [], []
-  for bi, start in enumerate(tqdm(starts, desc="sampling", disable=not progress, leave=False)):
+  if compile_only:  # one batch of each distinct size: shapes are all that matter
+    starts = list({min(st + bs, num) - st: st for st in reversed(starts)}.values())
+  for bi, start in enumerate(tqdm(starts, desc="sampling", disable=not progress or compile_only, leave=False)):
     stop = min(start + bs, num)
     x_init = initial_noise(rng, bi, (stop - start,) + shape)
     step_rng = jax.random.fold_in(jax.random.fold_in(rng, bi), 1)
     y = None if labels is None else jnp.asarray(np.asarray(labels)[start:stop], jnp.int32)
     ctx = None if context is None else jnp.asarray(np.asarray(context)[start:stop], jnp.float32)
     nctx = None if null_context is None else jnp.asarray(null_context, jnp.float32)
-    x, st = fn(params, x_init, step_rng, y, ctx, nctx, policy_params, jnp.float32(scale),
-               jnp.float32(s.eta))
+    args = (params, x_init, step_rng, y, ctx, nctx, policy_params, jnp.float32(scale), jnp.float32(s.eta))
+    program = _executable(fn, args)
+    if compile_only:
+      continue
+    x, st = program(*args)
     images.append(x)
     layers_run.append(st["layers_run"])
     exit_layer.append(st["exit_layer"])
     sizes.append(stop - start)
+  if compile_only:
+    return None
   # Host-side assembly: eager jnp ops on new shapes would compile inside a timed call.
   images = np.concatenate([np.asarray(v, np.float32) for v in images], axis=0)
   if not bool(config.data.get("latent", False)):

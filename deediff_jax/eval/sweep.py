@@ -289,6 +289,8 @@ def setting_from_exit_config(config) -> Setting:
   if e.policy == "static":
     return Setting("static", depth=int(e.depth) if e.depth > 0 else cfg.num_blocks)
   if e.policy == "time_schedule":
+    if not str(e.schedule).strip():  # calibrated later (exit.target_layer_ratio)
+      return Setting("time_schedule", schedule=str(cfg.num_blocks))
     return Setting("time_schedule",
                    schedule=",".join(str(v) for v in parse_depth_schedule(e.schedule, cfg.num_blocks)))
   return Setting("none")
@@ -453,14 +455,6 @@ class Context:
     return self.cond["labels"]
 
 
-def _batch_sizes(num: int, bs: int) -> list[int]:
-  """The distinct batch shapes `samplers.sample` uses for `num` images."""
-  sizes = {min(bs, num)}
-  if num > bs and num % bs:
-    sizes.add(num % bs)
-  return sorted(sizes)
-
-
 CHEAP_THRESHOLD = {"uem": 2.0, "uem_no_time": 2.0,      # u < 2 always
                    "state_cosine": -2.0, "adadiff": -1.0,   # cos > -2, confidence > -1 always
                    "oracle": 1e30}                           # every layer within tolerance
@@ -496,15 +490,10 @@ def _warm_up(ctx: Context, config, *, plain=False, setting: Optional[Setting] = 
   if key in ctx.compiled:
     return
   n = ctx.cfg.num_blocks
-  labels, context, null_context = (ctx.cond[k] for k in ("labels", "context", "null_context"))
-  for m in _batch_sizes(ctx.num, int(config.sample.batch_size)):
-    cond = dict(labels=None if labels is None else labels[:m],
-                context=None if context is None else context[:m], null_context=null_context)
-    if plain:
-      samplers.sample(ctx.params, config, ctx.rng, m, plain=True, **cond)
-    else:
-      samplers.sample(ctx.params, config, ctx.rng, m, policy=setting.policy,
-                      policy_params=_cheap_params(setting, n, int(config.exit.min_layers)), **cond)
+  kw = (dict(plain=True) if plain else
+        dict(policy=setting.policy, policy_params=_cheap_params(setting, n, int(config.exit.min_layers))))
+  # Ahead of time: every batch shape of the run is compiled and nothing is sampled.
+  samplers.sample(ctx.params, config, ctx.rng, ctx.num, compile_only=True, **kw, **ctx.cond)
   ctx.compiled.add(key)
 
 
@@ -940,7 +929,7 @@ def start(config, workdir: str, settings, *, params=None,
           calibration_policy: Optional[str] = None) -> Context:
   """Cheap checks first (a calibration request, the workdir, exits in the checkpoint), then
   `prepare`: a bad request fails before any sampling."""
-  if cal_lib.wanted(config):
+  if cal_lib.wanted(config) and calibration_policy != "time_schedule":  # schedules: calibrate_time_schedule
     cal_lib.check_request(config, calibration_policy or _calibration_policy(config))
   check_local(workdir)
   step = None
