@@ -347,7 +347,7 @@ def oracle_forward(params, cfg, x, t_model, y=None, context=None, *, policy_para
   """
   if x0_scale is None:
     raise ValueError("exit policy 'oracle' needs x0_scale (sigma/alpha of the step); sample through "
-                     "deediff_jax.sampling, which passes it")
+                     "deediff_jax.diffusion.samplers, which passes it")
   cfg = ModelConfig.from_config(cfg)
   module = DeeDiffUViT(cfg)
   b = x.shape[0]

@@ -1,0 +1,108 @@
+"""Measurements you can trust: one config measures the same thing in every mode, and nothing is
+compiled inside a timed call (sample.py, eval/sweep.py, eval/evaluate.py, diffusion/samplers.py)."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from deediff_jax import sample as sample_mode
+from deediff_jax.config import base_config, validate
+from deediff_jax.diffusion import samplers
+from deediff_jax.eval import evaluate as eval_mode
+from deediff_jax.eval import sweep
+from deediff_jax.model import build, init_params
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def _config(**exit_kw):
+  c = base_config()
+  c.model.update(embed_dim=32, depth=2, num_heads=2)       # 8x8x1, 10 classes, 3 blocks
+  c.sample.update(sampler="ddim", steps=2, num_images=6, batch_size=4, guidance_scale=0.0)
+  c.sweep.update(num_images=6, fid_kind="none", step_fractions="")
+  c.exit.update(**exit_kw)
+  return validate(c)
+
+
+@pytest.fixture(scope="module")
+def params():
+  module = build(_config().model)
+  return jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(0))
+
+
+class _Compiles:
+  """Counts XLA backend compilations while active."""
+
+  def __init__(self):
+    self.count = 0
+    self.active = False
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, name, *args, **kwargs):
+    if self.active and name == COMPILE_EVENT:
+      self.count += 1
+
+  def __enter__(self):
+    self.count, self.active = 0, True
+    return self
+
+  def __exit__(self, *exc):
+    self.active = False
+
+
+@pytest.fixture(scope="module")
+def compiles():
+  return _Compiles()
+
+
+def test_sample_eval_and_sweep_measure_the_same_layer_ratio(tmp_path, params):
+  # min_layers 2 overrides static depth 1 in every mode (it used to apply in --mode sample only).
+  c = _config(policy="static", depth=1, min_layers=2)
+  c.sweep.update(policies="static", depths="1")
+  got = {
+      "sample": sample_mode.run(c, str(tmp_path / "s"), params=params)["layer_ratio_run"],
+      "eval": eval_mode.run(c, str(tmp_path / "e"), params=params)["layer_ratio_run"],
+      "sweep": sweep.run(c, str(tmp_path / "w"), params=params, progress=False)[0]["layer_ratio_run"],
+  }
+  assert got["sample"] == got["eval"] == got["sweep"] == pytest.approx(2 / 3), got
+
+
+def test_sample_stats_and_sweep_name_the_same_fidelity_sampler(tmp_path, params):
+  c = _config(policy="static", depth=2)
+  c.sample.update(sampler="ddpm")                 # stochastic: fidelity uses DDIM eta=0 in both
+  c.sweep.update(policies="static", depths="2")
+  stats = sample_mode.run(c, str(tmp_path / "s"), params=params)
+  row = sweep.run(c, str(tmp_path / "w"), params=params, progress=False)[0]
+  assert stats["fidelity_sampler"] == row["fidelity_sampler"] == "ddim eta=0"
+  assert stats["psnr_vs_full"] == pytest.approx(row["psnr_vs_full"], rel=1e-6)
+  assert json.loads((tmp_path / "s" / "sample_stats.json").read_text())["fidelity_sampler"] == "ddim eta=0"
+
+
+def test_timed_sweep_calls_compile_nothing(tmp_path, params, compiles):
+  # 6 images in batches of 4: a full batch and a partial last batch of 2, each its own program.
+  ctx = sweep.prepare(_config(), str(tmp_path), params=params)
+  for setting in (sweep.Setting("uem", threshold=0.5),
+                  sweep.Setting("uem", threshold_schedule="0.2,0.6"),   # a per-bucket [2] threshold
+                  sweep.Setting("none", steps=1, plain=True)):          # a fewer-steps row
+    config = sweep.with_steps(ctx.config, setting.steps)
+    kw = dict(plain=True) if setting.plain else dict(setting=setting)
+    sweep._warm_up(ctx, config, **kw)
+    if not setting.plain:
+      kw["pp"] = setting.policy_params(3)
+    with compiles:
+      images, stats = sweep._sample(ctx, config, **kw)
+    assert compiles.count == 0, setting.label()
+    assert images.shape == (6, 8, 8, 1) and np.asarray(stats["batch_sizes"]).tolist() == [4, 2]
+
+
+def test_compile_only_runs_nothing_and_the_timed_call_compiles_nothing(params, compiles):
+  c = _config()
+  rng = jax.random.PRNGKey(3)
+  pp = sweep.Setting("uem", threshold_schedule="0.1,0.3,0.5").policy_params(3)
+  with compiles:
+    assert samplers.sample(params, c, rng, 7, policy="uem", policy_params=pp, compile_only=True) is None
+  assert compiles.count >= 2                       # a batch of 4 and the remainder of 3
+  with compiles:
+    images, _ = samplers.sample(params, c, rng, 7, policy="uem", policy_params=pp)
+  assert compiles.count == 0 and images.shape[0] == 7
