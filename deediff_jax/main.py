@@ -83,13 +83,8 @@ def _parse(argv: list[str]):
 def _user_error_types():
   from deediff_jax.config import ConfigError
   from deediff_jax.train.checkpoint import CheckpointError
-  types = [UsageError, ConfigError, CheckpointError]
-  try:
-    from deediff_jax.data.sources import DataError
-    types.append(DataError)
-  except ImportError:
-    pass
-  return tuple(types)
+  from deediff_jax.data.sources import DataError
+  return (UsageError, ConfigError, CheckpointError, DataError)
 
 
 def _is_user_error(e: BaseException, known) -> bool:
@@ -105,21 +100,22 @@ def run(argv: list[str]) -> int:
   config = validate(config)
   workdir, mode = FLAGS.workdir, FLAGS.mode
   if mode == "train":
-    from deediff_jax.train.trainer import train
-    train(config, workdir)
+    import jax
+    from deediff_jax.train import sharding
+    from deediff_jax.train.trainer import finished, train
+    state = train(config, workdir)
+    if finished(config, state) and config.train.sample_at_end:
+      # Training ends by sampling; the trainer itself knows nothing of sampling (data flows one way).
+      ema = sharding.gather_to_host(state.ema_params)  # a collective: every process takes part
+      if jax.process_index() == 0:  # one writer of samples.png / sample_stats.json
+        from deediff_jax import sample
+        sample.run(config, str(workdir), params=ema)
   elif mode == "sample":
     from deediff_jax import sample
     sample.run(config, workdir)
   else:
     import importlib
-    name = _MODE_MODULES[mode]
-    try:
-      module = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-      if e.name is None or not name.startswith(e.name):
-        raise
-      raise UsageError(f"--mode {mode} is not available: {name} is not installed in this version") from None
-    module.run(config, workdir)
+    importlib.import_module(_MODE_MODULES[mode]).run(config, workdir)
   return 0
 
 

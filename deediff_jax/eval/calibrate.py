@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deediff_jax.data.eval_context import load_eval_context
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion import schedule as sched_lib
 from deediff_jax.early_exit import _by_bucket, make_policy_params
@@ -119,7 +120,6 @@ def conditioning(config, num: int):
   if cfg.num_classes > 0:
     labels = np.arange(num) % cfg.num_classes
   if cfg.context_dim > 0:
-    from deediff_jax.sample import load_eval_context
     context, labels, null_context = load_eval_context(config, num)
   return labels, context, null_context
 

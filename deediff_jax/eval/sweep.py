@@ -80,6 +80,7 @@ from tqdm import tqdm
 
 from deediff_jax.config import (POLICIES, SCORE_POLICIES, UEM_POLICIES, parse_depth_schedule, parse_floats,
                                 parse_threshold_schedule)
+from deediff_jax.data.eval_context import load_eval_captions
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion import schedule as sched_lib
 from deediff_jax.early_exit import make_policy_params, policy_params_for
@@ -839,7 +840,6 @@ def write_outputs(out_dir: str, rows, images, stats, ctx: Context, info: dict) -
   ref = chosen_index(rows, ctx.config)
   captions = None
   if ctx.cfg.context_dim > 0:
-    from deediff_jax.sample import load_eval_captions
     captions = load_eval_captions(ctx.config, ctx.num)
   grids = []
   for policy, i in matched_indices(rows, ref).items():

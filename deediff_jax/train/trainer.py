@@ -297,9 +297,12 @@ def train(config, workdir, *, batch_fn: Optional[Callable[[int], dict]] = None,
   finally:
     manager.close()
 
-  if int(jax.device_get(state.step)) >= tc.num_steps and tc.sample_at_end:
-    _sample_at_end(config, workdir, state)
   return state
+
+
+def finished(config, state) -> bool:
+  """True when `state` reached train.num_steps (the CLI then samples, if train.sample_at_end)."""
+  return int(jax.device_get(state.step)) >= int(config.train.num_steps)
 
 
 def _loop(setup: Setup, state, start, batch_fn, manager, workdir, stop_after, progress):
@@ -368,17 +371,3 @@ def _diverged(manager, what: str, last_good, workdir):
            if last_good is not None else "no checkpoint was saved")
   raise TrainingDivergedError(f"training stopped: {what}; {where}; lower train.lr or raise "
                               "train.warmup_steps / train.grad_clip")
-
-
-def _sample_at_end(config, workdir, state) -> None:
-  try:
-    from deediff_jax import sample
-  except ModuleNotFoundError as e:
-    if e.name != "deediff_jax.sample":
-      raise
-    if jax.process_index() == 0:
-      print("note: sampling at the end skipped: deediff_jax.sample is not installed", flush=True)
-    return
-  ema = shd.gather_to_host(state.ema_params)  # a collective: every process takes part
-  if jax.process_index() == 0:  # one writer of samples.png / sample_stats.json
-    sample.run(config, str(workdir), params=ema)
