@@ -37,7 +37,7 @@ SMALL=(--config.data.source="npz:$RUNS/mnist14.npz" --config.data.image_size=14 
        --config.model.patch_size=2 --config.train.lr=2e-3)
 # The 13-block study (issue "Exits that pay"): depth 12 = 13 blocks, the U-ViT-S depth the paper
 # uses, D=128, patch 2 on MNIST pooled to 14x14. Every stage resumes from its workdir.
-#   bash benchmarks/mnist_study.sh joint13          # joint DeeDiff training (2,000 steps) + the full sweep
+#   bash benchmarks/mnist_study.sh joint13          # joint DeeDiff training (2,000-step schedule) + the full sweep
 #   bash benchmarks/mnist_study.sh uem13 x0         # only the UEMs, retrained on joint13 with loss.uem_target=x0
 #   bash benchmarks/mnist_study.sh uem13 fidelity   # ... fidelity (eps also works: the same target, trained anew)
 #   bash benchmarks/mnist_study.sh adadiff13        # the official AdaDiff formulation, finetuned from joint13
@@ -56,7 +56,9 @@ SWEEP13=(--config.sample.steps=25 --config.sweep.num_images=200 --config.sample.
          --config.sweep.confidence_thresholds=0.8,0.85,0.9,0.92,0.95,0.97
          --config.sweep.step_fractions=0.3,0.45,0.6,0.75 --config.sweep.combo_depths=11
          --config.exit.target_layer_ratio=0.55 --config.exit.calibration_buckets=5)
-JOINT13=(--config.train.num_steps="${STEPS13:-2000}")
+# The committed joint13 results stopped at the 1,500-step checkpoint of the 2,000-step schedule
+# (session time); STOP13=0 trains the whole schedule (resuming from the workdir).
+JOINT13=(--config.train.num_steps="${STEPS13:-2000}" --config.train.stop_at="${STOP13:-1500}")
 case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|frozen14|joint13|uem13 TARGET|adadiff13}" in
   joint13)
     [ -f "$RUNS/mnist14.npz" ] || python benchmarks/make_mnist14.py ../shared/data/mnist10k.npz "$RUNS/mnist14.npz"

@@ -193,6 +193,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_accum = 1            # microbatches per step (batch_size must divide)
   t.distributed = False       # call jax.distributed.initialize() (multi-host)
   t.sample_at_end = True      # write samples + sample_stats.json when training ends
+  t.stop_at = 0               # >0: checkpoint and stop at this step, keeping the num_steps schedule (resume later)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1            # -1: all devices not used by fsdp

@@ -31,10 +31,6 @@ from deediff_jax.eval.fidelity import deterministic_config, fidelity
 from deediff_jax.model.uvit import ModelConfig
 
 
-class SampleError(ValueError):
-  """Bad sampling input (one line; the CLI prints it and exits 2)."""
-
-
 def _displayable(images: np.ndarray) -> np.ndarray:
   """Pixels pass through; latents show their first 3 channels, each rescaled to [-1, 1]."""
   if images.shape[-1] in (1, 3):

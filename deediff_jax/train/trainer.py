@@ -309,6 +309,8 @@ def _loop(setup: Setup, state, start, batch_fn, manager, workdir, stop_after, pr
   config = setup.config
   tc = config.train
   end = tc.num_steps if stop_after is None else min(tc.num_steps, start + stop_after)
+  if int(tc.get("stop_at", 0)) > 0:  # a planned stop on the full schedule; the next run resumes
+    end = min(end, int(tc.stop_at))
   if start >= end:
     return state
   writer = MetricsWriter(workdir, resume_step=start)
