@@ -94,7 +94,7 @@ def report(rows: list[dict], full: dict, budgets: list[float], slack: float) -> 
             and r["fid"] <= 1.1 * full["fid"]
             and (full.get("class_accuracy") is None or r["class_accuracy"] >= full["class_accuracy"] - 0.02)]
   lines.append(f"- ≤ 60% GFLOPs with FID within 10% and accuracy within 2 points of full "
-               f"(FID {full.get("fid") or float("nan"):.1f}, accuracy {full.get("class_accuracy") or float("nan"):.3f}): "
+               f"(FID {full.get('fid') or float('nan'):.1f}, accuracy {full.get('class_accuracy') or float('nan'):.3f}): "
                + (", ".join(f"{r['setting']} ({r['_file']}, FID {r['fid']:.1f}, acc {r['class_accuracy']:.3f})"
                             for r in fid_ok) if fid_ok else "**no learned row**"))
   return "\n".join(lines) + "\n"
