@@ -166,9 +166,6 @@ def check_request(config, policy: Optional[str] = None) -> tuple:
   if tol <= 0:
     raise CalibrationError(f"exit.calibration_tolerance must be positive, got {tol}")
   k = buckets_of(config)
-  if k > 1 and floor is not None:
-    raise CalibrationError(f"exit.calibration_buckets={k} calibrates to exit.target_layer_ratio only; "
-                           "use it instead of the PSNR floor, or set --config.exit.calibration_buckets=1")
   if k > int(config.sample.steps):
     raise CalibrationError(f"exit.calibration_buckets={k} exceeds sample.steps={int(config.sample.steps)}, "
                            f"so some buckets hold no sampling step; use at most {int(config.sample.steps)}")
@@ -241,13 +238,16 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
       rec["per_bucket"] = bucket_ratios(summary, n_blocks, steps_bucket, k, metric)
     if reference is not None:
       f = fidelity_lib.fidelity(reference, images)
-      rec.update(psnr_vs_full=f["psnr_vs_full"], psnr_worst5=f["psnr_worst5"])
+      rec.update(psnr_vs_full=f["psnr_vs_full"], psnr_worst5=f["psnr_worst5"], mse_vs_full=f["mse_vs_full"])
     rec["_a"] = a
     probes.append(rec)
     _log.info("calibration probe %s", rec)
     return rec
 
-  if k > 1:
+  if k > 1 and floor is not None:
+    steps_per_bucket = np.bincount(steps_bucket, minlength=k)
+    best = _search_psnr_buckets(probe, floor, k, steps_per_bucket)
+  elif k > 1:
     best = _search_ratio_buckets(probe, target, tol, metric, policy, k)
   elif floor is None:
     best = _search_ratio(probe, target, tol, metric, policy)
@@ -257,7 +257,7 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
   achieved = {key: v for key, v in best.items() if key not in ("threshold", "_a")}
   report = {
       "method": ("target_layer_ratio" if k == 1 else "target_layer_ratio_per_bucket") if floor is None
-                else "psnr_floor",
+                else ("psnr_floor" if k == 1 else "psnr_floor_per_bucket"),
       "buckets": k,
       "policy": policy,
       "threshold": threshold,
@@ -373,6 +373,79 @@ def _search_psnr(probe, floor: float) -> dict:
     # Only a = 0 (full depth through the loop) is known to pass: measure it for the report.
     ok = probe(0.0)
   return ok
+
+
+PSNR_BUCKET_LADDER = (0.25, 0.5, 0.75, 1.0)   # aggressiveness levels measured per bucket
+MAX_PSNR_VERIFY = 4                           # combined probes before falling back
+
+
+def allocate_levels(costs, mses, budget: float, full_costs) -> list:
+  """The level per bucket (an index into its measured ladder, -1 = full depth) with the least
+  total cost whose summed MSE stays within `budget`: greedy on the most cost saved per MSE added.
+
+  costs[b][l], mses[b][l]: bucket b's compute (its steps times its layer ratio) and the MSE vs
+  full when only bucket b exits at ladder level l; full_costs[b]: its compute at full depth. MSEs
+  of different buckets are treated as additive, an approximation the caller verifies.
+  """
+  level = [-1] * len(costs)
+  spent = 0.0
+  while True:
+    best = None
+    for b, (cb, mb) in enumerate(zip(costs, mses)):
+      cur_c = cb[level[b]] if level[b] >= 0 else full_costs[b]
+      cur_m = mb[level[b]] if level[b] >= 0 else 0.0
+      for l in range(level[b] + 1, len(cb)):
+        dc, dm = cur_c - cb[l], mb[l] - cur_m
+        if dc <= 0 or spent + dm > budget:
+          continue
+        score = dc / max(dm, 1e-12)
+        if best is None or score > best[0]:
+          best = (score, b, l, dm)
+    if best is None:
+      return level
+    _, b, l, dm = best
+    level[b] = l
+    spent += dm
+
+
+def _search_psnr_buckets(probe, floor: float, k: int, steps_per_bucket) -> dict:
+  """Least compute with psnr_vs_full >= floor, allocated per timestep bucket by measured fidelity.
+
+  Each bucket's own curve is measured (only that bucket exits, at each ladder level, until its
+  PSNR alone falls below the floor); `allocate_levels` spends an MSE budget (the floor's MSE)
+  where it saves the most compute per MSE; a combined probe verifies it and the budget shrinks
+  until the measured PSNR meets the floor. The result is a measured probe, never a prediction.
+  """
+  mse_floor = float(fidelity_lib.PEAK_POWER / 10.0 ** (floor / 10.0))
+  costs, mses, levels_a, passing = [], [], [], []
+  for b in range(k):
+    cb, mb, ab = [], [], []
+    for a in PSNR_BUCKET_LADDER:
+      vec = np.zeros(k)
+      vec[b] = a
+      rec = probe(vec)
+      if rec["psnr_vs_full"] < floor:
+        break  # more aggressive levels of this bucket only lose more
+      passing.append(rec)
+      cb.append(rec["per_bucket"][b] * steps_per_bucket[b])
+      mb.append(rec["mse_vs_full"])
+      ab.append(a)
+    costs.append(cb), mses.append(mb), levels_a.append(ab)
+  full_costs = [float(n) for n in steps_per_bucket]
+  budget = mse_floor
+  for _ in range(MAX_PSNR_VERIFY):
+    level = allocate_levels(costs, mses, budget, full_costs)
+    vec = np.array([levels_a[b][l] if l >= 0 else 0.0 for b, l in enumerate(level)])
+    if np.count_nonzero(vec) < 2:
+      break  # one bucket alone was measured already
+    rec = probe(vec)
+    if rec["psnr_vs_full"] >= floor:
+      passing.append(rec)
+      break
+    budget *= 0.7 * min(1.0, budget / max(rec["mse_vs_full"], 1e-12))
+  if not passing:
+    return probe(np.zeros(k))  # full depth through the loop: known to pass
+  return min(passing, key=lambda r: r["layer_ratio_run"])  # the cheapest measured pass
 
 
 # ----------------------------------------------------------------------------- depth schedules
