@@ -56,9 +56,9 @@ SWEEP13=(--config.sample.steps=25 --config.sweep.num_images=200 --config.sample.
          --config.sweep.confidence_thresholds=0.8,0.85,0.9,0.92,0.95,0.97
          --config.sweep.step_fractions=0.3,0.45,0.6,0.75 --config.sweep.combo_depths=11
          --config.exit.target_layer_ratio=0.55 --config.exit.calibration_buckets=5)
-# The committed joint13 results stopped at the 1,500-step checkpoint of the 2,000-step schedule
+# The committed joint13 results stopped at the 1,250-step checkpoint of the 2,000-step schedule
 # (session time); STOP13=0 trains the whole schedule (resuming from the workdir).
-JOINT13=(--config.train.num_steps="${STEPS13:-2000}" --config.train.stop_at="${STOP13:-1500}")
+JOINT13=(--config.train.num_steps="${STEPS13:-2000}" --config.train.stop_at="${STOP13:-1250}")
 case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|frozen14|joint13|uem13 TARGET|adadiff13}" in
   joint13)
     [ -f "$RUNS/mnist14.npz" ] || python benchmarks/make_mnist14.py ../shared/data/mnist10k.npz "$RUNS/mnist14.npz"
@@ -76,7 +76,7 @@ case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|fr
   adadiff13)   # the official formulation: shared head + per-pixel confidence, finetuned from joint13
     A=(--config.model.exit_style=adadiff --config.exit.policy=adadiff --config.exit.threshold=0.9
        --config.train.mode=finetune --config.train.init_from="$RUNS/m14d12_joint"
-       --config.train.num_steps="${ADA_STEPS:-500}" --config.train.warmup_steps=50 --config.train.lr=1e-3)
+       --config.train.num_steps="${ADA_STEPS:-400}" --config.train.warmup_steps=50 --config.train.lr=1e-3)
     run --workdir "$RUNS/m14d12_adadiff" "${SIZE13[@]}" "${A[@]}"
     run --workdir "$RUNS/m14d12_adadiff" --mode sweep "${SIZE13[@]}" "${A[@]}" "${SWEEP13[@]}" \
         --config.sweep.policies=adadiff,static,none --config.sweep.depths=5,7,9 --config.sweep.step_fractions=

@@ -1,14 +1,18 @@
 """ImageNet 256 U-ViT-L/2 on 4x32x32 autoencoder latents, discrete "stable" schedule, CFG (FID 3.40 published).
 
-The data source must yield precomputed latents (e.g. npz:PATH of [N,32,32,4] scaled latents):
-  python -m deediff_jax.main --config configs/imagenet256_uvit_large.py --workdir gs://BUCKET/in256
+The data are autoencoder moments encoded once (README, "Latent models: ImageNet 256 and MS-COCO"):
+  python -m deediff_jax.data.encode_latents --config configs/imagenet256_uvit_large.py \
+      --source folder:imagenet/train --autoencoder assets/stable-diffusion/autoencoder_kl.pth --flip \
+      --out imagenet256_latents
+  python -m deediff_jax.main --config configs/imagenet256_uvit_large.py --workdir gs://BUCKET/in256 \
+      --config.data.autoencoder=assets/stable-diffusion/autoencoder_kl.pth
 """
 from deediff_jax.config import base_config
 
 
 def get_config():
   c = base_config()
-  c.data.update(source="npz:imagenet256_latents.npz", image_size=256, channels=3, flip=False, latent=True)
+  c.data.update(source="latents:imagenet256_latents", image_size=256, channels=3, flip=False, latent=True)
   c.model.update(image_size=32, in_channels=4, embed_dim=1024, depth=20, num_heads=16, patch_size=2,
                  num_classes=1000, mlp_time_embed=False, qkv_bias=False)
   c.diffusion.schedule = "stable"

@@ -1,6 +1,8 @@
 """MS-COCO 256 text-to-image U-ViT-S/2 on 4x32x32 latents with 77 CLIP ViT-L/14 tokens (FID 5.95 published).
 
-Precompute CLIP token features with deediff_jax.data.encode_text (see README, "Text models").
+Encode the train2014 images once into autoencoder moments with deediff_jax.data.encode_latents
+(data.source=latents:DIR) and their captions into CLIP token features with
+deediff_jax.data.encode_text (README, "Latent models: ImageNet 256 and MS-COCO").
   python -m deediff_jax.main --config configs/mscoco_uvit_small.py --workdir gs://BUCKET/coco
 """
 from deediff_jax.config import base_config
@@ -8,7 +10,7 @@ from deediff_jax.config import base_config
 
 def get_config():
   c = base_config()
-  c.data.update(source="npz:mscoco256_latents.npz", image_size=256, channels=3, flip=False, latent=True,
+  c.data.update(source="latents:mscoco256_latents", image_size=256, channels=3, flip=False, latent=True,
                 context_file="mscoco_clip_features.npz")
   c.model.update(image_size=32, in_channels=4, embed_dim=512, depth=12, num_heads=8, patch_size=2,
                  num_classes=0, context_dim=768, context_len=77, mlp_time_embed=False, qkv_bias=False)

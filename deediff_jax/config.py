@@ -155,13 +155,14 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"         # compute dtype: float32 | bfloat16
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "digits"         # digits | npz:PATH | folder:PATH | tfds:NAME
+  d.source = "digits"         # digits | npz:PATH | folder:PATH | tfds:NAME | latents:DIR (data/encode_latents.py)
   d.image_size = 8            # dataset image size (resized/cropped to it for folder/tfds)
   d.channels = 1              # 1 (grayscale) or 3 (RGB)
   d.flip = False              # random horizontal flips
   d.split = "train"           # dataset split to train on
   d.context_file = ""         # npz of caption features for text models (see data/encode_text.py)
   d.latent = False            # True: the source yields autoencoder latents (model size != data size)
+  d.autoencoder = ""          # latent models: autoencoder_kl.pth (or .npz) that decodes samples to images
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "linear"   # linear | cosine | stable | vpsde

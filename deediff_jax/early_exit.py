@@ -28,8 +28,11 @@ compiled program. The threshold may also be an array with one value per timestep
                      per-pixel confidence map exceeds threshold; among the in-blocks the first
                      confident block only arms a patience flag and the next confident one exits;
                      the mid- and out-blocks exit at once. aggregate="mean" is exactly the official
-                     batch rule (with classifier-free guidance each half of the batch decides on
-                     its own mean, as the official code's two separate network calls do)
+                     batch rule; aggregate="all" decides per image (the official evaluation
+                     samples one image per batch, so "all" reproduces its decisions). With
+                     classifier-free guidance the conditional and null rows decide separately
+                     (each half on its own mean under "mean"), as the official code's two
+                     separate network calls do
   oracle             evaluation only: runs every block and takes each sample's first layer whose x0
                      is within `threshold` (RMS, x0 units) of the final layer's x0 (needs x0_scale)
   none               full depth (through the same loop)
@@ -279,7 +282,9 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
       c = confidence_scores(cfg, slice_layer(lte_params, i), h_new)
       if aggregate == "mean":
         c = _batch_mean(c, cfg_pairs)
-        pair_and = False  # each half decides alone, like the official two network calls
+      # Rows never wait for their CFG partner: the official code makes two separate network
+      # calls (conditional, null), each exiting on its own confidence.
+      pair_and = False
       over = c > thr
       # Patience among the in-blocks: the first confident in-block arms, the next one exits.
       conf = jnp.where(i < k, over & armed, over)
@@ -400,7 +405,7 @@ def exit_reference(params, cfg, x, t_model, y=None, context=None, *, policy: str
     if aggregate == "mean":
       halves = jnp.split(score, 2, axis=1) if cfg_pairs else [score]
       score = jnp.concatenate([jnp.broadcast_to(jnp.mean(h, 1, keepdims=True), h.shape) for h in halves], 1)
-      pair_and = False
+    pair_and = False  # CFG rows decide alone (the official two network calls)
     over = score > thr
     k = cfg.num_segment_blocks
     # Patience: an in-block exits only if an earlier in-block was already confident.

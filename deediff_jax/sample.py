@@ -3,7 +3,8 @@
 Writes into the workdir:
   samples.png        a grid (one row per class for class-conditional models, one row per
                      held-out caption, written beside it, for text models)
-  samples.npz        `images` float32 [-1, 1] NHWC and `labels` (-1 where there is none)
+  samples.npz        `images` float32 [-1, 1] NHWC and `labels` (-1 where there is none); latent
+                     models with data.autoencoder: `images` decoded, the raw samples in `latents`
   sample_stats.json  policy, threshold, sampler, steps, layers_total, layer_ratio_run,
                      layer_ratio_per_sample, seconds, seconds_full_depth, speedup, plus the
                      per-step arrays (layers run, mean exit layer, exit histogram) for the heatmap
@@ -27,6 +28,7 @@ from deediff_jax.data.eval_context import load_eval_captions, load_eval_context 
 from deediff_jax.diffusion import samplers
 from deediff_jax.early_exit import policy_from_config
 from deediff_jax.eval import plots
+from deediff_jax.eval.decode import decoder_for
 from deediff_jax.eval.fidelity import deterministic_config, fidelity
 from deediff_jax.model.uvit import ModelConfig
 
@@ -96,12 +98,17 @@ def run(config, workdir, params=None) -> dict:
     context, labels, null_context = load_eval_context(config, num)
   kw = dict(labels=labels, context=context, null_context=null_context)
   rng = jax.random.PRNGKey(int(config.sample.seed))
+  decode = decoder_for(config)  # latent models with data.autoencoder: decoded, untimed, after sampling
 
   images, stats, seconds = _timed(params, config, rng, num, policy=policy, policy_params=policy_params, **kw)
   full_images, _, seconds_full = _timed(params, config, rng, num, plain=True, **kw)
+  extra = {}
+  if decode is not None:
+    extra["latents"] = images.astype(np.float32)
+    images, full_images = decode(images), decode(full_images)
 
   out_labels = np.full((num,), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
-  np.savez(os.path.join(workdir, "samples.npz"), images=images.astype(np.float32), labels=out_labels)
+  np.savez(os.path.join(workdir, "samples.npz"), images=images.astype(np.float32), labels=out_labels, **extra)
   captions = load_eval_captions(config, num) if cfg.context_dim > 0 else None
   save_grid(os.path.join(workdir, "samples.png"), images, labels if cfg.num_classes > 0 else None,
             cfg.num_classes, captions=captions)
@@ -113,6 +120,8 @@ def run(config, workdir, params=None) -> dict:
   if fid_config is not config:
     images_det, _ = samplers.sample(params, fid_config, rng, num, policy=policy, policy_params=policy_params, **kw)
     full_det, _ = samplers.sample(params, fid_config, rng, num, plain=True, **kw)
+    if decode is not None:
+      images_det, full_det = decode(images_det), decode(full_det)
     fid_ = fidelity(full_det, images_det)
   else:
     fid_ = fidelity(full_images, images)

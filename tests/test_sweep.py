@@ -1,11 +1,14 @@
 """`--mode sweep` and `--mode eval` on a tiny random-weights checkpoint: every file, every field,
-numbers that follow from their definitions (speedup, depth ratios, FLOPs, full-depth PSNR)."""
+numbers that follow from their definitions (speedup, depth ratios, FLOPs, full-depth PSNR), the
+fewer-steps rows, the oracle rows and the oracle-calibrated time_schedule row."""
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -15,6 +18,7 @@ from PIL import Image
 from deediff_jax.config import base_config, validate
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion.schedule import make_schedule
+from deediff_jax.eval import fidelity as F
 from deediff_jax.eval import flops
 from deediff_jax.eval import sweep as S
 from deediff_jax.model import build, init_params
@@ -23,8 +27,11 @@ from deediff_jax.train.checkpoint import export_params
 N = 5          # depth 4 -> 5 blocks
 STEPS = 4
 NUM = 16
+FEWER_STEPS = 3         # sweep.step_fractions 0.75 of STEPS
+BUCKETS = 3             # exit.calibration_buckets (the time_schedules have 3 buckets too: one compile)
+HUGE = 1e6              # an oracle tolerance every layer meets
 POLICY_FILES = ("grid_uem.png", "grid_static.png", "grid_time_schedule.png", "grid_state_cosine.png",
-                "grid_none.png")
+                "grid_oracle.png", "grid_none.png")
 
 
 def _config():
@@ -32,26 +39,48 @@ def _config():
   c.model.update(embed_dim=32, depth=4, num_heads=2)
   c.sample.update(steps=STEPS, batch_size=8, num_images=8)
   c.sweep.update(num_images=NUM, thresholds="0,0.5", depths="", cosine_thresholds="0.9",
-                 time_schedules="2,3,5;3,4,5")
+                 time_schedules="2,3,5;3,4,5", oracle_tolerances=f"0,{HUGE:g}", step_fractions="0.75",
+                 classifier_steps=100)      # a quicker classifier: same code path
   return validate(c)
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
+def digits_caches(tmp_path_factory):
+  """The digits classifier and its real-image statistics, trained once for every sweep here (both
+  sweeps score digits-shaped images with sweep.classifier_steps=100: the same cache keys)."""
+  workdir = str(tmp_path_factory.mktemp("caches"))
+  S.build_quality(_config(), workdir)
+  return workdir
+
+
+def _with_caches(caches: str, workdir: str) -> None:
+  for name in ("classifier", "fid_stats"):
+    shutil.copytree(os.path.join(caches, name), os.path.join(workdir, name))
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, digits_caches):
   workdir = str(tmp_path_factory.mktemp("sweep_wd"))
   c = _config()
   module = build(c.model)
   export_params(workdir, jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(0)), c)
-  # Adds a calibrated uem row (chosen for heatmap and grids) and a per-bucket calibrated one.
-  c.exit.update(target_layer_ratio=0.6, calibration_buckets=2)
+  _with_caches(digits_caches, workdir)
+  # Adds a calibrated uem row (chosen for heatmap and grids), a per-bucket calibrated one and a
+  # time_schedule calibrated from the oracle's exits.
+  c.exit.update(target_layer_ratio=0.6, calibration_buckets=BUCKETS)
   out = io.StringIO()
-  steps, S.CLASSIFIER_STEPS = S.CLASSIFIER_STEPS, 150    # a quicker classifier: same code path
-  try:
-    with contextlib.redirect_stdout(out):
-      rows = S.run(c, workdir, progress=False)
-  finally:
-    S.CLASSIFIER_STEPS = steps
-  return dict(config=c, workdir=workdir, rows=rows, stdout=out.getvalue(),
+  seen = {}                              # setting -> what `evaluate` gave the sweep: images, stats
+  real_evaluate = S.evaluate
+
+  def spy(ctx, setting):
+    row, images, stats = real_evaluate(ctx, setting)
+    seen[row["setting"]] = dict(images=images, stats=stats, ctx=ctx)
+    return row, images, stats
+
+  with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+    mp.setattr(S, "evaluate", spy)
+    rows = S.run(c, workdir, progress=False)
+  return dict(config=c, workdir=workdir, rows=rows, stdout=out.getvalue(), seen=seen,
               out_dir=os.path.join(workdir, "sweep"))
 
 
@@ -60,28 +89,34 @@ def test_every_file_and_every_field(swept):
   expected = (["sweep.json", "sweep.csv", "sweep.md", "run.json", "pareto_fid.png", "pareto_psnr.png",
                "exit_heatmap.png", "exit_heatmap_per_bucket.png"] + list(POLICY_FILES))
   assert sorted(os.listdir(out_dir)) == sorted(expected)
-  # One row per setting: 2 thresholds + 5 depths + 2 schedules + 1 cosine + none + 2 calibrated.
+  # One row per setting: 2 thresholds + 5 depths + 2 schedules + 1 cosine + 2 oracle tolerances
+  # + none + 1 fewer-steps row; + 2 calibrated uem rows and 1 calibrated time_schedule.
   settings = S.settings_from_config(swept["config"])
-  assert len(settings) == 11 and len(rows) == 13
+  assert len(settings) == 14 and len(rows) == 17
   assert [r["setting"] for r in rows if not r["calibrated"]] == [s.label() for s in settings]
+  assert [r["setting"] for r in rows if " @ " in r["setting"]] == [f"none @ {FEWER_STEPS} steps"]
+  steps_of = {s.label(): s.steps or STEPS for s in settings}      # calibrated rows: sample.steps
   for r in rows:
     assert tuple(r) == S.ROW_KEYS
+    assert r["runnable"] is (r["policy"] != "oracle")
   with open(os.path.join(out_dir, "sweep.json")) as f:
     assert json.load(f) == rows
+  assert not swept["seen"]["none"]["ctx"].quality.classifier.trained   # the shared cached classifier
   for name in ("policy", "threshold", "depth", "layer_ratio_run", "layer_ratio_per_sample",
                "gflops_per_image", "seconds", "speedup", "psnr_vs_full", "psnr_worst5", "mse_vs_full",
-               "fid", "fid_kind", "class_accuracy"):
+               "fid", "fid_kind", "class_accuracy", "runnable", "steps"):
     assert name in S.ROW_KEYS
   for r in rows:
     for k in ("layer_ratio_run", "layer_ratio_per_sample", "gflops_per_image", "seconds", "speedup",
               "psnr_vs_full", "psnr_worst5", "mse_vs_full", "fid", "class_accuracy"):
       assert isinstance(r[k], float) and math.isfinite(r[k]), (r["setting"], k, r[k])
     assert r["fid_kind"] == "classifier-FID (small CNN features; not comparable to Inception FID)"
-    assert r["num_images"] == NUM and r["steps"] == STEPS and r["checkpoint_step"] == 0
+    assert r["num_images"] == NUM and r["checkpoint_step"] == 0
+    assert r["steps"] == steps_of.get(r["setting"], STEPS)
     # Class accuracy is a fraction of the 16 requested labels.
     assert r["class_accuracy"] * NUM == pytest.approx(round(r["class_accuracy"] * NUM))
-    assert len(r["layers_run_per_step"]) == STEPS
-  keys = {r["policy"]: ("threshold" if r["policy"] in S.SCORE_POLICIES else
+    assert len(r["layers_run_per_step"]) == r["steps"]
+  keys = {r["policy"]: ("threshold" if r["policy"] in S.SCORE_POLICIES + ("oracle",) else
                         "depth" if r["policy"] == "static" else
                         "schedule" if r["policy"] == "time_schedule" else None) for r in rows}
   for r in rows:
@@ -127,16 +162,16 @@ def test_numbers_follow_their_definitions(swept):
 
 def test_calibrated_row_heatmap_and_grids(swept):
   rows = swept["rows"]
-  cal = [r for r in rows if r["calibrated"]]
-  assert len(cal) == 2
+  cal = [r for r in rows if r["calibrated"] and r["policy"] == "uem"]
+  assert len(cal) == 2 and len([r for r in rows if r["calibrated"]]) == 3
   cal, per_bucket = cal
   assert cal["policy"] == "uem" and cal["threshold"] == cal["calibration"]["threshold"]
   rep = cal["calibration"]
   assert rep["method"] == "target_layer_ratio" and rep["target"] == 0.6 and rep["buckets"] == 1
-  # The per-bucket row: two thresholds (noisiest first), as exit.threshold_schedule text.
+  # The per-bucket row: three thresholds (noisiest first), as exit.threshold_schedule text.
   rep2 = per_bucket["calibration"]
-  assert rep2["method"] == "target_layer_ratio_per_bucket" and rep2["buckets"] == 2
-  assert len(rep2["threshold"]) == 2 and len(rep2["achieved"]["per_bucket"]) == 2
+  assert rep2["method"] == "target_layer_ratio_per_bucket" and rep2["buckets"] == BUCKETS
+  assert len(rep2["threshold"]) == BUCKETS and len(rep2["achieved"]["per_bucket"]) == BUCKETS
   assert [float(v) for v in per_bucket["threshold_schedule"].split(",")] == rep2["threshold"]
   assert per_bucket["setting"] == ("uem per bucket " + "/".join(f"{v:.3g}" for v in rep2["threshold"])
                                    + " (calibrated)")
@@ -166,6 +201,73 @@ def test_calibrated_row_heatmap_and_grids(swept):
   assert grid.mode == "L" and grid.size == (2 + 10 * (32 + 2), 14 + 2 + 2 * (32 + 2))
 
 
+def test_fewer_steps_rows(swept):
+  """Plain full-depth sampling with fewer steps: the very images of samplers.sample(plain=True) at
+  that step count and seed, PSNR against the full-step images, GFLOPs in proportion to the steps."""
+  c, seen = swept["config"], swept["seen"]
+  ctx = seen["none"]["ctx"]
+  rng = jax.random.PRNGKey(int(c.sample.seed))
+  full, _ = samplers.sample(ctx.params, c, rng, NUM, plain=True)
+  np.testing.assert_array_equal(full, ctx.images_full)
+  k = FEWER_STEPS
+  r = next(r for r in swept["rows"] if r["setting"] == f"none @ {k} steps")
+  ck = c.copy_and_resolve_references()
+  ck.sample.steps = k
+  images, _ = samplers.sample(ctx.params, ck, rng, NUM, plain=True)
+  np.testing.assert_array_equal(seen[r["setting"]]["images"], images)
+  assert r["policy"] == "none" and r["steps"] == k and r["runnable"] and not r["calibrated"]
+  assert r["psnr_vs_full"] == F.fidelity(full, images)["psnr_vs_full"] < 100.0
+  assert r["gflops_ratio"] == pytest.approx(k / STEPS, rel=1e-12)
+  assert r["layer_ratio_run"] == r["layer_ratio_per_sample"] == 1.0 and r["layers_run_per_step"] == [N] * k
+
+
+def test_oracle_rows(swept):
+  """The oracle (not runnable): tolerance 0 exits every sample at the last layer (the full model's
+  images), a huge one at exit.min_layers (layer 1, as static 1 costs); with min_layers 3, at 3."""
+  rows, seen = swept["rows"], swept["seen"]
+  by = {r["setting"]: r for r in rows}
+  oracle = [r for r in rows if r["policy"] == "oracle"]
+  assert [r["setting"] for r in oracle] == ["oracle 0 (ceiling)", f"oracle {HUGE:g} (ceiling)"]
+  zero, huge = oracle
+  assert not zero["runnable"] and not huge["runnable"]
+  assert (seen[zero["setting"]]["stats"]["exit_layer"] == N).all()
+  assert zero["layer_ratio_per_sample"] == zero["layer_ratio_run"] == 1.0
+  assert zero["psnr_vs_full"] == pytest.approx(100.0) and zero["mse_vs_full"] < 1e-10
+  assert zero["gflops_per_image"] == pytest.approx(by[f"static {N}"]["gflops_per_image"], rel=1e-12)
+  assert (seen[huge["setting"]]["stats"]["exit_layer"] == 1).all()
+  assert huge["layer_ratio_per_sample"] == huge["layer_ratio_run"] == 1 / N
+  assert huge["gflops_per_image"] == pytest.approx(by["static 1"]["gflops_per_image"], rel=1e-12)
+  # Layer 1's outputs at every step: static 1's images (the loop's head vs the all-exits one).
+  np.testing.assert_allclose(seen[huge["setting"]]["images"], seen["static 1"]["images"], atol=1e-4)
+  ctx = seen["none"]["ctx"]
+  c3 = ctx.config.copy_and_resolve_references()
+  c3.exit.min_layers = 3
+  row, _, stats = S.evaluate(dataclasses.replace(ctx, config=c3, fidelity_config=c3),
+                             S.Setting("oracle", threshold=HUGE))
+  assert (stats["exit_layer"] == 3).all() and row["min_layers"] == 3 and not row["runnable"]
+
+
+def test_calibrated_time_schedule_row(swept):
+  """With exit.target_layer_ratio, a time_schedule calibrated from the oracle's exits, right after
+  the other time_schedule rows, running its schedule (the layer ratio its report measured)."""
+  rows = swept["rows"]
+  ts = [i for i, r in enumerate(rows) if r["policy"] == "time_schedule"]
+  assert [rows[i]["calibrated"] for i in ts] == [False, False, True] and ts[-1] == ts[-2] + 1
+  row = rows[ts[-1]]
+  rep = row["calibration"]
+  assert rep["method"] == "oracle_time_schedule" and rep["target"] == 0.6 and rep["buckets"] == BUCKETS
+  assert row["schedule"] == rep["schedule"] and row["runnable"]
+  assert row["setting"] == f"time_schedule {rep['schedule']} (calibrated)"
+  sched = [int(v) for v in rep["schedule"].split(",")]
+  assert len(sched) == BUCKETS and all(1 <= d <= N for d in sched)
+  assert any(p["schedule"] == sched for p in rep["probes"])
+  frac = np.asarray(samplers.grid_arrays(make_schedule("linear", 1000), STEPS)["time_frac"])[:-1]
+  want = [sched[min(int(np.floor((1 - f) * BUCKETS)), BUCKETS - 1)] for f in frac]
+  assert row["layers_run_per_step"] == want
+  assert row["layer_ratio_run"] == pytest.approx(rep["achieved"]["layer_ratio_run"], rel=1e-12)
+  assert row["layer_ratio_run"] == pytest.approx(np.mean(want) / N, rel=1e-12)
+
+
 def test_csv_and_markdown(swept):
   rows, out_dir = swept["rows"], swept["out_dir"]
   with open(os.path.join(out_dir, "sweep.csv")) as f:
@@ -192,15 +294,11 @@ def test_csv_and_markdown(swept):
 
 def test_eval_mode_repeats_the_sweep_row(swept):
   from deediff_jax.eval import evaluate
-  c = swept["config"]
+  c = swept["config"].copy_and_resolve_references()   # (sweep.classifier_steps: the cached classifier)
   c.exit.target_layer_ratio = 0.0
   c.exit.update(policy="static", depth=3)
-  steps, S.CLASSIFIER_STEPS = S.CLASSIFIER_STEPS, 150    # the sweep's cached classifier
-  try:
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-      row = evaluate.run(c, swept["workdir"])
-  finally:
-    S.CLASSIFIER_STEPS = steps
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    row = evaluate.run(c, swept["workdir"])
   with open(os.path.join(swept["workdir"], "eval.json")) as f:
     assert json.load(f) == row
   assert tuple(row) == S.ROW_KEYS + ("run",)
@@ -238,8 +336,27 @@ def test_settings_and_defaults():
   s = S.settings_from_config(c)
   assert [x.depth for x in s if x.policy == "static"] == [1, 2, 3, 4, 5]
   assert [x.schedule for x in s if x.policy == "time_schedule"] == S.default_time_schedules(N)
-  assert S.default_time_schedules(9) == ["3,5,6,9", "5,6,9,9", "3,3,5,6,9", "5,9"]
-  assert S.default_time_schedules(13) == ["5,7,9,13", "7,9,13,13", "4,5,7,9,13", "7,13"]
+  # The last two are DuoDiff switches (shallow above a switch time, full depth below).
+  assert S.default_time_schedules(9) == ["3,5,6,9", "5,6,9,9", "3,3,5,6,9", "5,9", "3,9"]
+  assert S.default_time_schedules(13) == ["5,7,9,13", "7,9,13,13", "4,5,7,9,13", "7,13", "5,13"]
+  # Fewer steps: round(fraction * 4) = 1, 2, 2, 3 (each count once, below sample.steps); combo
+  # depths only at counts >= 60% of the steps.
+  c.sweep.update(step_fractions="0.3,0.45,0.6,0.75", combo_depths="3")
+  extra = S.fewer_steps_settings(c, N)
+  assert [x.label() for x in extra] == ["none @ 1 steps", "none @ 2 steps", "none @ 3 steps",
+                                        "static 3 @ 3 steps"]
+  assert [x.plain for x in extra] == [True, True, True, False] and [x.steps for x in extra] == [1, 2, 3, 3]
+  assert [x.label() for x in S.settings_from_config(c) if x.steps] == [x.label() for x in extra]
+  c.sweep.step_fractions = "0.5,1"
+  with pytest.raises(S.SweepError, match=r"sweep.step_fractions must be in \(0, 1\), got '0.5,1'"):
+    S.settings_from_config(c)
+  c.sweep.update(step_fractions="", combo_depths="")
+  # An adadiff model: the default policy list sweeps adadiff (sweep.confidence_thresholds) for uem.
+  c.model.exit_style = "adadiff"
+  c.sweep.update(policies=S.DEFAULT_POLICIES, confidence_thresholds="0.9,0.95")
+  s = S.settings_from_config(c)
+  assert [(x.policy, x.threshold) for x in s[:2]] == [("adadiff", 0.9), ("adadiff", 0.95)]
+  c.model.exit_style = "deediff"
   c.sweep.policies = "uem,bogus"
   with pytest.raises(S.SweepError, match="sweep.policies has unknown policy 'bogus'"):
     S.settings_from_config(c)
@@ -251,6 +368,10 @@ def test_settings_and_defaults():
     S.settings_from_config(c)
   c.exit.update(policy="time_schedule", schedule="2,5")
   assert S.setting_from_exit_config(c).label() == "time_schedule 2,5"
+  c.exit.update(policy="oracle", threshold=0.1)
+  s = S.setting_from_exit_config(c)
+  assert s.label() == "oracle 0.1 (ceiling)" and not s.runnable
+  assert float(s.policy_params(N)["threshold"]) == pytest.approx(0.1)
   c.exit.update(policy="static", depth=0)
   assert S.setting_from_exit_config(c).depth == N
   # A per-bucket threshold schedule from the config: its label and its traced [K] threshold.
@@ -319,7 +440,7 @@ def test_bad_calibration_request_fails_before_loading(tmp_path):
     S.run(c, str(tmp_path / "empty"))
 
 
-def test_text_model_sweep_reports_accuracy_per_caption(tmp_path):
+def test_text_model_sweep_reports_accuracy_per_caption(tmp_path, digits_caches):
   # A tiny random text model with three labelled held-out captions: the sweep writes caption-row
   # grids and captions.{md,json}, whose accuracies are the classifier's on each caption's images.
   path = str(tmp_path / "caps.npz")
@@ -331,12 +452,14 @@ def test_text_model_sweep_reports_accuracy_per_caption(tmp_path):
   c.model.update(embed_dim=32, depth=2, num_heads=2, num_classes=0, context_dim=6, context_len=3)
   c.data.context_file = path
   c.sample.update(steps=2, batch_size=12, num_images=12, guidance_scale=1.0)
-  c.sweep.update(num_images=12, policies="uem,none", thresholds="0.5", classifier_steps=100)
+  c.sweep.update(num_images=12, policies="uem,none", thresholds="0.5", classifier_steps=100,
+                 step_fractions="")
   c = validate(c)
   workdir = str(tmp_path / "wd")
   module = build(c.model)
   params = jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(0))
   export_params(workdir, params, c)
+  _with_caches(digits_caches, workdir)
   with contextlib.redirect_stdout(io.StringIO()):
     rows = S.run(c, workdir, progress=False)
   out_dir = os.path.join(workdir, "sweep")
@@ -355,7 +478,8 @@ def test_text_model_sweep_reports_accuracy_per_caption(tmp_path):
   for k, r in enumerate(report["per_caption"]):
     assert r["accuracy_full"] == np.mean(pred[k::3] == labels[k::3])
   assert report["overall_accuracy"]["full"] == np.mean(pred == labels)
-  assert rows[-1]["policy"] == "none" and rows[-1]["class_accuracy"] == report["overall_accuracy"]["full"]
+  assert [r["setting"] for r in rows] == ["uem 0.5", "none"]      # no calibration asked, no fewer steps
+  assert rows[-1]["class_accuracy"] == report["overall_accuracy"]["full"]
   assert report["chance"] == 0.1
   md = open(os.path.join(out_dir, "captions.md")).read()
   assert "| number one | 1 | 4 |" in md

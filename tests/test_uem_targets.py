@@ -79,7 +79,8 @@ def test_targets_carry_no_gradient(target):
   assert np.all(g[0] == 0.0)
   np.testing.assert_allclose(g[1], np.full(g[1].shape, 0.05), rtol=1e-5)
   # And u gets the L_u gradient 2 (u - u_hat) / B = u - u_hat.
-  g_u = jax.grad(lambda u: L.deediff_loss(eps_all, u, eps, uem_target=target, x0_scale=scale)[1]["loss_u"])(u_all)
+  loss_u_of_u = lambda u: L.deediff_loss(eps_all, u, eps, uem_target=target, x0_scale=scale)[1]["loss_u"]
+  g_u = jax.grad(loss_u_of_u)(u_all)
   np.testing.assert_allclose(g_u, np.asarray(u_all) - WANT[target], rtol=1e-5, atol=1e-7)
 
 
@@ -108,10 +109,12 @@ def test_uem_only_trains_only_the_uems(tmp_path):
   # The trainer's own fresh init (its compiled setup is cached and reused by `train`), and the
   # model to start from: every leaf shifted, so that "loaded" and "fresh" can be told apart.
   fresh = jax.device_get(trainer.make_setup(c).init_params())
-  start = jax.tree_util.tree_map(lambda a: (a + 0.25).astype(a.dtype), fresh)
+  start = jax.tree_util.tree_map(lambda a: (a + 0.01).astype(a.dtype), fresh)
   export_params(str(tmp_path / "init"), start, c)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32), "label": np.arange(8) % 10}
   with contextlib.redirect_stdout(io.StringIO()):
-    state = trainer.train(c, str(tmp_path / "wd"), progress=False)
+    state = trainer.train(c, str(tmp_path / "wd"), batch_fn=lambda step: batch, progress=False)
   assert int(state.step) == 1
   params = jax.device_get(state.params)
   ema = jax.device_get(state.ema_params)
@@ -123,11 +126,11 @@ def test_uem_only_trains_only_the_uems(tmp_path):
     # Backbone and exit heads: the loaded parameters, bit for bit, and their EMA too.
     for tree in (params, ema):
       assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(bitwise, tree[key], start[key]))), key
-  # The UEMs start fresh (the trainer's init, not the checkpoint's, 0.25 away) and every leaf
-  # learned: one AdamW step moves each element by about lr = 1e-3.
+  # The UEMs start fresh (the trainer's init, not the checkpoint's 0.01 away) and every leaf
+  # learned: one AdamW step moves an element by at most about lr = 1e-3.
   for new, init in zip(jax.tree_util.tree_leaves(params["uems"]), jax.tree_util.tree_leaves(fresh["uems"])):
     step = np.abs(new - init)
-    assert step.max() < 2e-3 and np.any(step > 0)
+    assert step.max() < 2e-3 and np.mean(step > 1e-4) > 0.5
 
 
 def _error(c) -> str:

@@ -19,7 +19,8 @@ sharded along its first axis in process order.
 
 Batch dict (NumPy, this host's rows only):
   image    float32 [B/P, H, W, C], uint8 pixels mapped by x / 127.5 - 1 to [-1, 1] exactly
-           (0 -> -1, 255 -> 1); latents (source.latent) pass through unscaled
+           (0 -> -1, 255 -> 1); latents (source.latent) pass through unscaled, and sources
+           that store moments (latents:DIR) give a latent drawn for this step (`source.draw`)
   label    int32 [B/P]             when the source has labels
   context  float32 [B/P, L, Dc]    when the source has caption features
 """
@@ -97,6 +98,8 @@ def make_batch(source: Source, step: int, *, batch_size: int, seed: int, flip: b
   rows = host_rows(batch_size, process_index, process_count)
   idx = global_batch_indices(source.num_examples, batch_size, seed, step)[rows]
   ex = source.get(idx)
+  if getattr(source, "draw", None) is not None:  # latents:DIR: a fresh latent per (seed, step, row)
+    ex["image"] = source.draw(ex["image"], seed, step, np.arange(batch_size)[rows])
   image = scale_images(ex["image"], source.latent)
   if flip:
     mirror = flip_mask(batch_size, seed, step)[rows]

@@ -37,6 +37,14 @@ Sources (`data.source`):
     anything else: center crop to a square, PIL bilinear resize to image_size.
   The `label` feature (a ClassLabel) gives labels and num_classes; datasets without one
   (celeb_a) are unlabeled. Prepare with `tfds build NAME --file_format=array_record`.
+- `latents:DIR`: autoencoder moments written by `python -m deediff_jax.data.encode_latents`
+  (format in that module: index.json plus numbered `moments_*.npy` / `labels_*.npy` shards).
+  Needs `data.latent=True`; only split `train`; `data.flip` must be False (encode with --flip
+  instead: the mirror's moments are entries of their own). The shards are memory-mapped, so
+  nothing is loaded whole; `get` returns the stored moments [n, h, w, 2c] (mean, log-variance)
+  and the pipeline turns them into a latent drawn afresh at every step (`draw`, below):
+  `scale_factor * (mean + exp(logvar / 2) * noise)`, the noise of global batch row r at step s
+  from `np.random.default_rng([seed, 2, s, r])`, as U-ViT samples one per training step.
 
 Arrays sources (digits, npz) are strict about sizes; file sources (folder, tfds) resize.
 
@@ -57,13 +65,18 @@ the fix; the CLI prints it and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-SCHEMES = ("digits", "npz:PATH", "folder:PATH", "tfds:NAME")
+SCHEMES = ("digits", "npz:PATH", "folder:PATH", "tfds:NAME")  # in error messages; latents:DIR is one more
+LATENTS_INDEX = "index.json"             # latents:DIR (data/encode_latents.py writes it)
+LATENTS_FORMAT = "deediff_jax.latents/1"
+_LATENT_NOISE = 2                        # the pipeline's stream tags: 0 order, 1 flips, 2 latent noise
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 # U-ViT's CelebA 64 crop (datasets.py, after DDIM): the 128x128 box centred on (row 121, col 89)
 # of the 218x178 aligned images, as a PIL (left, upper, right, lower) box.
@@ -112,6 +125,8 @@ class Source:
   context: Optional[Captions] = None
   # TFDS reads an image and its label from one record; `_read(indices) -> (images, labels|None)`.
   _read: Optional[Callable[[np.ndarray], tuple]] = dataclasses.field(default=None, repr=False)
+  # latents:DIR: `image` holds moments; `draw(moments, seed, step, rows)` -> that step's latents.
+  draw: Optional[Callable[..., np.ndarray]] = dataclasses.field(default=None, repr=False)
 
   def get(self, indices) -> dict:
     indices = np.asarray(indices, np.int64).reshape(-1)
@@ -139,17 +154,23 @@ def load_source(data_config) -> Source:
   if latent and scheme in ("digits", "folder", "tfds"):
     raise DataError(f"data.latent=True needs precomputed latents from an npz:PATH source, not {spec!r}; "
                     "set --config.data.latent=False for images")
+  if scheme == "latents" and not latent:
+    raise DataError(f"data.source {spec!r} holds autoencoder moments; set --config.data.latent=True "
+                    "(and model.image_size/in_channels to the latent size)")
   if scheme == "digits" and not sep:
     src = _load_digits(data_config, split)
-  elif scheme in ("npz", "folder", "tfds") and sep:
+  elif scheme in ("npz", "folder", "tfds", "latents") and sep:
     if not arg:
-      example = {"npz": "npz:data/train.npz", "folder": "folder:data/images", "tfds": "tfds:cifar10"}[scheme]
+      example = {"npz": "npz:data/train.npz", "folder": "folder:data/images", "tfds": "tfds:cifar10",
+                 "latents": "latents:data/imagenet256_latents"}[scheme]
       raise DataError(f"data.source {spec!r} needs a {'name' if scheme == 'tfds' else 'path'} after "
                       f"'{scheme}:', e.g. {example}")
     if scheme == "npz":
       src = _load_npz(arg, data_config, split, latent)
     elif scheme == "folder":
       src = _load_folder(arg, data_config, split)
+    elif scheme == "latents":
+      src = _load_latents(arg, data_config, split)
     else:
       src = _load_tfds(arg, data_config, split)
   else:
@@ -271,6 +292,95 @@ def _check_labels(labels: np.ndarray, n: int, what: str) -> np.ndarray:
   if labels.min() < 0:
     raise DataError(f"{what} has a negative class id {int(labels.min())}; class ids must be 0..K-1")
   return labels.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# latents
+
+
+class _ShardedRows:
+  """Rows of several memory-mapped .npy shards as one array: `rows[indices]` reads only those rows."""
+
+  def __init__(self, shards: list):
+    self.shards = shards
+    self.starts = np.cumsum([0] + [len(a) for a in shards])
+    self.shape = (int(self.starts[-1]),) + tuple(shards[0].shape[1:])
+    self.dtype = shards[0].dtype
+
+  def __len__(self):
+    return self.shape[0]
+
+  def __getitem__(self, indices):
+    idx = np.asarray(indices, np.int64)
+    flat = idx.reshape(-1)
+    out = np.empty((len(flat),) + self.shape[1:], self.dtype)
+    which = np.searchsorted(self.starts, flat, side="right") - 1
+    for k in np.unique(which):
+      sel = np.flatnonzero(which == k)
+      local = flat[sel] - self.starts[k]
+      order = np.argsort(local, kind="stable")  # ascending reads from the file
+      out[sel[order]] = self.shards[k][local[order]]
+    return out.reshape(idx.shape + self.shape[1:])
+
+
+def sample_latents(moments: np.ndarray, seed: int, step: int, rows, scale_factor: float) -> np.ndarray:
+  """Latents [n, h, w, c] drawn from moments [n, h, w, 2c] for global batch rows `rows` of `step`:
+  scale_factor * (mean + exp(logvar / 2) * noise), logvar clamped to [-30, 20] as the autoencoder
+  does; row r's noise is np.random.default_rng([seed, 2, step, r]), whichever host loads it."""
+  moments = np.asarray(moments, np.float32)
+  mean, logvar = np.split(moments, 2, axis=-1)
+  noise = np.stack([np.random.default_rng([int(seed), _LATENT_NOISE, int(step), int(r)])
+                    .standard_normal(mean.shape[1:], np.float32) for r in rows]) if len(rows) else mean
+  std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
+  return (np.float32(scale_factor) * (mean + std * noise)).astype(np.float32)
+
+
+def _load_latents(path: str, data_config, split: str) -> Source:
+  _only_train(f"latents:{path}", split)
+  full = os.path.abspath(os.path.expanduser(path))
+  hint = f"write it with python -m deediff_jax.data.encode_latents --config CONFIG --source IMAGES --out {path}"
+  if not os.path.isdir(full):
+    raise DataError(f"latents directory not found: {full} (relative paths resolve against {os.getcwd()}); {hint}")
+  index_path = os.path.join(full, LATENTS_INDEX)
+  if not os.path.isfile(index_path):
+    partial = os.path.exists(os.path.join(full, "encode_settings.json"))
+    raise DataError(f"{full} has no {LATENTS_INDEX}"
+                    + ("; its encoding did not finish: rerun encode_latents with the same arguments to resume"
+                       if partial else f"; {hint}"))
+  try:
+    with open(index_path) as f:
+      index = json.load(f)
+    if index.get("format") != LATENTS_FORMAT:
+      raise ValueError(f"format {index.get('format')!r}, expected {LATENTS_FORMAT!r}")
+    mshape = tuple(int(v) for v in index["moments_shape"])
+    shard_info = list(index["shards"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise DataError(f"cannot read {index_path} ({type(e).__name__}: {e}); {hint}") from None
+  if bool(data_config.get("flip", False)):
+    raise DataError(f"data.flip=True would mirror latents, which is not the latent of the mirrored image; "
+                    f"set --config.data.flip=False (encode_latents --flip stores the mirrors' moments)")
+  shards, labels = [], []
+  for info in shard_info:
+    f = os.path.join(full, info["moments"])
+    try:
+      m = np.load(f, mmap_mode="r")
+    except (OSError, ValueError) as e:
+      raise DataError(f"cannot memory-map latent shard {f} ({type(e).__name__}: {e}); {hint}") from None
+    if m.shape != (int(info["num_examples"]),) + mshape or not np.issubdtype(m.dtype, np.floating):
+      raise DataError(f"latent shard {f} is {m.dtype} {m.shape}, but {index_path} says "
+                      f"[{info['num_examples']}, {', '.join(map(str, mshape))}] floats; re-encode {path}")
+    shards.append(m)
+    if info.get("labels"):
+      lab = np.load(os.path.join(full, info["labels"]))
+      labels.append(_check_labels(lab, len(m), f"latent labels {os.path.join(full, info['labels'])}"))
+  if not shards or not sum(len(m) for m in shards):
+    raise DataError(f"{full} holds no latents; {hint}")
+  labels = np.concatenate(labels) if labels and len(labels) == len(shards) else None
+  scale = float(index.get("scale_factor", 0.18215))
+  return Source(name=f"latents:{path}", images=_ShardedRows(shards), labels=labels,
+                num_examples=int(sum(len(m) for m in shards)), image_size=mshape[0], channels=mshape[2] // 2,
+                num_classes=int(index.get("num_classes", 0)) if labels is not None else 0, latent=True,
+                draw=functools.partial(sample_latents, scale_factor=scale))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ from deediff_jax.eval import fid as fid_lib
 from deediff_jax.eval import fidelity as fidelity_lib
 from deediff_jax.eval import flops as flops_lib
 from deediff_jax.eval import plots
+from deediff_jax.eval.decode import decoder_for
 from deediff_jax.model.uvit import ModelConfig
 
 FID_KIND_NAMES = {
@@ -311,6 +312,10 @@ class RealData:
 def real_images(config, split: str = "train", max_images: int = MAX_REAL_IMAGES) -> Optional[RealData]:
   """Real images of config.data's `split` scaled to [-1, 1] (at most `max_images`, a seeded
   subset), or None when that split does not exist (only for split != 'train')."""
+  if bool(config.data.get("latent", False)):  # the images the latents were encoded from (eval/decode.py)
+    from deediff_jax.eval.decode import real_pixels
+    got = real_pixels(config, split, max_images)
+    return None if got is None else RealData(*got, source=str(config.data.source), split=split)
   from deediff_jax.data.sources import DataError, load_source
   dc = config.data.copy_and_resolve_references()
   dc.split = split
@@ -363,11 +368,14 @@ def build_quality(config, workdir: str) -> Quality:
   latent = bool(config.data.get("latent", False))
   q = Quality(fid_kind=kind, fid_kind_name=FID_KIND_NAMES[kind])
   if latent:
-    if kind != "none":
+    if kind != "none" and not str(config.data.get("autoencoder", "") or ""):
       raise SweepError(f"sweep.fid_kind={kind} needs images, but data.latent=True (the samples are "
-                       "autoencoder latents); use --config.sweep.fid_kind=none")
-    return q
-  conditional = cfg.num_classes > 0 or cfg.context_dim > 0
+                       "autoencoder latents); set --config.data.autoencoder=autoencoder_kl.pth to decode "
+                       "them, or use --config.sweep.fid_kind=none")
+    if kind == "none":
+      return q
+  # Latent models: no small-CNN class accuracy unless it is the FID net (fid_kind=classifier).
+  conditional = (cfg.num_classes > 0 or cfg.context_dim > 0) and not latent
   if kind == "inception":
     # Check the weights before any expensive work: a missing file is a one-line error.
     path = str(config.sweep.inception_weights)
@@ -442,6 +450,12 @@ class Context:
   gflops_full: float = float("nan")
   quality_full: dict = dataclasses.field(default_factory=dict)
   compiled: set = dataclasses.field(default_factory=set)
+  # Latent models with data.autoencoder: latents -> images (eval/decode.py), applied to every
+  # sample set before fidelity, FID and grids; None: the samples are scored as they are.
+  decode: Any = None
+
+  def decoded(self, images):
+    return images if self.decode is None else self.decode(images)
 
   @property
   def deterministic(self) -> bool:
@@ -545,13 +559,14 @@ def prepare(config, workdir: str, *, num: Optional[int] = None, params=None, ste
   ctx = Context(config=config, fidelity_config=fidelity_lib.deterministic_config(config), params=params,
                 cfg=cfg, num=num, rng=jax.random.PRNGKey(int(config.sample.seed)),
                 cond=dict(zip(("labels", "context", "null_context"), cal_lib.conditioning(config, num))),
-                quality=quality, checkpoint_step=step, workdir=str(workdir))
+                quality=quality, checkpoint_step=step, workdir=str(workdir), decode=decoder_for(config))
   ctx.images_full, _, ctx.seconds_full = _timed(ctx, plain=True)
+  ctx.images_full = ctx.decoded(ctx.images_full)  # after the timing: decoding is not sampling
   ctx.seconds_full_runs = [ctx.seconds_full]
   if ctx.deterministic:
     ctx.images_full_fidelity = ctx.images_full
   else:
-    ctx.images_full_fidelity, _ = _sample(ctx, ctx.fidelity_config, plain=True)
+    ctx.images_full_fidelity = ctx.decoded(_sample(ctx, ctx.fidelity_config, plain=True)[0])
   ctx.gflops_full = flops_lib.full_depth_flops_per_image(cfg, int(config.sample.steps),
                                                          cfg_factor=ctx.cfg_factor) / 1e9
   ctx.quality_full = quality.score(ctx.images_full, ctx.labels)
@@ -593,12 +608,13 @@ def evaluate(ctx: Context, setting: Setting) -> tuple[dict, np.ndarray, dict]:
   pp = setting.policy_params(n, min_layers)
   kw = dict(plain=True) if setting.plain else dict(setting=setting, pp=pp)
   images, stats, seconds = _timed(ctx, config, **kw)
+  images = ctx.decoded(images)
   if ctx.deterministic:
     images_fid = images
   else:
     fid_config = with_steps(ctx.fidelity_config, setting.steps)
     _warm_up(ctx, fid_config, **{k: v for k, v in kw.items() if k != "pp"})
-    images_fid, _ = _sample(ctx, fid_config, **kw)
+    images_fid = ctx.decoded(_sample(ctx, fid_config, **kw)[0])
   fidelity = fidelity_lib.fidelity(ctx.images_full_fidelity, images_fid)
   summary = samplers.summarize(stats, n)
   gflops = (flops_lib.full_depth_flops_per_image(ctx.cfg, int(config.sample.steps), cfg_factor=ctx.cfg_factor) / 1e9
