@@ -76,7 +76,7 @@ case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|fr
   adadiff13)   # the official formulation: shared head + per-pixel confidence, finetuned from joint13
     A=(--config.model.exit_style=adadiff --config.exit.policy=adadiff --config.exit.threshold=0.9
        --config.train.mode=finetune --config.train.init_from="$RUNS/m14d12_joint"
-       --config.train.num_steps="${ADA_STEPS:-400}" --config.train.warmup_steps=50 --config.train.lr=1e-3)
+       --config.train.num_steps="${ADA_STEPS:-200}" --config.train.warmup_steps=20 --config.train.lr=1e-3)
     run --workdir "$RUNS/m14d12_adadiff" "${SIZE13[@]}" "${A[@]}"
     run --workdir "$RUNS/m14d12_adadiff" --mode sweep "${SIZE13[@]}" "${A[@]}" "${SWEEP13[@]}" \
         --config.sweep.policies=adadiff,static,none --config.sweep.depths=5,7,9 --config.sweep.step_fractions=

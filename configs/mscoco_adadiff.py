@@ -18,9 +18,8 @@ makes two network calls (conditional, null) that exit independently, and here ea
 [cond; null] batch decides on its own mean. The official evaluation sampled one image per network
 call (mini_batch_size=1), where that mean is each image's own.
 
-Known difference: the official text model (libs/uvit_t2i.py) has the in-block patience rule
-commented out, so its in-blocks exit at the first confident one; exit.policy=adadiff always applies
-patience (the first confident in-block only arms a flag, the next one exits).
+The official text model (libs/uvit_t2i.py) has the in-block patience rule commented out, so its
+in-blocks exit at the first confident one: this config sets exit.patience=False to match.
 """
 import importlib.util
 import os
@@ -38,5 +37,5 @@ def _base(name):
 def get_config():
   c = _base("mscoco_uvit_small")
   c.model.exit_style = "adadiff"
-  c.exit.update(policy="adadiff", aggregate="mean", threshold=0.87)
+  c.exit.update(policy="adadiff", aggregate="mean", threshold=0.87, patience=False)
   return c

@@ -206,6 +206,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.threshold_schedule = ""   # score policies: comma-separated thresholds per timestep bucket, noisy -> clean (overrides threshold)
   e.aggregate = "all"         # all | mean
   e.min_layers = 1            # no exit before this many blocks ran
+  e.patience = True           # adadiff: the first confident in-block only arms, the next exits (official image models; their text model: False)
   e.depth = 0                 # static policy: blocks to run (0 = all)
   e.schedule = ""             # time_schedule: comma-separated depths per timestep bucket, noisy -> clean
   e.target_layer_ratio = 0.0  # >0: calibrate the threshold to this layer ratio

@@ -66,7 +66,7 @@ _COS_EPS = 1e-12
 # ----------------------------------------------------------------------------- policies
 
 def make_policy_params(num_blocks: int, *, threshold: float = 0.0, depth: int = 0,
-                       schedule=None, min_layers: int = 1) -> dict:
+                       schedule=None, min_layers: int = 1, patience: bool = True) -> dict:
   """The traced parameters every policy reads (one pytree structure for all policies).
 
   depth 0 means all `num_blocks`; `schedule` is a sequence of depths per timestep bucket from the
@@ -80,11 +80,12 @@ def make_policy_params(num_blocks: int, *, threshold: float = 0.0, depth: int = 
       "depth": jnp.asarray(depth if depth > 0 else num_blocks, jnp.int32),
       "schedule": jnp.asarray(schedule, jnp.int32),
       "min_layers": jnp.asarray(max(int(min_layers), 1), jnp.int32),
+      "patience": jnp.asarray(bool(patience), jnp.bool_),  # adadiff: in-blocks need a second confident block
   }
 
 
 def policy_params_for(policy: str, num_blocks: int, *, threshold=None, depth=None, schedule=None,
-                      min_layers: int = 1) -> dict:
+                      min_layers: int = 1, patience: bool = True) -> dict:
   """The one path from a policy's setting to its traced parameters (every mode uses it): each
   policy reads only its own value; exit.min_layers applies to every policy."""
   if policy not in POLICIES:
@@ -96,7 +97,7 @@ def policy_params_for(policy: str, num_blocks: int, *, threshold=None, depth=Non
     kw["depth"] = int(depth or 0)
   elif policy == "time_schedule":
     kw["schedule"] = schedule
-  return make_policy_params(num_blocks, min_layers=min_layers, **kw)
+  return make_policy_params(num_blocks, min_layers=min_layers, patience=patience, **kw)
 
 
 def policy_from_config(config, num_blocks: int, policy: Optional[str] = None):
@@ -116,7 +117,8 @@ def policy_from_config(config, num_blocks: int, policy: Optional[str] = None):
   if policy in SCORE_POLICIES and str(e.get("threshold_schedule", "")).strip():
     threshold = parse_threshold_schedule(e.threshold_schedule, policy)
   return policy, policy_params_for(policy, num_blocks, threshold=threshold, depth=int(e.depth),
-                                   schedule=schedule, min_layers=int(e.min_layers))
+                                   schedule=schedule, min_layers=int(e.min_layers),
+                                   patience=bool(e.get("patience", True)))
 
 
 def check_policy(policy: str, cfg: ModelConfig, aggregate: str = "all"):
@@ -287,8 +289,9 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
       pair_and = False
       over = c > thr
       # Patience among the in-blocks: the first confident in-block arms, the next one exits.
-      conf = jnp.where(i < k, over & armed, over)
-      armed = armed | (over & (i < k))
+      in_block = (i < k) & pp["patience"]
+      conf = jnp.where(in_block, over & armed, over)
+      armed = armed | (over & in_block)
     elif policy == "state_cosine":
       cos = patch_cosine(cfg, h_new, h_old)
       score = jnp.mean(cos) if aggregate == "mean" else cos
@@ -410,7 +413,8 @@ def exit_reference(params, cfg, x, t_model, y=None, context=None, *, policy: str
     k = cfg.num_segment_blocks
     # Patience: an in-block exits only if an earlier in-block was already confident.
     seen_before = jnp.cumsum(over[:k].astype(jnp.int32), axis=0) - over[:k].astype(jnp.int32)
-    conf = jnp.concatenate([over[:k] & (seen_before > 0), over[k:]], axis=0)
+    patient = jnp.concatenate([over[:k] & (seen_before > 0), over[k:]], axis=0)
+    conf = jnp.where(pp["patience"], patient, over)
   elif policy == "state_cosine":
     h0, _ = module.apply(variables, x, t_model, y, context, method=DeeDiffUViT.embed)
     hs = module.apply(variables, h0, method=DeeDiffUViT.hidden_states)  # [N, B, T, D]

@@ -91,9 +91,11 @@ class Jax:
     # module.apply (the plain forward) and all_exits (the training path), compiled together.
     self.full = jax.jit(lambda p, x, t, y: (module.apply({"params": p}, x, t, y),
                                             module.apply({"params": p}, x, t, y, method=DeeDiffUViT.all_exits)))
-    kw = lambda thr: dict(policy="adadiff", policy_params=make_policy_params(n, threshold=thr), aggregate="mean")
+    kw = lambda thr, patience=True: dict(policy="adadiff", aggregate="mean",
+                                         policy_params=make_policy_params(n, threshold=thr, patience=patience))
     self.early_exit = jax.jit(lambda p, x, t, y, thr, pairs: early_exit_forward(p, mc, x, t, y, cfg_pairs=pairs,
                                                                                 **kw(thr)), static_argnums=5)
+    self.no_patience = jax.jit(lambda p, x, t, y, thr: early_exit_forward(p, mc, x, t, y, **kw(thr, False)))
     self.reference = jax.jit(lambda p, x, t, y, thr: exit_reference(p, mc, x, t, y, **kw(thr)))
 
   def __call__(self, name, *args):
@@ -179,6 +181,16 @@ def test_early_exit_parity_with_official_loop(setup):
       assert np.abs(eps2 - eps_ref).max() <= TOL
       np.testing.assert_array_equal(stats2["exit_layer"], np.full(4, layer))
     patience_mattered += first_over(means, thr) != layer
+    # exit.patience=False (the official text model's rule): the first confident block exits.
+    model.patience = False
+    try:
+      eps_np, layer_np, _, _ = run_torch(model, x, t, y, thres=thr)
+    finally:
+      model.patience = True
+    assert layer_np == first_over(means, thr)
+    eps, stats = jx("no_patience", x, t, y, np.float32(thr))
+    assert np.abs(eps - eps_np).max() <= TOL
+    np.testing.assert_array_equal(stats["exit_layer"], np.full(4, layer_np))
   assert patience_mattered == 4  # every in-block / mid-block case differs without the patience rule
   # The exit output is the exit block's shared-head decoding, not the full model's.
   assert np.abs(run_torch(model, x, t, y, thres=designed_thresholds(means)[0][0])[0]
