@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from deediff_jax import sampling
 from deediff_jax.diffusion import samplers  # noqa: E402
 from deediff_jax.diffusion.schedule import make_schedule  # noqa: E402
 from deediff_jax.early_exit import early_exit_forward, make_policy_params  # noqa: E402
@@ -167,12 +168,12 @@ def main(argv=None):
 
   @jax.jit
   def ddim_ee(p, x0, pp):
-    eps_fn = samplers.make_eps_fn(p, cfg, "static", pp)
+    eps_fn = sampling.make_eps_fn(p, cfg, "static", pp)
     return samplers.ddim(eps_fn, schedule, steps, x0, clip=True)
 
   @jax.jit
   def ddim_plain(p, x0):
-    return samplers.ddim(samplers.make_plain_eps_fn(p, cfg), schedule, steps, x0, clip=True)
+    return samplers.ddim(sampling.make_plain_eps_fn(p, cfg), schedule, steps, x0, clip=True)
 
   timing = interleaved(lambda: ddim_plain(params, x_init), lambda: ddim_ee(params, x_init, pp),
                        max(3, repeats // 2))

@@ -24,8 +24,8 @@ from typing import Optional
 import jax
 import numpy as np
 
+from deediff_jax import sampling
 from deediff_jax.data.eval_context import load_eval_captions, load_eval_context  # noqa: F401 (API)
-from deediff_jax.diffusion import samplers
 from deediff_jax.early_exit import policy_from_config
 from deediff_jax.eval import plots
 from deediff_jax.eval.decode import decoder_for
@@ -69,14 +69,14 @@ def _load_params(workdir, config):
 
 def _warm_up(params, config, rng, num, **kw):
   """Compiles (ahead of time, running nothing) every batch shape `sample` will use."""
-  samplers.sample(params, config, rng, num, compile_only=True, **kw)
+  sampling.sample(params, config, rng, num, compile_only=True, **kw)
 
 
 def _timed(params, config, rng, num, **kw):
   """(images, stats, seconds) of one `sample` call, compiled beforehand."""
   _warm_up(params, config, rng, num, **kw)
   t0 = time.perf_counter()
-  images, stats = samplers.sample(params, config, rng, num, progress=True, **kw)
+  images, stats = sampling.sample(params, config, rng, num, progress=True, **kw)
   return images, stats, time.perf_counter() - t0
 
 
@@ -112,14 +112,14 @@ def run(config, workdir, params=None) -> dict:
   captions = load_eval_captions(config, num) if cfg.context_dim > 0 else None
   save_grid(os.path.join(workdir, "samples.png"), images, labels if cfg.num_classes > 0 else None,
             cfg.num_classes, captions=captions)
-  summary = samplers.summarize(stats, n)
+  summary = sampling.summarize(stats, n)
   e, s = config.exit, config.sample
   # One rule for fidelity in every mode (the sweep's): the same noise through a deterministic
   # sampler, the configured one when it is deterministic, else DDIM eta=0 in extra untimed runs.
   fid_config = deterministic_config(config)
   if fid_config is not config:
-    images_det, _ = samplers.sample(params, fid_config, rng, num, policy=policy, policy_params=policy_params, **kw)
-    full_det, _ = samplers.sample(params, fid_config, rng, num, plain=True, **kw)
+    images_det, _ = sampling.sample(params, fid_config, rng, num, policy=policy, policy_params=policy_params, **kw)
+    full_det, _ = sampling.sample(params, fid_config, rng, num, plain=True, **kw)
     if decode is not None:
       images_det, full_det = decode(images_det), decode(full_det)
     fid_ = fidelity(full_det, images_det)

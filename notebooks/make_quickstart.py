@@ -67,7 +67,7 @@ ax.set_yscale("log"); ax.set_xlabel("step"); ax.legend(); plt.show()"""),
 Same seed, same initial noise. `policy=none` runs every block; `policy=uem` stops each
 sample at the first block whose uncertainty is below the threshold."""),
     new_code_cell("""from deediff_jax.train.checkpoint import load_params
-from deediff_jax.diffusion import samplers
+from deediff_jax import sampling
 from deediff_jax.early_exit import make_policy_params
 from deediff_jax.eval import plots
 from deediff_jax.eval.fidelity import fidelity
@@ -81,14 +81,14 @@ rng = jax.random.PRNGKey(0)
 
 def run(policy, **kw):
     pp = make_policy_params(n_blocks, **kw)
-    samplers.sample(params, config, rng, num, policy=policy, policy_params=pp, labels=labels)  # compile
+    sampling.sample(params, config, rng, num, policy=policy, policy_params=pp, labels=labels)  # compile
     t0 = time.perf_counter()
-    images, stats = samplers.sample(params, config, rng, num, policy=policy, policy_params=pp, labels=labels)
+    images, stats = sampling.sample(params, config, rng, num, policy=policy, policy_params=pp, labels=labels)
     return images, stats, time.perf_counter() - t0
 
 full, full_stats, t_full = run("none")
 exit_imgs, exit_stats, t_exit = run("uem", threshold=0.1)
-summary = samplers.summarize(exit_stats, n_blocks)
+summary = sampling.summarize(exit_stats, n_blocks)
 print(f"full depth {t_full:.2f}s | early exit {t_exit:.2f}s | speedup {t_full / t_exit:.2f}x | "
       f"layers run {summary['layer_ratio_run']:.2f} of full | PSNR vs full "
       f"{fidelity(full, exit_imgs)['psnr_vs_full']:.1f} dB")

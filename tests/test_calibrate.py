@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deediff_jax import sampling
 from deediff_jax.config import base_config
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion.schedule import make_schedule
@@ -62,9 +63,9 @@ def _exit_layer(threshold):
 def _ratio_of(params, config, threshold):
   pp = make_policy_params(N, threshold=threshold)
   labels, _, _ = C.conditioning(config, 8)
-  _, st = samplers.sample(params, config, C.calibration_rng(config), 8, policy="uem",
+  _, st = sampling.sample(params, config, C.calibration_rng(config), 8, policy="uem",
                           policy_params=pp, labels=labels)
-  return samplers.summarize(st, N)
+  return sampling.summarize(st, N)
 
 
 @pytest.mark.parametrize("target,layer", [(0.6, 3), (0.4, 2)])
@@ -136,11 +137,11 @@ def test_psnr_floor_picks_the_shallowest_exit_above_the_floor(model):
   det = F.deterministic_config(c)
   rng = C.calibration_rng(c)
   labels, _, _ = C.conditioning(c, 8)
-  full, _ = samplers.sample(model, det, rng, 8, plain=True, labels=labels)
+  full, _ = sampling.sample(model, det, rng, 8, plain=True, labels=labels)
   # With u fixed per block, a uem threshold is the static depth of its exit layer.
   psnr = {}
   for depth in range(1, N + 1):
-    imgs, _ = samplers.sample(model, det, rng, 8, policy="static",
+    imgs, _ = sampling.sample(model, det, rng, 8, policy="static",
                               policy_params=make_policy_params(N, depth=depth), labels=labels)
     psnr[depth] = F.fidelity(full, imgs)["psnr_vs_full"]
   # The shallowest depth L such that every depth >= L is above a floor and every shallower one
@@ -157,7 +158,7 @@ def test_psnr_floor_picks_the_shallowest_exit_above_the_floor(model):
   assert report["achieved"]["psnr_vs_full"] >= floor
   np.testing.assert_allclose(report["achieved"]["psnr_vs_full"], psnr[layer], rtol=1e-6)
   # Measured again with the returned threshold: above the floor; one layer shallower is not.
-  imgs, _ = samplers.sample(model, det, rng, 8, policy="uem",
+  imgs, _ = sampling.sample(model, det, rng, 8, policy="uem",
                             policy_params=make_policy_params(N, threshold=threshold), labels=labels)
   assert F.fidelity(full, imgs)["psnr_vs_full"] >= floor
   assert psnr[layer - 1] < floor
@@ -205,8 +206,8 @@ def test_per_bucket_target_is_hit_and_carried_by_threshold_schedule(model, capsy
   policy, pp = policy_from_config(c2, N)
   assert np.asarray(pp["threshold"]).tolist() == pytest.approx(report2["threshold"])
   labels, _, _ = C.conditioning(c2, 8)
-  _, st = samplers.sample(model, c2, C.calibration_rng(c2), 8, policy=policy, policy_params=pp, labels=labels)
-  assert samplers.summarize(st, N)["layer_ratio_run"] == pytest.approx(0.6, abs=1e-12)
+  _, st = sampling.sample(model, c2, C.calibration_rng(c2), 8, policy=policy, policy_params=pp, labels=labels)
+  assert sampling.summarize(st, N)["layer_ratio_run"] == pytest.approx(0.6, abs=1e-12)
 
 
 def test_per_bucket_search_on_interacting_buckets():

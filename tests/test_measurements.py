@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
+from deediff_jax import sampling
 from deediff_jax import sample as sample_mode
 from deediff_jax.config import base_config, validate
-from deediff_jax.diffusion import samplers
 from deediff_jax.eval import evaluate as eval_mode
 from deediff_jax.eval import sweep
 from deediff_jax.model import build, init_params
@@ -101,8 +101,8 @@ def test_compile_only_runs_nothing_and_the_timed_call_compiles_nothing(params, c
   rng = jax.random.PRNGKey(3)
   pp = sweep.Setting("uem", threshold_schedule="0.1,0.3,0.5").policy_params(3)
   with compiles:
-    assert samplers.sample(params, c, rng, 7, policy="uem", policy_params=pp, compile_only=True) is None
+    assert sampling.sample(params, c, rng, 7, policy="uem", policy_params=pp, compile_only=True) is None
   assert compiles.count >= 2                       # a batch of 4 and the remainder of 3
   with compiles:
-    images, _ = samplers.sample(params, c, rng, 7, policy="uem", policy_params=pp)
+    images, _ = sampling.sample(params, c, rng, 7, policy="uem", policy_params=pp)
   assert compiles.count == 0 and images.shape[0] == 7

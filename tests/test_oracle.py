@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deediff_jax import sampling
 from deediff_jax import early_exit as ee
 from deediff_jax.config import base_config
 from deediff_jax.diffusion import samplers
@@ -145,7 +146,7 @@ def test_oracle_needs_x0_scale_and_guidance(model):
     jax.eval_shape(lambda: ee.early_exit_forward(params, cfg, x, jnp.zeros((2,)), policy="oracle",
                                                  policy_params=pp, x0_scale=1.0, cfg_pairs=True))
   assert str(e.value).splitlines()[0] == "exit policy 'oracle' with cfg_pairs needs guidance_scale"
-  eps_fn = samplers.make_eps_fn(params, cfg, "oracle", pp, y=jnp.zeros((2,), jnp.int32))
+  eps_fn = sampling.make_eps_fn(params, cfg, "oracle", pp, y=jnp.zeros((2,), jnp.int32))
   with pytest.raises(samplers.SamplerError) as e:
     eps_fn(x, jnp.float32(500.0), jnp.float32(0.5))
   assert str(e.value) == "exit policy 'oracle' needs x0_scale_of (samplers.x0_scale_fn(schedule))"

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deediff_jax import sampling
 from deediff_jax import early_exit as ee
 from deediff_jax.config import base_config
 from deediff_jax.diffusion import samplers
@@ -40,7 +41,7 @@ def _jit_sampler(name, schedule_name, timesteps, steps, clip, policy, cfg):
   """The library sampler (policy none = the early-exit loop at full depth), jitted once."""
   schedule = make_schedule(schedule_name, timesteps)
   def run(params, x_init, rng, y, pp, eta):
-    eps_fn = samplers.make_eps_fn(params, cfg, policy, pp, y)
+    eps_fn = sampling.make_eps_fn(params, cfg, policy, pp, y)
     return samplers.run_sampler(name, eps_fn, schedule, steps, x_init, rng, eta=eta, clip=clip)
   return jax.jit(run)
 
@@ -222,9 +223,9 @@ def test_ddim_eta0_deterministic(model):
   b, _ = _run(model, "ddim", rng=jax.random.PRNGKey(2))  # eta 0: the step noise is unused
   np.testing.assert_array_equal(a, b)
   c = _config()
-  one, _ = samplers.sample(model["params"], c, jax.random.PRNGKey(9), B, plain=True)
-  two, _ = samplers.sample(model["params"], c, jax.random.PRNGKey(9), B, plain=True)
-  other, _ = samplers.sample(model["params"], c, jax.random.PRNGKey(10), B, plain=True)
+  one, _ = sampling.sample(model["params"], c, jax.random.PRNGKey(9), B, plain=True)
+  two, _ = sampling.sample(model["params"], c, jax.random.PRNGKey(9), B, plain=True)
+  other, _ = sampling.sample(model["params"], c, jax.random.PRNGKey(10), B, plain=True)
   np.testing.assert_array_equal(one, two)
   assert np.abs(one - other).max() > 1e-3
 
@@ -243,13 +244,13 @@ def test_guidance_in_eps_fn(model):
   cond = m["eps"](x, 500.0)
   null = m["eps"](x, 500.0, jnp.full((B,), 10))
   for plain in (True, False):
-    f0 = samplers.make_eps_fn(p, cfg, "none", None, y, guidance_scale=0.0, plain=plain)
+    f0 = sampling.make_eps_fn(p, cfg, "none", None, y, guidance_scale=0.0, plain=plain)
     e0, st = jax.jit(f0)(x, t, jnp.float32(0.5))
     np.testing.assert_allclose(np.asarray(e0), cond, atol=1e-5)
     assert st["exit_layer"].shape == (B,)
     # s = 0 must not double the batch: no 2B-row image enters the network.
     assert f"f32[{2 * B},8,8,1]" not in str(jax.make_jaxpr(f0)(x, t, jnp.float32(0.5)))
-    f1 = samplers.make_eps_fn(p, cfg, "none", None, y, guidance_scale=1.5, plain=plain)
+    f1 = sampling.make_eps_fn(p, cfg, "none", None, y, guidance_scale=1.5, plain=plain)
     assert f"f32[{2 * B},8,8,1]" in str(jax.make_jaxpr(f1)(x, t, jnp.float32(0.5)))
     e1, st = jax.jit(f1)(x, t, jnp.float32(0.5))
     np.testing.assert_allclose(np.asarray(e1), 2.5 * cond - 1.5 * null, atol=1e-4)
@@ -261,7 +262,7 @@ def test_guidance_needs_condition():
   c.update(embed_dim=32, depth=2, num_heads=2, num_classes=0)
   module = build(c)
   with pytest.raises(ValueError, match="needs a conditional model"):
-    samplers.make_eps_fn({}, module.cfg, guidance_scale=1.0)
+    sampling.make_eps_fn({}, module.cfg, guidance_scale=1.0)
 
 
 def test_early_exit_threshold_zero_equals_plain_sampler(model):
@@ -269,8 +270,8 @@ def test_early_exit_threshold_zero_equals_plain_sampler(model):
   # equal images prove the same initial and step noise for both paths.
   c = _config(guidance_scale=1.0, num_images=6, batch_size=3, eta=1.0)
   c.exit.update(policy="uem", threshold=0.0)
-  ee_img, st = samplers.sample(model["params"], c, jax.random.PRNGKey(2), 6)
-  plain_img, pst = samplers.sample(model["params"], c, jax.random.PRNGKey(2), 6, plain=True)
+  ee_img, st = sampling.sample(model["params"], c, jax.random.PRNGKey(2), 6)
+  plain_img, pst = sampling.sample(model["params"], c, jax.random.PRNGKey(2), 6, plain=True)
   np.testing.assert_allclose(ee_img, plain_img, atol=1e-5)
   n = model["cfg"].num_blocks
   np.testing.assert_array_equal(st["layers_run"], np.full((2, STEPS), n))
@@ -283,7 +284,7 @@ def test_early_exit_threshold_zero_equals_plain_sampler(model):
 def test_time_schedule_follows_sampler_steps(model):
   c = _config(steps=4, sampler="ddim")
   c.exit.update(policy="time_schedule", schedule="2,5", threshold=0.0)
-  _, st = samplers.sample(model["params"], c, jax.random.PRNGKey(0), B)
+  _, st = sampling.sample(model["params"], c, jax.random.PRNGKey(0), B)
   # Grid 999, 666, 333, 0 -> time_frac 1, .67, .33, 0 -> buckets 0, 0, 1, 1 -> depths 2, 2, 5, 5.
   np.testing.assert_array_equal(st["layers_run"][0], [2, 2, 5, 5])
   np.testing.assert_array_equal(st["exit_layer"], np.repeat([[2], [2], [5], [5]], B, axis=1))
@@ -295,9 +296,9 @@ def test_thresholds_do_not_recompile_sampler(model):
   layers = set()
   for thr in (0.0, 0.45, 0.5, 0.55, 1.0):
     c.exit.threshold = thr
-    _, st = samplers.sample(model["params"], c, jax.random.PRNGKey(0), B)
+    _, st = sampling.sample(model["params"], c, jax.random.PRNGKey(0), B)
     layers.add(tuple(st["layers_run"].ravel()))
-  fn = samplers._compiled(model["cfg"], "linear", 1000, "ddim", 2, "uem", "all", False, True, False)
+  fn = sampling._compiled(model["cfg"], "linear", 1000, "ddim", 2, "uem", "all", False, True, False)
   assert fn._cache_size() == 1
   assert len(layers) >= 2
 
@@ -305,7 +306,7 @@ def test_thresholds_do_not_recompile_sampler(model):
 def test_summarize():
   stats = {"layers_run": np.array([[4, 2], [2, 2]]), "exit_layer": np.array([[4, 1, 2], [2, 2, 2]]),
            "batch_sizes": np.array([2, 1])}
-  s = samplers.summarize(stats, 4)
+  s = sampling.summarize(stats, 4)
   # run: batch 0 (2 rows) ran 4+2, batch 1 (1 row) ran 2+2 -> (2*6 + 1*4) / (3 rows * 2 steps * 4 blocks)
   assert s["layer_ratio_run"] == pytest.approx(16 / 24)
   assert s["layer_ratio_per_sample"] == pytest.approx(13 / 6 / 4)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deediff_jax import sampling
 from deediff_jax.config import base_config, validate
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion.schedule import make_schedule
@@ -202,18 +203,18 @@ def test_calibrated_row_heatmap_and_grids(swept):
 
 
 def test_fewer_steps_rows(swept):
-  """Plain full-depth sampling with fewer steps: the very images of samplers.sample(plain=True) at
+  """Plain full-depth sampling with fewer steps: the very images of sampling.sample(plain=True) at
   that step count and seed, PSNR against the full-step images, GFLOPs in proportion to the steps."""
   c, seen = swept["config"], swept["seen"]
   ctx = seen["none"]["ctx"]
   rng = jax.random.PRNGKey(int(c.sample.seed))
-  full, _ = samplers.sample(ctx.params, c, rng, NUM, plain=True)
+  full, _ = sampling.sample(ctx.params, c, rng, NUM, plain=True)
   np.testing.assert_array_equal(full, ctx.images_full)
   k = FEWER_STEPS
   r = next(r for r in swept["rows"] if r["setting"] == f"none @ {k} steps")
   ck = c.copy_and_resolve_references()
   ck.sample.steps = k
-  images, _ = samplers.sample(ctx.params, ck, rng, NUM, plain=True)
+  images, _ = sampling.sample(ctx.params, ck, rng, NUM, plain=True)
   np.testing.assert_array_equal(seen[r["setting"]]["images"], images)
   assert r["policy"] == "none" and r["steps"] == k and r["runnable"] and not r["calibrated"]
   assert r["psnr_vs_full"] == F.fidelity(full, images)["psnr_vs_full"] < 100.0
@@ -472,7 +473,7 @@ def test_text_model_sweep_reports_accuracy_per_caption(tmp_path, digits_caches):
   clf = S.build_quality(c, workdir).classifier                          # the cached classifier
   labels = np.array([7, 1, 4] * 4)
   ctx_feats = np.load(path)["eval_features"][np.arange(12) % 3]
-  full, _ = samplers.sample(params, c, jax.random.PRNGKey(0), 12, plain=True, labels=labels,
+  full, _ = sampling.sample(params, c, jax.random.PRNGKey(0), 12, plain=True, labels=labels,
                             context=ctx_feats, null_context=np.zeros((3, 6), np.float32))
   pred = clf.predict(full)
   for k, r in enumerate(report["per_caption"]):

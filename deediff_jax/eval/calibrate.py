@@ -4,7 +4,7 @@ Two targets (set one):
 
 * `exit.target_layer_ratio` = r in (0, 1]: the threshold whose **layer_ratio_run** (blocks the
   early-exit loop actually ran / full depth, averaged over sampling steps: the real compute,
-  see `samplers.summarize`) on the calibration batch is within `tolerance` of r. Set
+  see `sampling.summarize`) on the calibration batch is within `tolerance` of r. Set
   `exit.calibration_metric=layer_ratio_per_sample` to target the paper's per-sample ratio
   instead. The run ratio depends on the batch (with aggregate="all" the loop runs until the
   slowest sample exits), so the calibration batch is by default one batch of
@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deediff_jax import sampling
 from deediff_jax.data.eval_context import load_eval_context
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion import schedule as sched_lib
@@ -218,7 +219,7 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
   t0 = time.perf_counter()
   reference = None
   if floor is not None:
-    reference, _ = samplers.sample(params, run_config, rng, num, plain=True, **cond)
+    reference, _ = sampling.sample(params, run_config, rng, num, plain=True, **cond)
   probes = []
   k = buckets_of(config) if buckets is None else int(buckets)
   steps_bucket = step_buckets(config, k) if k > 1 else None
@@ -230,8 +231,8 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
     else:
       thr = threshold_of(policy, a)
     pp = make_policy_params(n_blocks, threshold=thr, min_layers=int(e.min_layers))
-    images, stats = samplers.sample(params, run_config, rng, num, policy=policy, policy_params=pp, **cond)
-    summary = samplers.summarize(stats, n_blocks)
+    images, stats = sampling.sample(params, run_config, rng, num, policy=policy, policy_params=pp, **cond)
+    summary = sampling.summarize(stats, n_blocks)
     rec = {"threshold": thr, "layer_ratio_run": summary["layer_ratio_run"],
            "layer_ratio_per_sample": summary["layer_ratio_per_sample"]}
     if k > 1:
@@ -500,7 +501,7 @@ def calibrate_time_schedule(params, config, rng, *, target: float, buckets: int,
   def probe(log_tol: float) -> dict:
     tolerance = float(math.exp(log_tol))
     pp = make_policy_params(n_blocks, threshold=tolerance, min_layers=int(config.exit.min_layers))
-    _, stats = samplers.sample(params, config, rng, num, policy="oracle", policy_params=pp, **cond)
+    _, stats = sampling.sample(params, config, rng, num, policy="oracle", policy_params=pp, **cond)
     sched = schedule_from_exits(stats["exit_layer"], steps_bucket, buckets, quantile)
     rec = {"tolerance": tolerance, "schedule": sched,
            "layer_ratio": schedule_ratio(sched, steps_bucket, n_blocks),

@@ -29,7 +29,7 @@ calibrated from the oracle's exits to the same target (`calibrate.calibrate_time
 strongest fixed rule, no guessed schedule.
 
 Every setting samples the same `sweep.num_images` images: the same initial noise, sampler noise
-and labels (`samplers.sample` derives them from `sample.seed` and the batch index only), with
+and labels (`sampling.sample` derives them from `sample.seed` and the batch index only), with
 the configured sampler. Each run is timed after its program is compiled (a warm-up with cheap
 policy values: thresholds and depths are traced, so one compile serves all of a policy's
 values), and the plain full-depth sampler (`module.apply`, no exit machinery) is timed in the
@@ -78,6 +78,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from deediff_jax import sampling
 from deediff_jax.config import (POLICIES, SCORE_POLICIES, UEM_POLICIES, parse_depth_schedule, parse_floats,
                                 parse_threshold_schedule)
 from deediff_jax.data.eval_context import load_eval_captions
@@ -492,7 +493,7 @@ def _cheap_params(setting: Setting, n: int, min_layers: int) -> dict:
 
 def _sample(ctx: Context, config, *, plain=False, setting: Optional[Setting] = None, pp=None):
   kw = dict(plain=True) if plain else dict(policy=setting.policy, policy_params=pp)
-  return samplers.sample(ctx.params, config, ctx.rng, ctx.num, **kw, **ctx.cond)
+  return sampling.sample(ctx.params, config, ctx.rng, ctx.num, **kw, **ctx.cond)
 
 
 def _warm_up(ctx: Context, config, *, plain=False, setting: Optional[Setting] = None) -> None:
@@ -508,7 +509,7 @@ def _warm_up(ctx: Context, config, *, plain=False, setting: Optional[Setting] = 
   kw = (dict(plain=True) if plain else
         dict(policy=setting.policy, policy_params=_cheap_params(setting, n, int(config.exit.min_layers))))
   # Ahead of time: every batch shape of the run is compiled and nothing is sampled.
-  samplers.sample(ctx.params, config, ctx.rng, ctx.num, compile_only=True, **kw, **ctx.cond)
+  sampling.sample(ctx.params, config, ctx.rng, ctx.num, compile_only=True, **kw, **ctx.cond)
   ctx.compiled.add(key)
 
 
@@ -592,7 +593,7 @@ def check_params_for(settings, params) -> None:
 
 
 def gflops_from_stats(cfg: ModelConfig, stats: dict, policy: str, cfg_factor: int = 1) -> float:
-  """GFLOPs per image of a `samplers.sample` run: each batch's loop cost, weighted by its size."""
+  """GFLOPs per image of a `sampling.sample` run: each batch's loop cost, weighted by its size."""
   el = np.asarray(stats["exit_layer"])                          # [steps, num]
   sizes = np.asarray(stats["batch_sizes"], np.int64)
   parts = np.split(el, np.cumsum(sizes)[:-1], axis=1)
@@ -616,7 +617,7 @@ def evaluate(ctx: Context, setting: Setting) -> tuple[dict, np.ndarray, dict]:
     _warm_up(ctx, fid_config, **{k: v for k, v in kw.items() if k != "pp"})
     images_fid = ctx.decoded(_sample(ctx, fid_config, **kw)[0])
   fidelity = fidelity_lib.fidelity(ctx.images_full_fidelity, images_fid)
-  summary = samplers.summarize(stats, n)
+  summary = sampling.summarize(stats, n)
   gflops = (flops_lib.full_depth_flops_per_image(ctx.cfg, int(config.sample.steps), cfg_factor=ctx.cfg_factor) / 1e9
             if setting.plain else gflops_from_stats(ctx.cfg, stats, setting.policy, ctx.cfg_factor))
   quality = ctx.quality.score(images, ctx.labels)

@@ -1,0 +1,232 @@
+"""Sampling from a network: the noise predictor, batching and ahead-of-time compilation.
+
+`diffusion/samplers.py` integrates a plain `eps_fn(x, t_model, time_frac) -> (eps, stats)`; this
+module builds that function from a network and its parameters (classifier-free guidance, the
+early-exit forward with an exit policy, or the plain full-depth forward), runs a sampler over
+batches with the same noise for every setting, compiles each program ahead of time
+(`compile_only=True`) so a timed call compiles nothing, and summarises the exit statistics.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from deediff_jax.config import SAMPLERS, ModelConfig
+from deediff_jax.diffusion import schedule as sched_lib
+from deediff_jax.diffusion.samplers import EpsFn, SamplerError, guide, run_sampler, x0_scale_fn
+from deediff_jax.early_exit import check_policy, early_exit_forward, make_policy_params, policy_from_config
+from deediff_jax.model.deediff import DeeDiffUViT
+
+
+def _is_zero(scale) -> bool:
+  return isinstance(scale, (int, float)) and float(scale) == 0.0
+
+
+def _conditioning(cfg: ModelConfig, y, context, null_y, null_context, doubled: bool):
+  """(y, context) for the model call; for CFG the null rows follow the conditional ones."""
+  if not doubled:
+    return y, context
+  if cfg.num_classes == 0 and cfg.context_dim == 0:
+    raise SamplerError("sample.guidance_scale > 0 needs a conditional model (model.num_classes or "
+                     "model.context_dim); set sample.guidance_scale=0")
+  if cfg.num_classes > 0:
+    b = y.shape[0]
+    null_y = jnp.full((b,), cfg.num_classes, jnp.int32) if null_y is None else jnp.asarray(null_y, jnp.int32)
+    y = jnp.concatenate([jnp.asarray(y, jnp.int32), jnp.broadcast_to(null_y, (b,))], axis=0)
+  if cfg.context_dim > 0:
+    if null_context is None:
+      raise SamplerError("classifier-free guidance for a text model needs the null caption's features "
+                       "(null_context); set sample.guidance_scale=0 or provide them")
+    null_context = jnp.broadcast_to(jnp.asarray(null_context, context.dtype), context.shape)
+    context = jnp.concatenate([context, null_context], axis=0)
+  return y, context
+
+
+def make_eps_fn(params, cfg, policy: str = "none", policy_params=None, y=None, context=None,
+                guidance_scale=0.0, null_y=None, null_context=None, *, aggregate: str = "all",
+                plain: bool = False, x0_scale_of=None) -> EpsFn:
+  """The noise predictor a sampler calls: early exit (default) or the plain full-depth forward.
+
+  `plain=True` is the real baseline: `module.apply` (the scan forward, no while loop, no exit
+  machinery); its stats report every sample at full depth. `guidance_scale` may be traced, but a
+  Python 0 (the default) means no guidance and no doubled batch. policy="oracle" needs
+  `x0_scale_of` (`x0_scale_fn(schedule)`).
+  """
+  cfg = ModelConfig.from_config(cfg)
+  n = cfg.num_blocks
+  module = DeeDiffUViT(cfg)
+  doubled = not _is_zero(guidance_scale)
+  y_in, ctx_in = _conditioning(cfg, y, context, null_y, null_context, doubled)
+  if not plain:
+    check_policy(policy, cfg, aggregate)
+    if policy_params is None:
+      policy_params = make_policy_params(n)
+
+  def eps_fn(x, t_model, time_frac):
+    b = x.shape[0]
+    xin = jnp.concatenate([x, x], axis=0) if doubled else x
+    t = jnp.broadcast_to(jnp.asarray(t_model, jnp.float32), (xin.shape[0],))
+    if plain:
+      eps = module.apply({"params": params}, xin, t, y_in, ctx_in)
+      stats = {"exit_layer": jnp.full((xin.shape[0],), n, jnp.int32), "layers_run": jnp.asarray(n, jnp.int32)}
+    else:
+      extra = {}
+      if policy == "oracle":
+        if x0_scale_of is None:
+          raise SamplerError("exit policy 'oracle' needs x0_scale_of (samplers.x0_scale_fn(schedule))")
+        extra = dict(x0_scale=x0_scale_of(time_frac), guidance_scale=guidance_scale if doubled else None)
+      eps, stats = early_exit_forward(params, cfg, xin, t, y_in, ctx_in, policy=policy,
+                                      policy_params=policy_params, time_frac=time_frac,
+                                      cfg_pairs=doubled, aggregate=aggregate, **extra)
+    if doubled:
+      eps = guide(eps, guidance_scale)
+    return eps, {"exit_layer": stats["exit_layer"][:b], "layers_run": stats["layers_run"]}
+  return eps_fn
+
+
+def make_plain_eps_fn(params, cfg, y=None, context=None, guidance_scale=0.0, null_y=None,
+                      null_context=None) -> EpsFn:
+  """The plain full-depth noise predictor (the scan forward), same interface as `make_eps_fn`."""
+  return make_eps_fn(params, cfg, y=y, context=context, guidance_scale=guidance_scale, null_y=null_y,
+                     null_context=null_context, plain=True)
+
+
+# ----------------------------------------------------------------------------- top level
+
+@functools.lru_cache(maxsize=64)
+def _compiled(cfg: ModelConfig, schedule_name: str, timesteps: int, sampler: str, steps: int,
+              policy: str, aggregate: str, doubled: bool, clip: bool, plain: bool):
+  """One jitted sampler per static setting; thresholds, depths, eta and guidance are traced."""
+  schedule = sched_lib.make_schedule(schedule_name, timesteps)
+
+  def fn(params, x_init, rng, y, context, null_context, policy_params, guidance_scale, eta):
+    eps_fn = make_eps_fn(params, cfg, policy, policy_params, y, context,
+                         guidance_scale if doubled else 0.0, None, null_context,
+                         aggregate=aggregate, plain=plain, x0_scale_of=x0_scale_fn(schedule))
+    x, stats = run_sampler(sampler, eps_fn, schedule, steps, x_init, rng, eta=eta, clip=clip)
+    return x, stats
+  return jax.jit(fn)
+
+
+_EXECUTABLES: dict = {}   # (jitted fn, argument shapes) -> its ahead-of-time compiled executable
+
+
+def _signature(args) -> tuple:
+  leaves, treedef = jax.tree_util.tree_flatten(args)
+  return (treedef,) + tuple((tuple(np.shape(v)), str(getattr(v, "dtype", type(v)))) for v in leaves)
+
+
+def _executable(fn, args):
+  """The compiled program for these argument shapes: `lower(...).compile()` once, never inside a
+  call that is being timed (warm-ups call `sample(..., compile_only=True)`)."""
+  key = (fn, _signature(args))
+  if key not in _EXECUTABLES:
+    if len(_EXECUTABLES) >= 256:
+      _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+    _EXECUTABLES[key] = fn.lower(*args).compile()
+  return _EXECUTABLES[key]
+
+
+def initial_noise(rng, batch_index: int, shape):
+  """The starting noise of one batch: a function of the seed and the batch index only."""
+  return jax.random.normal(jax.random.fold_in(jax.random.fold_in(rng, batch_index), 0), shape, jnp.float32)
+
+
+def sample(params, config, rng, num: int, *, policy: Optional[str] = None, policy_params=None,
+           labels=None, context=None, null_context=None, plain: bool = False,
+           aggregate: Optional[str] = None, progress: bool = False, compile_only: bool = False):
+  """Samples `num` images in batches of `config.sample.batch_size` -> (images, stats).
+
+  images: [num, H, W, C] float32 (clipped to [-1, 1] for pixel models; raw for latent models).
+  stats (NumPy): `layers_run` [batches, steps], `exit_layer` [steps, num], `batch_sizes` [batches].
+  The policy defaults to `config.exit`; `plain=True` uses the plain full-depth forward. The
+  initial noise and the sampler's noise depend only on `rng` and the batch index, so early exit
+  and full depth start from the same noise. `compile_only=True` compiles the program of every
+  batch shape (ahead of time, nothing runs) and returns None: a timed call after it compiles
+  nothing.
+  """
+  cfg = ModelConfig.from_config(config.model)
+  n = cfg.num_blocks
+  if policy is None or policy_params is None:
+    policy, cfg_params = policy_from_config(config, n, policy)
+    policy_params = cfg_params if policy_params is None else policy_params
+  aggregate = config.exit.aggregate if aggregate is None else aggregate
+  if not plain:
+    check_policy(policy, cfg, aggregate)
+  s = config.sample
+  if s.sampler not in SAMPLERS:
+    raise SamplerError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+  scale = float(s.guidance_scale)
+  doubled = scale != 0.0
+  clip = s.sampler in ("ddpm", "ddim") and not bool(config.data.get("latent", False))
+  if cfg.num_classes == 0:
+    labels = None  # e.g. the caption labels of a text model: metadata, not a model input
+  elif labels is None:
+    labels = np.arange(num) % cfg.num_classes
+  if cfg.context_dim > 0 and context is None:
+    raise SamplerError(f"this text model needs context [num, {cfg.context_len}, {cfg.context_dim}] "
+                     "(set data.context_file to caption features with 'eval_features')")
+  if doubled and cfg.num_classes == 0 and cfg.context_dim == 0:
+    raise SamplerError("sample.guidance_scale > 0 needs a conditional model; set sample.guidance_scale=0")
+  if doubled and cfg.context_dim > 0 and null_context is None:
+    raise SamplerError("sample.guidance_scale > 0 on a text model needs the null caption's features "
+                     "('null_features' in data.context_file); set sample.guidance_scale=0 or add them")
+  fn = _compiled(cfg, config.diffusion.schedule, int(config.diffusion.timesteps), s.sampler,
+                 int(s.steps), "none" if plain else policy, aggregate, doubled, clip, bool(plain))
+  shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
+  bs = int(s.batch_size)
+  starts = list(range(0, num, bs))
+  images, layers_run, exit_layer, sizes = [], [], [], []
+  if compile_only:  # one batch of each distinct size: shapes are all that matter
+    starts = list({min(st + bs, num) - st: st for st in reversed(starts)}.values())
+  for bi, start in enumerate(tqdm(starts, desc="sampling", disable=not progress or compile_only, leave=False)):
+    stop = min(start + bs, num)
+    x_init = initial_noise(rng, bi, (stop - start,) + shape)
+    step_rng = jax.random.fold_in(jax.random.fold_in(rng, bi), 1)
+    y = None if labels is None else jnp.asarray(np.asarray(labels)[start:stop], jnp.int32)
+    ctx = None if context is None else jnp.asarray(np.asarray(context)[start:stop], jnp.float32)
+    nctx = None if null_context is None else jnp.asarray(null_context, jnp.float32)
+    args = (params, x_init, step_rng, y, ctx, nctx, policy_params, jnp.float32(scale), jnp.float32(s.eta))
+    program = _executable(fn, args)
+    if compile_only:
+      continue
+    x, st = program(*args)
+    images.append(x)
+    layers_run.append(st["layers_run"])
+    exit_layer.append(st["exit_layer"])
+    sizes.append(stop - start)
+  if compile_only:
+    return None
+  # Host-side assembly: eager jnp ops on new shapes would compile inside a timed call.
+  images = np.concatenate([np.asarray(v, np.float32) for v in images], axis=0)
+  if not bool(config.data.get("latent", False)):
+    images = np.clip(images, -1.0, 1.0)
+  stats = {"layers_run": np.stack([np.asarray(v) for v in layers_run]),
+           "exit_layer": np.concatenate([np.asarray(v) for v in exit_layer], axis=1),
+           "batch_sizes": np.asarray(sizes, np.int64)}
+  return images, stats
+
+
+def summarize(stats: dict, num_blocks: int) -> dict:
+  """Layer ratios and per-step arrays from `sample`'s stats.
+
+  layer_ratio_run: blocks actually executed / full depth, averaged over steps and weighted by
+  batch size (the real compute); layer_ratio_per_sample: mean per-sample exit depth / full depth
+  (the paper's "layer ratio").
+  """
+  lr = np.asarray(stats["layers_run"], np.float64)             # [batches, steps]
+  el = np.asarray(stats["exit_layer"], np.float64)             # [steps, num]
+  w = np.asarray(stats["batch_sizes"], np.float64)[:, None]
+  hist = np.stack([np.bincount(row.astype(np.int64), minlength=num_blocks + 1)[1:] for row in el])
+  return {
+      "layer_ratio_run": float(np.sum(lr * w) / (np.sum(w) * lr.shape[1] * num_blocks)),
+      "layer_ratio_per_sample": float(np.mean(el) / num_blocks),
+      "layers_run_per_step": (np.sum(lr * w, axis=0) / np.sum(w)).tolist(),
+      "mean_exit_layer_per_step": np.mean(el, axis=1).tolist(),
+      "exit_histogram": hist.astype(int).tolist(),               # [steps, num_blocks]
+  }
