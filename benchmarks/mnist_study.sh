@@ -68,7 +68,7 @@ case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|fr
   uem13)       # UEMs alone (backbone and heads of joint13 frozen), one target, then the UEM rows
     target=${2:?usage: mnist_study.sh uem13 eps|x0|fidelity}
     U=(--config.train.mode=uem_only --config.train.init_from="$RUNS/m14d12_joint" --config.loss.uem_target="$target"
-       --config.train.num_steps="${UEM_STEPS:-300}" --config.train.warmup_steps=50 --config.train.lr=1e-3)
+       --config.train.num_steps="${UEM_STEPS:-250}" --config.train.warmup_steps=50 --config.train.lr=1e-3)
     run --workdir "$RUNS/m14d12_uem_$target" "${SIZE13[@]}" "${U[@]}"
     run --workdir "$RUNS/m14d12_uem_$target" --mode sweep "${SIZE13[@]}" "${U[@]}" "${SWEEP13[@]}" \
         --config.sweep.policies=uem --config.sweep.step_fractions=

@@ -251,12 +251,33 @@ def test_per_bucket_search_on_interacting_buckets():
 
 def test_per_bucket_requests_that_cannot_work(model):
   c = _config()
-  c.exit.update(max_psnr_drop=20.0, calibration_buckets=2)
-  with pytest.raises(C.CalibrationError, match=r"^exit.calibration_buckets=2 calibrates to "
-                                               r"exit.target_layer_ratio only; use it instead of the PSNR "
-                                               r"floor, or set --config.exit.calibration_buckets=1$"):
-    C.calibrate_threshold(model, c, C.calibration_rng(c))
-  c = _config()
   c.exit.update(target_layer_ratio=0.6, calibration_buckets=5)      # 4 sampling steps
   with pytest.raises(C.CalibrationError, match=r"exit.calibration_buckets=5 exceeds sample.steps=4"):
     C.calibrate_threshold(model, c, C.calibration_rng(c))
+
+
+def test_allocate_levels_spends_the_mse_budget_where_it_saves_most():
+  # Two buckets of 4 steps each (full cost 4). Bucket 0 saves 2 for an MSE of 0.1 (ratio 20) or 3
+  # for 0.5; bucket 1 saves 1 for 0.02 (ratio 50) or 2 for 0.3.
+  costs, mses, full = [[2.0, 1.0], [3.0, 2.0]], [[0.1, 0.5], [0.02, 0.3]], [4.0, 4.0]
+  assert C.allocate_levels(costs, mses, 0.01, full) == [-1, -1]   # nothing fits
+  assert C.allocate_levels(costs, mses, 0.05, full) == [-1, 0]    # the best ratio first
+  assert C.allocate_levels(costs, mses, 0.13, full) == [0, 0]     # then bucket 0's first level
+  # 0.12 spent; bucket 1's second level adds 0.28 (ratio 1/0.28 = 3.6), bucket 0's adds 0.4 (2.5).
+  assert C.allocate_levels(costs, mses, 0.41, full) == [0, 1]
+  assert C.allocate_levels(costs, mses, 1.00, full) == [1, 1]
+
+
+@pytest.mark.parametrize("floor", [5.0, 99.0])
+def test_per_bucket_psnr_floor_is_met(model, floor):
+  """exit.calibration_buckets with a PSNR floor: the result is a measured probe that meets it; a
+  lenient floor buys real savings, an impossible one leaves full depth."""
+  c = _config()
+  c.exit.update(min_psnr=floor, calibration_buckets=2)
+  thr, report = C.calibrate_threshold(model, c, C.calibration_rng(c))
+  assert report["method"] == "psnr_floor_per_bucket" and len(thr) == 2
+  assert report["achieved"]["psnr_vs_full"] >= floor
+  if floor == 5.0:
+    assert report["achieved"]["layer_ratio_run"] < 1.0
+  else:
+    assert report["achieved"]["layer_ratio_run"] == 1.0
