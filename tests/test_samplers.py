@@ -153,8 +153,9 @@ def ref_dpm_solver_pp_2m(m, steps, schedule_name, timesteps=1000):
 
 
 def ref_euler_maruyama(m, steps, rng):
-  """U-ViT's sde.euler_maruyama: mean = x + drift dt (dt < 0), no noise on the last step."""
-  ts = np.linspace(1.0, 1e-3, steps + 1)
+  """U-ViT's / AdaDiff's sde.euler_maruyama: the times [0] + linspace(1e-3, 1, steps), taken from 1
+  downwards; mean = x + drift dt (dt < 0), no noise on the final step into t = 0."""
+  ts = np.append(0.0, np.linspace(1e-3, 1.0, steps))[::-1]
   z = _noises(rng, steps, m["x_init"].shape)
   x = np.asarray(m["x_init"], np.float64)
   for i in range(steps):

@@ -100,12 +100,16 @@ def sampling_grid(s: Schedule, steps: int) -> np.ndarray:
   """steps + 1 times from noisiest to cleanest; the sampler steps from grid[i] to grid[i+1].
 
   Discrete: evenly spaced indices from T-1 down to 0, and a final entry -1 meaning "the clean
-  image" (alpha = 1, sigma = 0). VPSDE: linspace(1, eps, steps + 1).
+  image" (alpha = 1, sigma = 0). VPSDE: U-ViT's / AdaDiff's Euler-Maruyama grid, the network
+  evaluated at linspace(1, eps, steps) and a last step from eps to t = 0 (alpha = 1, sigma = 0;
+  Euler-Maruyama adds no noise on it), so official checkpoints see the times they were sampled at.
   """
   if steps < 1:
     raise ValueError(f"sample.steps must be >= 1, got {steps}")
   if s.continuous:
-    return np.linspace(1.0, VPSDE_T_EPS, steps + 1, dtype=np.float32)
+    if steps == 1:
+      return np.array([1.0, 0.0], np.float32)
+    return np.concatenate([np.linspace(1.0, VPSDE_T_EPS, steps), [0.0]]).astype(np.float32)
   if steps > s.num_timesteps:
     raise ValueError(f"sample.steps ({steps}) exceeds diffusion.timesteps ({s.num_timesteps})")
   idx = np.round(np.linspace(s.num_timesteps - 1, 0, steps)).astype(np.int32)
