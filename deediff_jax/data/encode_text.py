@@ -191,7 +191,9 @@ def build_arrays(encoder: TextEncoder, train_captions: Sequence[str],
       eval_captions=_str_array(eval_captions), eval_features=all_feats[m:m + e],
       eval_mask=all_mask[m:m + e], eval_labels=np.asarray(eval_labels, np.int32).reshape(-1),
       encoder=np.asarray(encoder.name), max_length=np.asarray(encoder.max_length, np.int32))
-  if out["eval_labels"].shape[0] != e:
+  if out["eval_labels"].shape[0] == 0 and e > 0:
+    del out["eval_labels"]  # plain held-out captions (--eval-captions) carry no labels
+  elif out["eval_labels"].shape[0] != e:
     raise EncodeTextError(f"{e} eval captions but {out['eval_labels'].shape[0]} eval labels")
   return out, n_trunc
 
@@ -281,6 +283,8 @@ def _parser() -> argparse.ArgumentParser:
   src.add_argument("--captions", help="text file, one caption per line, or a .json list of strings")
   src.add_argument("--captions-for-npz", help="image npz with 'label' (and 'test_label'): write MNIST "
                    "digit captions from templates")
+  ap.add_argument("--eval-captions", default="",
+                  help="with --captions: held-out captions (one per line) that --mode sample/sweep draw from")
   ap.add_argument("--out", required=True, help="output .npz")
   ap.add_argument("--encoder", default="minilm", help=f"one of: {', '.join(sorted(ENCODERS))}")
   ap.add_argument("--encoder-path", default="", help="model folder (required for clip)")
@@ -303,7 +307,8 @@ def run(args: argparse.Namespace) -> str:
     eval_caps, eval_labels = caption_templates.eval_captions()
   else:
     train, test = read_caption_file(args.captions), None
-    eval_caps, eval_labels = [], []
+    eval_caps = read_caption_file(args.eval_captions) if args.eval_captions else []
+    eval_labels = []
   encoder = get_encoder(args.encoder, args.encoder_path or None, args.max_length)
   arrays, n_trunc = build_arrays(encoder, train, test, eval_caps, eval_labels, args.batch_size,
                                  progress=not args.no_progress)

@@ -42,6 +42,9 @@ def load_eval_context(config, num: int):
   if feats.ndim != 3 or feats.shape[1:] != (cfg.context_len, cfg.context_dim):
     raise EvalContextError(f"'eval_features' in {path!r} is {feats.shape}, the model needs "
                      f"[M, {cfg.context_len}, {cfg.context_dim}]; check model.context_len/context_dim")
+  if feats.shape[0] == 0:
+    raise EvalContextError(f"data.context_file {path!r} holds no held-out captions to sample from; encode "
+                           "some with python -m deediff_jax.data.encode_text ... --eval-captions FILE")
   idx = np.arange(num) % feats.shape[0]
   return feats[idx], (None if labels is None else labels[idx]), null
 
