@@ -158,6 +158,24 @@ def test_cli_caption_file(tmp_path, jax_model, capsys):
   assert z["null_features"][:2].any() and not z["null_features"][2:].any()
   assert str(z["encoder"]) == "minilm" and int(z["max_length"]) == 16
   assert z["eval_features"].shape == (0, 16, 384) and z["eval_labels"].shape == (0,)
+  # Held-out captions for a plain caption file: their features, no labels, sampled in order.
+  held = tmp_path / "held.txt"
+  held.write_text("number nine\nthe digit 2\n")
+  out2 = tmp_path / "feats2.npz"
+  assert E.main(["--captions", str(src), "--eval-captions", str(held), "--out", str(out2), "--no-progress"]) == 0
+  z2 = np.load(out2)
+  assert list(z2["eval_captions"]) == ["number nine", "the digit 2"] and "eval_labels" not in z2.files
+  np.testing.assert_array_equal(z2["eval_features"][0], z2["features"][1])   # same caption, same features
+  from deediff_jax.config import base_config
+  from deediff_jax.data.eval_context import EvalContextError, load_eval_context
+  c = base_config()
+  c.model.update(num_classes=0, context_dim=384, context_len=16)
+  c.data.context_file = str(out2)
+  ctx, labels, null = load_eval_context(c, 3)
+  assert ctx.shape == (3, 16, 384) and labels is None and null.shape == (16, 384)
+  c.data.context_file = str(out)   # no held-out captions: one line naming the fix
+  with pytest.raises(EvalContextError, match="holds no held-out captions to sample from; encode some"):
+    load_eval_context(c, 3)
 
 
 def test_cli_json_captions_max_length_and_truncation(tmp_path, capsys):
