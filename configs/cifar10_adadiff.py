@@ -18,21 +18,13 @@ patience flag and the next confident one exits. exit.aggregate=mean is the offic
 (mini_batch_size=1), where that mean is each image's own; --config.exit.aggregate=all decides per
 image as it did (the batch then runs to its deepest exit).
 """
-import importlib.util
 import os
 
-
-def _base(name):
-  """get_config() of configs/NAME.py, loaded by path as the CLI and load_config_file load configs."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_base_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from deediff_jax.config import config_from_file
 
 
 def get_config():
-  c = _base("cifar10_uvit_small")
+  c = config_from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_uvit_small.py"))
   c.model.exit_style = "adadiff"
   c.exit.update(policy="adadiff", aggregate="mean", threshold=0.92)
   return c

@@ -23,21 +23,13 @@ patience flag and the next confident one exits. exit.aggregate=mean is the offic
 its own mean. The official evaluation sampled one image per network call (mini_batch_size=1), where
 that mean is each image's own.
 """
-import importlib.util
 import os
 
-
-def _base(name):
-  """get_config() of configs/NAME.py, loaded by path as the CLI and load_config_file load configs."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_base_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from deediff_jax.config import config_from_file
 
 
 def get_config():
-  c = _base("imagenet256_uvit_large")
+  c = config_from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet256_uvit_large.py"))
   c.model.exit_style = "adadiff"
   c.diffusion.schedule = "vpsde"
   c.exit.update(policy="adadiff", aggregate="mean", threshold=0.92)

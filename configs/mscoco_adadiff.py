@@ -21,21 +21,13 @@ call (mini_batch_size=1), where that mean is each image's own.
 The official text model (libs/uvit_t2i.py) has the in-block patience rule commented out, so its
 in-blocks exit at the first confident one: this config sets exit.patience=False to match.
 """
-import importlib.util
 import os
 
-
-def _base(name):
-  """get_config() of configs/NAME.py, loaded by path as the CLI and load_config_file load configs."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_base_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from deediff_jax.config import config_from_file
 
 
 def get_config():
-  c = _base("mscoco_uvit_small")
+  c = config_from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mscoco_uvit_small.py"))
   c.model.exit_style = "adadiff"
   c.exit.update(policy="adadiff", aggregate="mean", threshold=0.87, patience=False)
   return c

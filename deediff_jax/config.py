@@ -406,11 +406,9 @@ def parse_floats(text: str, key: str) -> list[float]:
     raise ConfigError(f"config key '{key}' must be comma-separated numbers, got {text!r}") from None
 
 
-def load_config_file(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-  """Loads `configs/NAME.py`'s get_config(), applies {'a.b': value} overrides and validates.
-
-  For notebooks and scripts; the CLI does the same through ml_collections.config_flags.
-  """
+def config_from_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file loaded by path (not validated): for scripts and for config
+  files that start from another one (e.g. configs/*_adadiff.py)."""
   import importlib.util
   import os
   if not os.path.isfile(path):
@@ -418,7 +416,15 @@ def load_config_file(path: str, overrides: dict | None = None) -> ml_collections
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = module.get_config()
+  return module.get_config()
+
+
+def load_config_file(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """Loads `configs/NAME.py`'s get_config(), applies {'a.b': value} overrides and validates.
+
+  For notebooks and scripts; the CLI does the same through ml_collections.config_flags.
+  """
+  cfg = config_from_file(path)
   for key, value in (overrides or {}).items():
     node = cfg
     *parents, leaf = key.split(".")
