@@ -209,7 +209,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.patience = True           # adadiff: the first confident in-block only arms, the next exits (official image models; their text model: False)
   e.depth = 0                 # static policy: blocks to run (0 = all)
   e.schedule = ""             # time_schedule: comma-separated depths per timestep bucket, noisy -> clean
-  e.target_layer_ratio = 0.0  # >0: calibrate the threshold to this layer ratio
+  e.target_layer_ratio = 0.0  # >0: calibrate to this layer ratio (what is calibrated: exit.calibrate)
+  e.calibrate = "time_schedule"  # what target_layer_ratio calibrates for a learned/score policy: time_schedule (a depth per timestep bucket from the oracle's exits, the best measured policy) | policy (exit.policy's own threshold)
   e.max_psnr_drop = 0.0       # >0: calibrate to psnr_vs_full >= 58.9 dB (8-bit quantisation) minus this
   e.min_psnr = 0.0            # >0: calibrate to psnr_vs_full >= this many dB
   e.calibration_metric = "layer_ratio_run"   # layer_ratio_run (real cost) | layer_ratio_per_sample (paper)
@@ -323,6 +324,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if cfg.exit[key] < 0:
       raise ConfigError(f"exit.{key} must be >= 0 (0 = off), got {cfg.exit[key]}")
   enum("exit.calibration_metric", ("layer_ratio_run", "layer_ratio_per_sample"))
+  enum("exit.calibrate", ("time_schedule", "policy"))
   if cfg.exit.calibration_tolerance <= 0:
     raise ConfigError(f"exit.calibration_tolerance must be positive, got {cfg.exit.calibration_tolerance}")
   if cfg.exit.calibration_images < 0:

@@ -63,12 +63,27 @@ def _check_argv(argv: list[str]) -> None:
     raise UsageError(f"unknown config key '{key}' in {arg.split('=')[0]}{hint}")
 
 
+def _reset_flags() -> None:
+  """A second main() in one process (a notebook, the tests) starts from the defaults."""
+  if FLAGS.is_parsed():
+    for name in [n for n in FLAGS if n.startswith("config.")]:
+      delattr(FLAGS, name)  # the previous run's --config.KEY override flags
+    FLAGS.unparse_flags()
+
+
 def _parse(argv: list[str]):
   _check_argv(argv)
+  _reset_flags()
+  saved_argv = sys.argv
+  # config_flags defines one flag per --config.KEY override from sys.argv when it parses: let it
+  # see this argv (main(argv) may be called with other arguments than the process's own).
+  sys.argv = list(argv)
   try:
     rest = FLAGS(argv)
   except flags.Error as e:
     raise UsageError(f"{_one_line(e)}; see --helpfull") from None
+  finally:
+    sys.argv = saved_argv
   if len(rest) > 1:
     raise UsageError(f"unexpected arguments {' '.join(rest[1:])}; flags look like --config.train.lr=1e-3")
   if not FLAGS.workdir:
@@ -99,6 +114,8 @@ def run(argv: list[str]) -> int:
   from deediff_jax.config import validate
   config = validate(config)
   workdir, mode = FLAGS.workdir, FLAGS.mode
+  if "://" not in workdir:  # orbax needs absolute local paths; --workdir runs/x is what users type
+    workdir = os.path.abspath(os.path.expanduser(workdir))
   if mode == "train":
     import jax
     from deediff_jax.train import sharding

@@ -89,10 +89,32 @@ def test_target_layer_ratio_is_hit(model, target, layer):
   assert again["layer_ratio_per_sample"] == pytest.approx(layer / N, abs=1e-12)
 
 
+def test_target_ratio_calibrates_a_time_schedule_by_default(model, capsys):
+  # exit.calibrate=time_schedule (the default): a uem config with a target layer ratio samples
+  # with a time_schedule from the oracle's exits, and says so; a PSNR floor still calibrates
+  # the uem threshold.
+  c = _config()
+  c.exit.target_layer_ratio = 0.6
+  assert C.calibrates_schedule(c)
+  report = C.maybe_calibrate(model, c)
+  assert report["method"] == "oracle_time_schedule" and c.exit.policy == "time_schedule"
+  assert c.exit.schedule == report["schedule"] and c.exit.threshold == 0.1
+  assert len(report["schedule"].split(",")) == C.schedule_buckets(c) == min(C.DEFAULT_SCHEDULE_BUCKETS,
+                                                                            c.sample.steps)
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("calibrated time_schedule ") and out[1] == C.switch_note("uem")
+  floor = _config()
+  floor.exit.min_psnr = 20.0
+  assert not C.calibrates_schedule(floor)
+  policy = _config()
+  policy.exit.update(target_layer_ratio=0.6, calibrate="policy")
+  assert not C.calibrates_schedule(policy)
+
+
 def test_maybe_calibrate_sets_the_threshold_and_prints(model, capsys):
   c = _config()
   assert C.maybe_calibrate(model, c) is None and c.exit.threshold == 0.1   # not asked: untouched
-  c.exit.target_layer_ratio = 0.6
+  c.exit.update(target_layer_ratio=0.6, calibrate="policy")
   report = C.maybe_calibrate(model, c)
   assert c.exit.threshold == report["threshold"]
   out = capsys.readouterr().out
@@ -196,7 +218,7 @@ def test_per_bucket_target_is_hit_and_carried_by_threshold_schedule(model, capsy
   # maybe_calibrate writes exit.threshold_schedule (not exit.threshold), and sampling with that
   # config reproduces the measured ratio.
   c2 = _config()
-  c2.exit.update(target_layer_ratio=0.6, calibration_buckets=2)
+  c2.exit.update(target_layer_ratio=0.6, calibration_buckets=2, calibrate="policy")
   report2 = C.maybe_calibrate(model, c2)
   assert c2.exit.threshold == 0.1 and c2.exit.threshold_schedule == C.schedule_text(report2["threshold"])
   assert [float(v) for v in c2.exit.threshold_schedule.split(",")] == report2["threshold"]

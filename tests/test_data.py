@@ -435,8 +435,11 @@ def test_iterate_stops_thread_and_reraises():
   src = load_source(data_cfg())
   it = iterate(src, 0, batch_size=8, seed=0, flip=False, prefetch=2)
   next(it)
+  threads_before_close = list(threading.enumerate())
   it.close()
-  assert not any(t.name == "deediff-data-prefetch" and t.is_alive() for t in threading.enumerate())
+  from deediff_jax.data.prefetch import THREAD_NAME
+  assert any(t.name.startswith(THREAD_NAME) for t in threads_before_close)  # it did run ahead
+  assert not any(t.name.startswith(THREAD_NAME) and t.is_alive() for t in threading.enumerate())
 
   class Broken:
     num_examples, latent = 10, False

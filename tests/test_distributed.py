@@ -6,13 +6,9 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 
-CACHE = os.path.join(tempfile.gettempdir(), "deediff_jax_test_xla_cache")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4

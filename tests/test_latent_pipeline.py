@@ -10,15 +10,10 @@ import os
 import re
 import shlex
 import sys
-import tempfile
-from unittest import mock
 
 import numpy as np
 import pytest
 
-CACHE = os.path.join(tempfile.gettempdir(), "deediff_jax_test_xla_cache")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (after the cache settings)
 import ml_collections  # noqa: E402
@@ -73,15 +68,8 @@ def _cli(module, argv):
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     if module == "deediff_jax.main":
-      from absl import flags
       from deediff_jax import main as cli
-      # config_flags defines one flag per --config.KEY override from sys.argv at parse time:
-      # drop the previous run's, and let it see this run's argv.
-      for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-        delattr(flags.FLAGS, name)
-      flags.FLAGS.unparse_flags()
-      with mock.patch.object(sys, "argv", ["deediff_jax.main", *argv]):
-        code = cli.main(["deediff_jax.main", *argv])
+      code = cli.main(["deediff_jax.main", *argv])
     elif module == "deediff_jax.data.encode_latents":
       code = E.main(argv)
     else:

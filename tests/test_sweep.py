@@ -59,6 +59,24 @@ def _with_caches(caches: str, workdir: str) -> None:
     shutil.copytree(os.path.join(caches, name), os.path.join(workdir, name))
 
 
+PLAIN_SECONDS, POLICY_SECONDS = 4.0, 1.0
+
+
+def fake_clock(mp):
+  """The sweep's clock reads a virtual time that only sampling advances: PLAIN_SECONDS per
+  full-depth call, POLICY_SECONDS per policy call. Timings then follow from what was timed
+  (the sampling call, not its compilation or scoring), and speedups are exact."""
+  clock = [0.0]
+  real_sample = S._sample
+
+  def sample(ctx, config, *, plain=False, **kw):
+    out = real_sample(ctx, config, plain=plain, **kw)
+    clock[0] += PLAIN_SECONDS if plain else POLICY_SECONDS
+    return out
+  mp.setattr(S, "_sample", sample)
+  mp.setattr(S, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, digits_caches):
   workdir = str(tmp_path_factory.mktemp("sweep_wd"))
@@ -80,6 +98,7 @@ def swept(tmp_path_factory, digits_caches):
 
   with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
     mp.setattr(S, "evaluate", spy)
+    fake_clock(mp)
     rows = S.run(c, workdir, progress=False)
   return dict(config=c, workdir=workdir, rows=rows, stdout=out.getvalue(), seen=seen,
               out_dir=os.path.join(workdir, "sweep"))
@@ -103,10 +122,10 @@ def test_every_file_and_every_field(swept):
   with open(os.path.join(out_dir, "sweep.json")) as f:
     assert json.load(f) == rows
   assert not swept["seen"]["none"]["ctx"].quality.classifier.trained   # the shared cached classifier
-  for name in ("policy", "threshold", "depth", "layer_ratio_run", "layer_ratio_per_sample",
-               "gflops_per_image", "seconds", "speedup", "psnr_vs_full", "psnr_worst5", "mse_vs_full",
-               "fid", "fid_kind", "class_accuracy", "runnable", "steps"):
-    assert name in S.ROW_KEYS
+  with open(os.path.join(out_dir, "sweep.csv")) as f:   # the CSV holds the same rows
+    table = list(csv.DictReader(f))
+  assert [t["setting"] for t in table] == [r["setting"] for r in rows]
+  assert [float(t["psnr_vs_full"]) for t in table] == pytest.approx([r["psnr_vs_full"] for r in rows])
   for r in rows:
     for k in ("layer_ratio_run", "layer_ratio_per_sample", "gflops_per_image", "seconds", "speedup",
               "psnr_vs_full", "psnr_worst5", "mse_vs_full", "fid", "class_accuracy"):
@@ -132,8 +151,13 @@ def test_numbers_follow_their_definitions(swept):
   rows = swept["rows"]
   cfg = build(swept["config"].model).cfg
   full_gflops = flops.full_depth_flops_per_image(cfg, STEPS) / 1e9
+  info = json.load(open(os.path.join(swept["out_dir"], "run.json")))
+  # Only the sampling calls are timed: the full-depth run before and after the settings, and one
+  # call per row (fake_clock's virtual seconds).
+  assert info["seconds_full_runs"] == [PLAIN_SECONDS, PLAIN_SECONDS]
   for r in rows:
-    assert r["speedup"] == r["seconds_full"] / r["seconds"]
+    assert (r["seconds"], r["seconds_full"]) == (POLICY_SECONDS, PLAIN_SECONDS), r["setting"]
+    assert r["speedup"] == PLAIN_SECONDS / POLICY_SECONDS
     assert r["gflops_ratio"] == pytest.approx(r["gflops_per_image"] / full_gflops, rel=1e-12)
   by = {r["setting"]: r for r in rows}
   # Full depth (policy none, threshold 0, static N): the full model's images up to float rounding.
@@ -298,7 +322,8 @@ def test_eval_mode_repeats_the_sweep_row(swept):
   c = swept["config"].copy_and_resolve_references()   # (sweep.classifier_steps: the cached classifier)
   c.exit.target_layer_ratio = 0.0
   c.exit.update(policy="static", depth=3)
-  with contextlib.redirect_stdout(io.StringIO()) as out:
+  with contextlib.redirect_stdout(io.StringIO()) as out, pytest.MonkeyPatch.context() as mp:
+    fake_clock(mp)
     row = evaluate.run(c, swept["workdir"])
   with open(os.path.join(swept["workdir"], "eval.json")) as f:
     assert json.load(f) == row
@@ -309,8 +334,9 @@ def test_eval_mode_repeats_the_sweep_row(swept):
   for k in S.ROW_KEYS:
     if k not in ("seconds", "seconds_full", "speedup"):
       assert row[k] == ref[k], k
-  assert row["speedup"] == row["seconds_full"] / row["seconds"]
-  assert row["seconds_full"] == np.mean(row["run"]["seconds_full_runs"])
+  assert (row["seconds"], row["seconds_full"], row["speedup"]) == (
+      POLICY_SECONDS, PLAIN_SECONDS, PLAIN_SECONDS / POLICY_SECONDS)
+  assert row["run"]["seconds_full_runs"] == [PLAIN_SECONDS, PLAIN_SECONDS]
   assert "| static 3 |" in out.getvalue()
 
 

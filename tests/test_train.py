@@ -9,14 +9,9 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 
-CACHE = os.path.join(tempfile.gettempdir(), "deediff_jax_test_xla_cache")
-# Identical programs compile once per machine (tests build the same tiny model many times).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -56,6 +56,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+# Re-exported: the shared error classes (one class each across the package) and the safe loader.
+from deediff_jax.tensor_files import (CheckpointError, ConversionError, MissingTensorError,  # noqa: F401
+                                      ShapeMismatchError, UnusedTensorError, load_state_dict, to_numpy)
+
 ENTRY_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
 
 # Block modules in the official registration order (state_dict order), with their leaves.
@@ -81,41 +85,10 @@ _LTE_PATH, _LTE_NAME = ("ltes", "lte"), "lte_classifer"
 _FRESH_KEYS = ("exit_heads", "uems")  # exits no official checkpoint holds
 
 
-class ConversionError(ValueError):
-  """A checkpoint that does not fit the config; the message names the tensor and the fix."""
-
-
-class MissingTensorError(ConversionError):
-  pass
-
-
-class UnusedTensorError(ConversionError):
-  pass
-
-
-class ShapeMismatchError(ConversionError):
-  pass
-
-
-class CheckpointError(ValueError):
-  """A checkpoint file that cannot be read safely (missing, not a flat tensor dict, pickled code)."""
-
-
 # ----------------------------------------------------------------------------- loading
 
-
-def _to_numpy(name: str, value: Any) -> np.ndarray:
-  if isinstance(value, np.ndarray):
-    return value
-  if hasattr(value, "detach") and hasattr(value, "dtype"):  # a torch.Tensor, without importing torch
-    t = value.detach().cpu()
-    if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16
-      t = t.float()
-    return t.numpy()
-  if isinstance(value, (int, float, np.generic)) or hasattr(value, "__array__"):  # scalars, jax arrays
-    return np.asarray(value)
-  raise CheckpointError(f"entry {name!r} is a {type(value).__name__}, not a tensor; pass the U-ViT "
-                        "state_dict itself (the nnet.pth / nnet_ema.pth file, not a training-state dict)")
+_ENTRY_HINT = ("pass the U-ViT state_dict itself (the nnet.pth / nnet_ema.pth file, not a "
+               "training-state dict)")
 
 
 def load_torch_checkpoint(path) -> dict[str, np.ndarray]:
@@ -123,40 +96,13 @@ def load_torch_checkpoint(path) -> dict[str, np.ndarray]:
 
   .pth/.pt/.ckpt/.bin: `torch.load(map_location='cpu', weights_only=True)` (torch imported here
   only). .safetensors: safetensors.numpy. .npz: numpy without pickle. bfloat16 becomes float32.
+  `tensor_files.load_state_dict` with U-ViT's wording.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise CheckpointError(f"checkpoint file {path!r} does not exist; pass the path of a U-ViT nnet.pth / "
-                          "nnet_ema.pth (or a .safetensors / .npz export of it)")
-  ext = os.path.splitext(path)[1].lower()
-  if ext == ".safetensors":
-    from safetensors.numpy import load_file
-    try:
-      return dict(load_file(path))
-    except Exception as e:  # safetensors raises its own error types; name the file in one line.
-      raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-  if ext == ".npz":
-    try:
-      with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-    except ValueError as e:
-      raise CheckpointError(f"{path}: refusing an npz that needs pickle ({e}); save plain arrays") from None
-  import pickle
-
-  import torch
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f"{path}: refusing to load: it is not a plain tensor state_dict and "
-                          f"weights_only=True rejected it ({first})") from None
-  except (RuntimeError, EOFError, OSError) as e:
-    raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-  if not isinstance(obj, Mapping):
-    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict; save "
-                          "model.state_dict() (the official nnet.pth / nnet_ema.pth are state_dicts)")
-  return {str(k): _to_numpy(str(k), v) for k, v in obj.items()}
+  return load_state_dict(
+      path, what="checkpoint file",
+      missing_hint="pass the path of a U-ViT nnet.pth / nnet_ema.pth (or a .safetensors / .npz export of it)",
+      entry_hint=_ENTRY_HINT,
+      not_mapping_hint="; save model.state_dict() (the official nnet.pth / nnet_ema.pth are state_dicts)")
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -381,7 +327,7 @@ def convert_backbone(state_dict: Mapping[str, Any], config, *, final_conv: bool 
     if name not in sd:
       missing.append(name)
       continue
-    arr = _to_numpy(name, sd[name])
+    arr = to_numpy(name, sd[name], _ENTRY_HINT)
     if tuple(arr.shape) != tuple(want):
       bad_shape.append((name, tuple(arr.shape), want))
       continue
@@ -401,7 +347,7 @@ def convert_backbone(state_dict: Mapping[str, Any], config, *, final_conv: bool 
   used = expected_names if final_conv else {n for n in expected_names if not n.startswith("final_layer.")}
   unused = [n for n in sd if n not in used]
   if unused:
-    shapes = {n: tuple(np.shape(_to_numpy(n, v))) for n, v in sd.items()}
+    shapes = {n: tuple(np.shape(to_numpy(n, v, _ENTRY_HINT))) for n, v in sd.items()}
     first = unused[0]
     more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
     raise UnusedTensorError(f"checkpoint tensor {first!r} (shape {shapes[first]}) has no place in this "
@@ -576,7 +522,7 @@ def main(argv=None) -> int:
     sd = load_torch_checkpoint(fv.torch)
     params = convert(sd, config, seed=seed, final_conv=not fv.no_final_conv)
     ckpt.export_params(fv.out, params, config)
-  except (ConversionError, CheckpointError, ConfigError, ckpt.CheckpointError) as e:
+  except (ConversionError, CheckpointError, ConfigError) as e:  # CheckpointError is ckpt's too
     return fail(e)
   counts = count_params(params)
   if config.model.get("exit_style", "deediff") == "adadiff":

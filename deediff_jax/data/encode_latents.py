@@ -64,6 +64,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from deediff_jax.data import sources
+from deediff_jax.data.prefetch import prefetched
 
 RESIZE_METHODS = ("adm", "lanczos", "bilinear")
 DEFAULT_BATCH = 64
@@ -462,14 +463,11 @@ def encode(reader: ImageReader, params, out_dir: str, *, flip: bool = False, bat
     from tqdm import tqdm
     bar = tqdm(total=n, initial=n - sum(e - a for _, a, e in todo), desc="encode_latents", unit="img",
                file=sys.stderr, dynamic_ncols=True)
-  prefetch = concurrent.futures.ThreadPoolExecutor(1)
-  pending = prefetch.submit(reader.read, np.arange(tasks[0][1], tasks[0][2])) if tasks else None
+  # The next batch is read while this one is encoded.
+  reads = prefetched(lambda task: reader.read(np.arange(task[1], task[2])), tasks)
   open_shards: dict = {}
   try:
-    for i, (k, start, stop) in enumerate(tasks):
-      images, labels = pending.result()
-      if i + 1 < len(tasks):  # read the next batch while this one is encoded
-        pending = prefetch.submit(reader.read, np.arange(tasks[i + 1][1], tasks[i + 1][2]))
+    for (k, start, stop), (images, labels) in zip(tasks, reads):
       b = stop - start
       if images.shape != (b, size, size, reader.channels):
         raise EncodeLatentsError(f"the source gave images of shape {images.shape[1:]} for {size}x{size}x"
@@ -505,7 +503,7 @@ def encode(reader: ImageReader, params, out_dir: str, *, flip: bool = False, bat
   finally:
     if bar is not None:
       bar.close()
-    prefetch.shutdown(wait=True)
+    reads.close()
     reader.close()
 
   shards = [{"moments": _shard_name("moments", k),

@@ -27,12 +27,12 @@ Batch dict (NumPy, this host's rows only):
 from __future__ import annotations
 
 import functools
-import queue
-import threading
+import itertools
 from typing import Iterator, Optional
 
 import numpy as np
 
+from deediff_jax.data.prefetch import prefetched
 from deediff_jax.data.sources import DataError, Source
 
 _ORDER, _FLIP = 0, 1  # stream tags, so the order and the flips never share random numbers
@@ -126,54 +126,8 @@ def iterate(source: Source, start_step: int = 0, *, batch_size: int, seed: int, 
   _check_nonneg(start_step=start_step, prefetch=prefetch)
   kw = dict(batch_size=batch_size, seed=seed, flip=flip, process_index=process_index,
             process_count=process_count)
-  steps = range(start_step, num_steps) if num_steps is not None else _count(start_step)
-  if prefetch == 0:
-    for s in steps:
-      yield s, make_batch(source, s, **kw)
-    return
-
-  q: queue.Queue = queue.Queue(maxsize=prefetch)
-  stop = threading.Event()
-  done = object()
-
-  def put(item) -> bool:
-    while not stop.is_set():
-      try:
-        q.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def produce():
-    try:
-      for s in steps:
-        if not put((s, make_batch(source, s, **kw))):
-          return
-      put(done)
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-      put(e)
-
-  thread = threading.Thread(target=produce, name="deediff-data-prefetch", daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = q.get()
-      if item is done:
-        return
-      if isinstance(item, BaseException):
-        raise item
-      yield item
-  finally:
-    stop.set()
-    thread.join()
-
-
-def _count(start: int):
-  s = start
-  while True:
-    yield s
-    s += 1
+  steps = range(start_step, num_steps) if num_steps is not None else itertools.count(start_step)
+  return prefetched(lambda s: (s, make_batch(source, s, **kw)), steps, depth=prefetch)
 
 
 def _check_nonneg(**values):

@@ -49,8 +49,9 @@ and the report says the target is not met there. The result is a `threshold_sche
 
 API: `calibrate_threshold(params, config, rng) -> (threshold, report)` (threshold: a float, or a
 list of K floats with calibration_buckets = K > 1), `wanted(config)`, `maybe_calibrate(params,
-config)` (calibrates when asked, sets config.exit.threshold or .threshold_schedule, prints one
-line, returns the report or None), `calibration_rng(config)`, `step_buckets(config, k)`.
+config)` (calibrates when asked, sets config.exit.threshold or .threshold_schedule -- or, for
+exit.target_layer_ratio with the default exit.calibrate=time_schedule, switches exit.policy to a
+time_schedule calibrated from the oracle's exits --, prints one line, returns the report or None), `calibration_rng(config)`, `step_buckets(config, k)`.
 """
 from __future__ import annotations
 
@@ -107,6 +108,34 @@ def psnr_floor(config) -> Optional[float]:
 def wanted(config) -> bool:
   """True when the config asks for a calibrated threshold."""
   return float(_get(config, "target_layer_ratio", 0.0)) > 0 or psnr_floor(config) is not None
+
+
+def calibrates_schedule(config) -> bool:
+  """True when the config's calibration makes a time_schedule (calibrate_time_schedule): for
+  exit.policy=time_schedule, and by default (exit.calibrate=time_schedule) when
+  exit.target_layer_ratio is set for a score policy (uem, adadiff, ...). A PSNR floor always
+  calibrates the policy's own threshold."""
+  if float(_get(config, "target_layer_ratio", 0.0)) <= 0:
+    return False
+  e = config.exit
+  return e.policy == "time_schedule" or (e.policy in CALIBRATABLE and psnr_floor(config) is None
+                                         and str(_get(config, "calibrate", "time_schedule")) == "time_schedule")
+
+
+def switch_note(policy: str) -> str:
+  """The line printed when exit.target_layer_ratio calibrates a time_schedule for a score policy."""
+  # The default since the 13-block MNIST study (README): no learned exit beat this schedule at
+  # 55% and 70% of the compute.
+  return (f"exit.target_layer_ratio calibrated a time_schedule instead of exit.policy={policy}'s threshold "
+          "(exit.calibrate=time_schedule, the best measured exit policy); --config.exit.calibrate=policy "
+          "calibrates the threshold")
+
+
+def schedule_buckets(config) -> int:
+  """Timestep buckets of a calibrated time_schedule: exit.calibration_buckets when > 1, else
+  DEFAULT_SCHEDULE_BUCKETS; never more than sample.steps."""
+  k = buckets_of(config)
+  return min(k if k > 1 else DEFAULT_SCHEDULE_BUCKETS, int(config.sample.steps))
 
 
 def calibration_rng(config):
@@ -539,16 +568,19 @@ def maybe_calibrate(params, config) -> Optional[dict]:
   for exit.policy=time_schedule the oracle-calibrated .schedule) and returns the report."""
   if not wanted(config):
     return None
-  if config.exit.policy == "time_schedule":
-    target = float(_get(config, "target_layer_ratio", 0.0))
-    if target <= 0:
-      raise CalibrationError("exit.policy=time_schedule calibrates to exit.target_layer_ratio only; set "
-                             "--config.exit.target_layer_ratio=0.55 instead of a PSNR floor")
-    k = buckets_of(config) if buckets_of(config) > 1 else DEFAULT_SCHEDULE_BUCKETS
-    schedule, report = calibrate_time_schedule(params, config, calibration_rng(config), target=target,
-                                               buckets=min(k, int(config.sample.steps)))
+  if config.exit.policy == "time_schedule" and float(_get(config, "target_layer_ratio", 0.0)) <= 0:
+    raise CalibrationError("exit.policy=time_schedule calibrates to exit.target_layer_ratio only; set "
+                           "--config.exit.target_layer_ratio=0.55 instead of a PSNR floor")
+  if calibrates_schedule(config):
+    learned = config.exit.policy
+    schedule, report = calibrate_time_schedule(params, config, calibration_rng(config),
+                                               target=float(config.exit.target_layer_ratio),
+                                               buckets=schedule_buckets(config))
+    config.exit.policy = "time_schedule"
     config.exit.schedule = ",".join(str(v) for v in schedule)
     print(describe(report))
+    if learned != "time_schedule":
+      print(switch_note(learned))
     return report
   threshold, report = calibrate_threshold(params, config, calibration_rng(config))
   if isinstance(threshold, (list, tuple)):
@@ -594,7 +626,7 @@ def describe(report: dict) -> str:
           f"{report['steps']} steps, {len(report['probes'])} probes, {report['seconds']:.1f}s")
 
 
-__all__ = ["CalibrationError", "PSNR_8BIT", "bucket_ratios", "buckets_of", "calibrate_threshold",
+__all__ = ["CalibrationError", "calibrates_schedule", "schedule_buckets", "switch_note", "PSNR_8BIT", "bucket_ratios", "buckets_of", "calibrate_threshold",
            "calibrate_time_schedule", "schedule_from_exits", "schedule_ratio",
            "calibration_rng", "check_request", "conditioning", "describe", "maybe_calibrate", "psnr_floor",
            "schedule_text", "step_buckets", "wanted"]

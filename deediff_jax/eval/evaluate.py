@@ -23,13 +23,13 @@ def run(config, workdir: str, *, params=None) -> dict:
   setting = sweep.setting_from_exit_config(config)
   # Calibrates the configured policy itself: for a depth policy that is an error, not a switch.
   ctx = sweep.start(config, workdir, [setting], params=params, calibration_policy=config.exit.policy)
-  if cal_lib.wanted(config) and config.exit.policy == "time_schedule":
+  if cal_lib.calibrates_schedule(config):
     schedule, report = cal_lib.calibrate_time_schedule(
         ctx.params, config, cal_lib.calibration_rng(config), target=float(config.exit.target_layer_ratio),
-        buckets=min(cal_lib.buckets_of(config) if cal_lib.buckets_of(config) > 1
-                    else cal_lib.DEFAULT_SCHEDULE_BUCKETS, int(config.sample.steps)),
-        num=min(int(config.sample.batch_size), ctx.num))
+        buckets=cal_lib.schedule_buckets(config), num=min(int(config.sample.batch_size), ctx.num))
     print(cal_lib.describe(report))
+    if config.exit.policy != "time_schedule":
+      print(cal_lib.switch_note(config.exit.policy))
     setting = sweep.Setting("time_schedule", schedule=",".join(str(v) for v in schedule), calibration=report)
   elif cal_lib.wanted(config):
     setting = sweep.calibrated_setting(ctx, policy=config.exit.policy)

@@ -7,7 +7,7 @@ scaled by 0.18215. Its weights are `assets/stable-diffusion/autoencoder_kl.pth`.
 
 API (NHWC throughout, images in [-1, 1]):
   convert(state_dict)                     -> params     (sizes inferred from the tensor shapes)
-  load_checkpoint(path)                   -> {name: np.ndarray}  (.pth/.pt/.ckpt safely, or .npz)
+  load_checkpoint(path)                   -> {name: np.ndarray}  (.pth/.pt/.ckpt safely, .npz, .safetensors)
   config_from_params(params)              -> AutoencoderConfig   (from shapes only)
   init_params(config, seed)               -> random params of that config
   encode_moments(params, images)          -> [B, H/f, W/f, 2*embed_dim]  (mean, logvar; f = 2**(levels-1))
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 from typing import Any, Mapping
 
@@ -34,6 +33,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# Re-exported: the shared error classes (one class each across the package) and the safe loader.
+from deediff_jax.tensor_files import (CheckpointError, ConversionError, MissingTensorError,  # noqa: F401
+                                      ShapeMismatchError, UnusedTensorError, load_state_dict, to_numpy)
 
 SCALE_FACTOR = 0.18215  # U-ViT / SD v1: makes latents roughly unit variance.
 GN_GROUPS = 32
@@ -43,26 +46,6 @@ LOGVAR_RANGE = (-30.0, 20.0)
 # that an AutoencoderKL Lightning checkpoint carries next to the model; U-ViT's pruned .pth has none.
 # They play no part in encoding or decoding, so they are skipped by name, never silently otherwise.
 IGNORED_PREFIXES = ("loss.",)
-
-
-class ConversionError(ValueError):
-  """A checkpoint that does not fit the KL autoencoder; the one-line message names the tensor."""
-
-
-class MissingTensorError(ConversionError):
-  pass
-
-
-class UnusedTensorError(ConversionError):
-  pass
-
-
-class ShapeMismatchError(ConversionError):
-  pass
-
-
-class CheckpointError(ValueError):
-  """A file that cannot be read safely as a flat {name: tensor} dict."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,59 +309,23 @@ def decode_batched(params, z, batch_size: int = 32, scale_factor: float = SCALE_
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _to_numpy(name: str, value: Any) -> np.ndarray:
-  if isinstance(value, np.ndarray):
-    return value
-  if hasattr(value, "detach") and hasattr(value, "dtype"):  # a torch.Tensor, without importing torch
-    t = value.detach().cpu()
-    if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16
-      t = t.float()
-    return t.numpy()
-  if hasattr(value, "__array__"):
-    return np.asarray(value)
-  raise CheckpointError(f"entry {name!r} is a {type(value).__name__}, not a tensor; pass the autoencoder "
-                        "state_dict (U-ViT's autoencoder_kl.pth)")
-
-
-def _first_reason(message: str) -> str:
-  """One line out of torch's multi-line, ANSI-coloured load errors: the unpickler's own reason."""
-  lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in message.splitlines()]
-  lines = [ln for ln in lines if ln]
-  for ln in lines:
-    if ln.startswith("WeightsUnpickler error:"):
-      return ln.split(" Please use")[0]  # drop torch's advice on how to allow-list arbitrary code
-  return lines[0] if lines else ""
+_ENTRY_HINT = "pass the autoencoder state_dict (U-ViT's autoencoder_kl.pth)"
+# Either failure of torch.load (a rejected pickle or an unreadable file), in this module's words.
+_NOT_LOADABLE = "{path}: not loadable as a plain tensor state_dict with weights_only=True ({kind}: {reason})"
 
 
 def load_checkpoint(path) -> dict[str, np.ndarray]:
-  """Reads `autoencoder_kl.pth` (or a .npz export) as {name: np.ndarray}, never running code from it.
+  """Reads `autoencoder_kl.pth` (or a .npz / .safetensors export) as {name: np.ndarray}, never
+  running code from it.
 
   torch files go through `torch.load(map_location='cpu', weights_only=True)`; torch is imported
   only then. A Lightning checkpoint's {'state_dict': {...}} wrapper is unwrapped.
+  `tensor_files.load_state_dict` with the autoencoder's wording.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise CheckpointError(f"autoencoder checkpoint {path!r} does not exist; pass U-ViT's "
-                          "assets/stable-diffusion/autoencoder_kl.pth (or an .npz export of it)")
-  if path.lower().endswith(".npz"):
-    try:
-      with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-    except ValueError as e:
-      raise CheckpointError(f"{path}: refusing an npz that needs pickle ({e}); save plain arrays") from None
-  import pickle
-
-  import torch
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-    raise CheckpointError(f"{path}: not loadable as a plain tensor state_dict with weights_only=True "
-                          f"({type(e).__name__}: {_first_reason(str(e))})") from None
-  if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-    obj = obj["state_dict"]
-  if not isinstance(obj, Mapping):
-    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict")
-  return {str(k): _to_numpy(str(k), v) for k, v in obj.items()}
+  return load_state_dict(
+      path, what="autoencoder checkpoint",
+      missing_hint="pass U-ViT's assets/stable-diffusion/autoencoder_kl.pth (or an .npz export of it)",
+      entry_hint=_ENTRY_HINT, refused=_NOT_LOADABLE, unreadable=_NOT_LOADABLE)
 
 
 def _torch_module_name(flax_name: str) -> str:
@@ -473,7 +420,7 @@ def convert(state_dict: Mapping[str, Any]) -> dict:
                             f"has no place in a KL autoencoder with {cfg.describe()}{more}")
   params: dict = {}
   for name, (path, want) in spec.items():
-    arr = _to_numpy(name, sd[name])
+    arr = to_numpy(name, sd[name], _ENTRY_HINT)
     if tuple(arr.shape) != want:
       raise ShapeMismatchError(f"tensor {name!r} has shape {tuple(arr.shape)} but a KL autoencoder with "
                                f"{cfg.describe()} expects {want}")

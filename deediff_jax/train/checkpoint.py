@@ -28,13 +28,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from deediff_jax.tensor_files import CheckpointError  # one class, shared with model/ and convert/
+
 ITEMS = ("params", "ema_params", "opt_state", "meta")
 # Keys under `model` that do not change the parameter tree (compute-only settings).
 NON_ARCH_MODEL_KEYS = ("remat", "dtype")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be used; `main` prints it as one line and exits with code 2."""
 
 
 def checkpoint_dir(workdir) -> epath.Path:

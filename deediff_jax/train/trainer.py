@@ -12,7 +12,6 @@ The host loop syncs with the device only on logging and checkpoint steps.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -27,6 +26,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deediff_jax.config import ConfigError, validate
+from deediff_jax.data.prefetch import prefetched
 from deediff_jax.diffusion import schedule as schedule_lib
 from deediff_jax.diffusion.losses import loss_from_config
 from deediff_jax.model import build, init_params
@@ -318,17 +318,13 @@ def _loop(setup: Setup, state, start, batch_fn, manager, workdir, stop_after, pr
   if progress and jax.process_index() == 0:
     from tqdm.auto import tqdm
     bar = tqdm(total=tc.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  batches = prefetched(batch_fn, range(start, end))  # host data work overlaps the device step
   window: list = []           # device metrics since the last log
   unchecked: list = []        # (step, device loss) since the last finiteness check
   last_good = start if start > 0 else None
   t_log, step_log = time.perf_counter(), start
   try:
-    pending = pool.submit(batch_fn, start)
-    for step in range(start, end):
-      local = pending.result()
-      if step + 1 < end:
-        pending = pool.submit(batch_fn, step + 1)  # Host data work overlaps the device step.
+    for step, local in zip(range(start, end), batches):
       batch = shd.global_batch(local, setup.batch_sharding, tc.batch_size)
       state, metrics = setup.train_step(state, batch)
       done = step + 1
@@ -360,7 +356,7 @@ def _loop(setup: Setup, state, start, batch_fn, manager, workdir, stop_after, pr
       if bar is not None:
         bar.update(1)
   finally:
-    pool.shutdown(wait=True, cancel_futures=True)
+    batches.close()
     writer.close()
     if bar is not None:
       bar.close()
