@@ -116,20 +116,23 @@ def row(name, layers_run, n, timing, zero_overhead=False):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--json", required=True, help="where to write the rows")
-  ap.add_argument("--quick", action="store_true", help="batch 16, fewer repeats (a smoke run)")
+  ap.add_argument("--quick", action="store_true", help="batch 16, fewer repeats (a short run)")
+  ap.add_argument("--tiny", action="store_true", help="D=32, 8x8 images, batch 4, 1 repeat: the smoke test")
   ap.add_argument("--batch", type=int, default=None)
   ap.add_argument("--repeats", type=int, default=None)
   ap.add_argument("--sampler-steps", type=int, default=None)
   args = ap.parse_args(argv)
-  batch = args.batch or (16 if args.quick else 64)
-  repeats = args.repeats or (3 if args.quick else 9)
-  steps = args.sampler_steps or (4 if args.quick else 8)
-
-  cfg = ModelConfig(image_size=16, in_channels=3, embed_dim=256, depth=12, num_heads=4, patch_size=2)
+  batch = args.batch or (4 if args.tiny else 16 if args.quick else 64)
+  repeats = args.repeats or (1 if args.tiny else 3 if args.quick else 9)
+  steps = args.sampler_steps or (2 if args.tiny else 4 if args.quick else 8)
+  size = 8 if args.tiny else 16
+  # 13 blocks: depths 4, 7, 9 and 13 (~30/50/70/100%); --tiny: 5 blocks, depths 2, 3, 4 and 5.
+  cfg = ModelConfig(image_size=size, in_channels=3, embed_dim=32 if args.tiny else 256,
+                    depth=4 if args.tiny else 12, num_heads=2 if args.tiny else 4, patch_size=2)
   n = cfg.num_blocks
   module = build(cfg)
-  params = init_params(module, jax.random.PRNGKey(0))
-  x = jax.random.normal(jax.random.PRNGKey(1), (batch, 16, 16, 3))
+  params = jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch, size, size, 3))
   t = jnp.full((batch,), 500.0)
   frac = jnp.float32(0.5)
 
@@ -141,10 +144,11 @@ def main(argv=None):
   # falling with depth imitate that (per-sample variation still comes from the random weights).
   params["uems"]["linear"]["bias"] = jnp.linspace(1.5, -1.5, n)[:, None]
   # UEM thresholds at which the batch runs ~30/50/70% of the blocks, from the model's own u.
-  _, u_all = module.apply({"params": params}, x, t, method=DeeDiffUViT.all_exits)
-  uem_thresholds = pick_thresholds(np.asarray(u_all), (4, 7, 9))
+  _, u_all = jax.jit(lambda p: module.apply({"params": p}, x, t, method=DeeDiffUViT.all_exits))(params)
+  depths = (2, 3, 4, 5) if args.tiny else (4, 7, 9, 13)
+  uem_thresholds = pick_thresholds(np.asarray(u_all), depths[:3])
 
-  settings = [(f"static_depth_{d}", "static", make_policy_params(n, depth=d)) for d in (4, 7, 9, 13)]
+  settings = [(f"static_depth_{d}", "static", make_policy_params(n, depth=d)) for d in depths]
   settings += [(f"uem_threshold_{thr:.4f}", "uem", make_policy_params(n, threshold=thr)) for thr in uem_thresholds]
   settings += [("threshold_zero_overhead", "uem", make_policy_params(n, threshold=0.0)),
                ("policy_none_overhead", "none", make_policy_params(n))]
@@ -162,7 +166,7 @@ def main(argv=None):
 
   # Sampler level: a short DDIM run at a static depth vs the plain sampler, same noise.
   schedule = make_schedule("linear", 1000)
-  depth = 7
+  depth = depths[1]
   pp = make_policy_params(n, depth=depth)
   x_init = jax.random.normal(jax.random.PRNGKey(2), x.shape)
 
@@ -184,6 +188,7 @@ def main(argv=None):
   with open(args.json, "w") as f:
     json.dump(rows, f, indent=2)
   print(f"wrote {args.json}")
+  return rows
 
 
 def _print_row(r):

@@ -1,6 +1,7 @@
 """Training-step throughput against the machine's f32 matmul rate (DESIGN §8).
 
   python benchmarks/bench_train.py [--json PATH] [--steps 20] [--batch 128]
+  python benchmarks/bench_train.py --tiny --json /tmp/t.json    # seconds; what the smoke test runs
 
 Model: the DESIGN §8 reference, a D=256, 13-block (depth 12) DeeDiff U-ViT with 65 tokens
 (32x32x3 images, patch 4: 64 patches + the time token, unconditional), all exits and UEMs.
@@ -56,34 +57,39 @@ def matmul_rate(n: int = 2048, reps: int = 10):
   return 2 * n ** 3 / wall / 1e9, 2 * n ** 3 / cpu / 1e9
 
 
-def bench_config(batch: int):
+def bench_config(batch: int, tiny: bool = False):
   from deediff_jax.config import base_config
   c = base_config()
-  c.data.update(image_size=32, channels=3)
-  c.model.update(image_size=32, in_channels=3, embed_dim=256, depth=12, num_heads=4, patch_size=4,
-                 num_classes=0)
+  size = 8 if tiny else 32
+  c.data.update(image_size=size, channels=3)
+  c.model.update(image_size=size, in_channels=3, embed_dim=32 if tiny else 256, depth=2 if tiny else 12,
+                 num_heads=2 if tiny else 4, patch_size=4, num_classes=0)
   c.train.update(batch_size=batch, num_steps=1000, sample_at_end=False)
   c.mesh.update(data=1, fsdp=1)
   return c
 
 
-def main():
+def main(argv=None) -> dict:
   ap = argparse.ArgumentParser()
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--json", default="")
-  args = ap.parse_args()
+  ap.add_argument("--tiny", action="store_true", help="D=32, 3 blocks, 8x8, batch 4, 2 steps: a smoke run")
+  args = ap.parse_args(argv)
+  if args.tiny:
+    args.steps, args.batch = 2, 4
 
   from deediff_jax.config import validate
   from deediff_jax.model.uvit import ModelConfig
   from deediff_jax.train import sharding as shd
   from deediff_jax.train import trainer
-  c = validate(bench_config(args.batch))
+  c = validate(bench_config(args.batch, args.tiny))
   mc = ModelConfig.from_config(c.model)
   setup = trainer.make_setup(c)
   state = trainer.init_state(setup)
   rng = np.random.default_rng(0)
-  local = {"image": rng.uniform(-1, 1, (args.batch, 32, 32, 3)).astype(np.float32)}
+  size = mc.image_size
+  local = {"image": rng.uniform(-1, 1, (args.batch, size, size, 3)).astype(np.float32)}
   batch = shd.global_batch(local, setup.batch_sharding, args.batch)
 
   t0 = time.perf_counter()
@@ -99,17 +105,18 @@ def main():
   skips = 2 * b * tokens * 2 * d * d * (mc.depth // 2)
   analytic = 3 * (n_blocks * per_block + skips)
 
+  step = compiled  # the AOT-compiled step (calling setup.train_step would compile it a second time)
   for _ in range(3):  # warm up (the step donates its state: keep the returned one)
-    state, m = setup.train_step(state, batch)
+    state, m = step(state, batch)
   jax.block_until_ready(state)
   holder = {"state": state}
 
   def one_step():
-    holder["state"], holder["m"] = setup.train_step(holder["state"], batch)
+    holder["state"], holder["m"] = step(holder["state"], batch)
     jax.block_until_ready(holder["state"])
 
   step_wall, step_cpu = timed(one_step, args.steps)
-  mm_wall, mm_cpu = matmul_rate()
+  mm_wall, mm_cpu = matmul_rate(256 if args.tiny else 2048)
   row = {"model": f"D={d}, {n_blocks} blocks, {tokens} tokens, batch {b}, all exits + UEMs",
          "devices": jax.device_count(), "cpu_count": os.cpu_count(), "compile_s": compile_s,
          "step_s_wall": step_wall, "step_s_cpu_per_core": step_cpu, "images_per_sec": b / step_wall,
@@ -126,6 +133,7 @@ def main():
   if args.json:
     with open(args.json, "w") as f:
       json.dump(row, f, indent=2)
+  return row
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ SMALL=(--config.data.source="npz:$RUNS/mnist14.npz" --config.data.image_size=14 
 #   bash benchmarks/mnist_study.sh uem13 x0         # only the UEMs, retrained on joint13 with loss.uem_target=x0
 #   bash benchmarks/mnist_study.sh uem13 fidelity   # ... fidelity (eps also works: the same target, trained anew)
 #   bash benchmarks/mnist_study.sh adadiff13        # the official AdaDiff formulation, finetuned from joint13
+#   bash benchmarks/mnist_study.sh last13 fidelity       # uem13 TARGET's UEM rows again with exit.aggregate=last
+#   bash benchmarks/mnist_study.sh guided13 fidelity 0.55   # --mode eval of uem13 TARGET's UEM with exit.calibrate=guided
 SIZE13=(--config.diffusion.schedule=cosine --config.model.input_skip=True --config.model.embed_dim=128
         --config.model.depth=12 --config.model.num_heads=4 --config.train.batch_size=64 --config.train.lr=2e-3
         --config.train.warmup_steps=200 --config.train.ema_rate=0.999 --config.train.checkpoint_every=250
@@ -59,7 +61,7 @@ SWEEP13=(--config.sample.steps=25 --config.sweep.num_images=200 --config.sample.
 # The committed joint13 results stopped at the 1,250-step checkpoint of the 2,000-step schedule
 # (session time); STOP13=0 trains the whole schedule (resuming from the workdir).
 JOINT13=(--config.train.num_steps="${STEPS13:-2000}" --config.train.stop_at="${STOP13:-1250}")
-case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|frozen14|joint13|uem13 TARGET|adadiff13}" in
+case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|frozen14|joint13|uem13 TARGET|last13 TARGET|guided13 TARGET RATIO|adadiff13}" in
   joint13)
     [ -f "$RUNS/mnist14.npz" ] || python benchmarks/make_mnist14.py ../shared/data/mnist10k.npz "$RUNS/mnist14.npz"
     run --workdir "$RUNS/m14d12_joint" "${SIZE13[@]}" "${JOINT13[@]}"
@@ -73,6 +75,25 @@ case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|fr
     run --workdir "$RUNS/m14d12_uem_$target" --mode sweep "${SIZE13[@]}" "${U[@]}" "${SWEEP13[@]}" \
         --config.sweep.policies=uem --config.sweep.step_fractions=
     publish "$RUNS/m14d12_uem_$target" "mnist13_uem_$target" ;;
+  last13)      # the same UEM, every sample taking the batch's last block run (exit.aggregate=last)
+    target=${2:?usage: mnist_study.sh last13 eps|x0|fidelity}
+    U=(--config.train.mode=uem_only --config.train.init_from="$RUNS/m14d12_joint" --config.loss.uem_target="$target"
+       --config.train.num_steps="${UEM_STEPS:-250}" --config.train.warmup_steps=50 --config.train.lr=1e-3)
+    mkdir -p "$RUNS/m14d12_uem_${target}_last"
+    cp -r "$RUNS/m14d12_uem_$target/checkpoints" "$RUNS/m14d12_uem_$target/classifier" \
+          "$RUNS/m14d12_uem_$target/fid_stats" "$RUNS/m14d12_uem_${target}_last/" 2>/dev/null || true
+    run --workdir "$RUNS/m14d12_uem_${target}_last" --mode sweep "${SIZE13[@]}" "${U[@]}" "${SWEEP13[@]}" \
+        --config.sweep.policies=uem,none --config.sweep.thresholds=0.02,0.03,0.045,0.06,0.1 --config.sweep.step_fractions= \
+        --config.exit.aggregate=last --config.exit.target_layer_ratio=0
+    publish "$RUNS/m14d12_uem_${target}_last" "mnist13_uem_${target}_last" ;;
+  guided13)    # one eval row: the UEM's per-bucket thresholds held to the oracle-calibrated schedule's shares
+    target=${2:?usage: mnist_study.sh guided13 eps|x0|fidelity RATIO}; ratio=${3:?usage: mnist_study.sh guided13 TARGET RATIO}
+    U=(--config.train.mode=uem_only --config.train.init_from="$RUNS/m14d12_joint" --config.loss.uem_target="$target"
+       --config.train.num_steps="${UEM_STEPS:-250}" --config.train.warmup_steps=50 --config.train.lr=1e-3)
+    run --workdir "$RUNS/m14d12_uem_$target" --mode eval "${SIZE13[@]}" "${U[@]}" "${SWEEP13[@]}" \
+        --config.exit.policy=uem --config.exit.calibrate=guided --config.exit.target_layer_ratio="$ratio"
+    mkdir -p "benchmarks/results/mnist13_uem_$target"
+    cp "$RUNS/m14d12_uem_$target/eval.json" "benchmarks/results/mnist13_uem_$target/eval_guided_$ratio.json" ;;
   adadiff13)   # the official formulation: shared head + per-pixel confidence, finetuned from joint13
     A=(--config.model.exit_style=adadiff --config.exit.policy=adadiff --config.exit.threshold=0.9
        --config.train.mode=finetune --config.train.init_from="$RUNS/m14d12_joint"

@@ -14,7 +14,7 @@ import ml_collections
 POLICIES = ("uem", "uem_no_time", "static", "time_schedule", "state_cosine", "none", "adadiff", "oracle")
 SCORE_POLICIES = ("uem", "uem_no_time", "state_cosine", "adadiff")   # exit on a score vs exit.threshold
 UEM_POLICIES = ("uem", "uem_no_time")                                 # need exit_style=deediff's UEMs
-AGGREGATES = ("all", "mean")
+AGGREGATES = ("all", "mean", "last")
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "euler_maruyama", "dpm_solver_fast")
 SCHEDULES = ("linear", "cosine", "stable", "vpsde")
 TRAIN_MODES = ("scratch", "finetune", "frozen_backbone", "uem_only")
@@ -204,13 +204,13 @@ def base_config() -> ml_collections.ConfigDict:
   e.policy = "uem"            # uem | uem_no_time | static | time_schedule | state_cosine | adadiff | oracle | none
   e.threshold = 0.1           # uem: exit when u < threshold; state_cosine: cosine > threshold; adadiff: confidence > threshold; oracle: x0 RMS tolerance
   e.threshold_schedule = ""   # score policies: comma-separated thresholds per timestep bucket, noisy -> clean (overrides threshold)
-  e.aggregate = "all"         # all | mean
+  e.aggregate = "all"         # all (each sample keeps its own exit) | mean (one batch decision on the mean score) | last (each sample decides as with all; all take the last block run)
   e.min_layers = 1            # no exit before this many blocks ran
   e.patience = True           # adadiff: the first confident in-block only arms, the next exits (official image models; their text model: False)
   e.depth = 0                 # static policy: blocks to run (0 = all)
   e.schedule = ""             # time_schedule: comma-separated depths per timestep bucket, noisy -> clean
   e.target_layer_ratio = 0.0  # >0: calibrate to this layer ratio (what is calibrated: exit.calibrate)
-  e.calibrate = "time_schedule"  # what target_layer_ratio calibrates for a learned/score policy: time_schedule (a depth per timestep bucket from the oracle's exits, the best measured policy) | policy (exit.policy's own threshold)
+  e.calibrate = "time_schedule"  # what target_layer_ratio calibrates for a learned/score policy: time_schedule (a depth per timestep bucket from the oracle's exits, the best measured policy) | policy (exit.policy's own threshold) | guided (the policy's threshold per timestep bucket, each bucket held to the calibrated time_schedule's share)
   e.max_psnr_drop = 0.0       # >0: calibrate to psnr_vs_full >= 58.9 dB (8-bit quantisation) minus this
   e.min_psnr = 0.0            # >0: calibrate to psnr_vs_full >= this many dB
   e.calibration_metric = "layer_ratio_run"   # layer_ratio_run (real cost) | layer_ratio_per_sample (paper)
@@ -324,7 +324,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if cfg.exit[key] < 0:
       raise ConfigError(f"exit.{key} must be >= 0 (0 = off), got {cfg.exit[key]}")
   enum("exit.calibration_metric", ("layer_ratio_run", "layer_ratio_per_sample"))
-  enum("exit.calibrate", ("time_schedule", "policy"))
+  enum("exit.calibrate", ("time_schedule", "policy", "guided"))
   if cfg.exit.calibration_tolerance <= 0:
     raise ConfigError(f"exit.calibration_tolerance must be positive, got {cfg.exit.calibration_tolerance}")
   if cfg.exit.calibration_images < 0:

@@ -40,7 +40,10 @@ compiled program. The threshold may also be an array with one value per timestep
 Batch semantics (DESIGN §4.2): each sample keeps the first layer at which it was confident;
 aggregate="all" runs until every sample has exited, aggregate="mean" exits the whole batch at
 the first layer whose batch-mean score passes the threshold (uem / state_cosine; the depth
-policies are per-sample by definition and ignore it). The last block always exits and
+policies are per-sample by definition and ignore it). aggregate="last" decides like "all" but
+every sample takes the output of the last block the batch ran: the cost of a batch is its
+deepest exit either way, and a sample that stops earlier only loses quality (our addition; the
+13-block MNIST study in the README measures it). The last block always exits and
 `min_layers` forbids exits before that many blocks ran. With `cfg_pairs=True` the batch is
 [conditional rows; null rows] for classifier-free guidance and a row exits only when it and its
 partner are both confident, so the guided prediction combines two outputs of the same layer.
@@ -59,7 +62,7 @@ from deediff_jax.model.deediff import DeeDiffUViT, slice_layer
 from deediff_jax.model.exits import LTE, UEM
 from deediff_jax.model.uvit import Block, Head, ModelConfig
 
-AGGREGATES = ("all", "mean")
+AGGREGATES = ("all", "mean", "last")
 _COS_EPS = 1e-12
 
 
@@ -318,15 +321,21 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
     buf = lax.dynamic_update_index_in_dim(buf, h_new, jnp.minimum(i, k), 0)
     conf, armed = confident(i, h_new, h, armed)
     newly = conf & ~exited
-    mask = newly[:, None, None, None]
-    eps = lax.cond(jnp.any(newly), lambda e: jnp.where(mask, head_at(i, h_new), e), lambda e: e, eps)
+    if aggregate != "last":  # "last" decodes once, after the loop
+      mask = newly[:, None, None, None]
+      eps = lax.cond(jnp.any(newly), lambda e: jnp.where(mask, head_at(i, h_new), e), lambda e: e, eps)
     exit_layer = jnp.where(newly, i + 1, exit_layer)
     return i + 1, h_new, buf, eps, exited | newly, exit_layer, armed
 
   carry = (jnp.zeros((), jnp.int32), h0, jnp.zeros((k + 1,) + h0.shape, h0.dtype),
            jnp.zeros(x.shape[:3] + (cfg.in_channels,), jnp.float32), jnp.zeros((b,), bool),
            jnp.full((b,), n, jnp.int32), jnp.zeros((b,), bool))
-  layers_run, _, _, eps, _, exit_layer, _ = lax.while_loop(cond_fn, body_fn, carry)
+  layers_run, h_last, _, eps, _, exit_layer, _ = lax.while_loop(cond_fn, body_fn, carry)
+  if aggregate == "last":
+    # The batch ran to the deepest exit anyway: every sample takes that block's output (same
+    # cost as "all", and no sample leaves shallower than the compute already spent).
+    eps = head_at(layers_run - 1, h_last).astype(jnp.float32)
+    exit_layer = jnp.full((b,), layers_run, jnp.int32)
   return eps, {"exit_layer": exit_layer, "layers_run": layers_run}
 
 
@@ -435,6 +444,8 @@ def exit_reference(params, cfg, x, t_model, y=None, context=None, *, policy: str
     both = conf[:, :half] & conf[:, half:]
     conf = jnp.concatenate([both, both], axis=1)
   first = jnp.argmax(conf, axis=0)                                      # first True per sample
+  if aggregate == "last":
+    first = jnp.full((b,), jnp.max(first))
   eps = eps_all[first, jnp.arange(b)]
   exit_layer = (first + 1).astype(jnp.int32)
   return eps, {"exit_layer": exit_layer, "layers_run": jnp.max(exit_layer)}

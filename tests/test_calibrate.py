@@ -202,6 +202,30 @@ def test_step_buckets_match_the_policy_bucketing(schedule, steps, k):
   assert got[0] == 0 and got[-1] == k - 1 and set(got.tolist()) == set(range(k))
 
 
+def test_guided_holds_each_bucket_to_the_schedule_share(model, monkeypatch, capsys):
+  # exit.calibrate=guided: the oracle-calibrated schedule (stubbed here: 5 blocks in the noisy
+  # bucket, 3 in the clean one) sets each bucket's target; the noisy bucket never exits (a = 0,
+  # threshold 0) and the clean one exits at block 3 (U[2] < t <= U[1]).
+  c = _config()
+  c.exit.update(target_layer_ratio=0.8, calibrate="guided", calibration_buckets=2)
+  assert C.guided(c) and not C.calibrates_schedule(c)
+  seen = {}
+
+  def fake_schedule(params, config, rng, *, target, buckets, num=None):
+    seen.update(target=target, buckets=buckets)
+    return [N, 3], {"schedule": f"{N},3"}
+  monkeypatch.setattr(C, "calibrate_time_schedule", fake_schedule)
+  report = C.maybe_calibrate(model, c)
+  assert seen == {"target": 0.8, "buckets": 2}
+  thresholds = report["threshold"]
+  assert thresholds[0] == 0.0 and U[2] < thresholds[1] <= U[1]
+  assert report["method"] == "guided_per_bucket" and report["bucket_targets"] == [1.0, 3 / N]
+  assert report["achieved"]["per_bucket"] == [pytest.approx(1.0), pytest.approx(3 / N)]
+  assert report["within_tolerance"] and report["target"] == 0.8 and report["schedule"] == f"{N},3"
+  assert c.exit.policy == "uem" and c.exit.threshold_schedule == C.schedule_text(thresholds)
+  assert capsys.readouterr().out.startswith("calibrated exit.threshold_schedule=0,")
+
+
 def test_per_bucket_target_is_hit_and_carried_by_threshold_schedule(model, capsys):
   c = _config()
   c.exit.update(target_layer_ratio=0.6, calibration_buckets=2)

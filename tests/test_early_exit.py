@@ -147,6 +147,29 @@ def test_aggregate_mean(setup):
   assert checked >= 1  # at least one threshold exits the batch before the last block
 
 
+def test_aggregate_last_gives_every_sample_the_deepest_exit(setup):
+  # Per-sample decisions as with "all"; the batch stops at the deepest one and every sample
+  # takes that block's prediction.
+  s = setup
+  n = s["cfg"].num_blocks
+  u = s["u_all"]                                                    # [N, B]
+  checked = 0
+  for thr in np.unique(np.quantile(u, [0.3, 0.5, 0.7])):
+    deepest = int(_first_true(u < thr).max())
+    pp = ee.make_policy_params(n, threshold=float(thr))
+    eps, st = _forward(s, "uem", pp, aggregate="last")
+    ref, rst = _reference(s, "uem", pp, aggregate="last")
+    assert int(st["layers_run"]) == int(rst["layers_run"]) == deepest
+    np.testing.assert_array_equal(st["exit_layer"], np.full(B, deepest))
+    np.testing.assert_array_equal(rst["exit_layer"], np.full(B, deepest))
+    np.testing.assert_allclose(eps, s["eps_all"][deepest - 1], atol=TOL)
+    np.testing.assert_allclose(eps, np.asarray(ref), atol=TOL)
+    _, st_all = _forward(s, "uem", pp, aggregate="all")              # the same cost as "all"
+    assert int(st_all["layers_run"]) == deepest
+    checked += deepest < n
+  assert checked >= 1
+
+
 def test_static_depth_equals_head_k(setup):
   s = setup
   n = s["cfg"].num_blocks

@@ -127,14 +127,17 @@ def test_text_model_encode_train_sample_with_early_exit(tmp_path):
   assert Image.open(wd / "samples.png").size[1] == 6 * (32 + 1) + 1
 
 
-def test_divergence_is_one_line_and_exit_1(tmp_path):
+def test_divergence_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+  from deediff_jax import main
+  monkeypatch.chdir(ROOT)
   wd = tmp_path / "nan"
-  p = start(wd, *TINY, "--config.train.num_steps=6", "--config.train.log_every=2",
-            "--config.train.checkpoint_every=2", "--config.train.warmup_steps=0", "--config.train.lr=1e30",
-            "--config.train.sample_at_end=False")
-  _, stderr = p.communicate(timeout=300)
+  code = main.main(["deediff_jax.main", "--config", "configs/digits.py", "--workdir", str(wd), *TINY,
+                    "--config.train.num_steps=6", "--config.train.log_every=2",
+                    "--config.train.checkpoint_every=2", "--config.train.warmup_steps=0", "--config.train.lr=1e30",
+                    "--config.train.sample_at_end=False"])
+  stderr = capsys.readouterr().err
   lines = stderr.strip().splitlines()
-  assert p.returncode == 1, stderr
+  assert code == 1, stderr
   assert lines[-1].startswith("error: training stopped: ") and "lower train.lr" in lines[-1]
   assert "Traceback" not in stderr
   # Whatever was saved before the check is finite; the diverged state never was.

@@ -10,6 +10,7 @@ from deediff_jax import sampling
 from deediff_jax import sample as sample_mode
 from deediff_jax.config import base_config, validate
 from deediff_jax.eval import evaluate as eval_mode
+from deediff_jax.eval import runner
 from deediff_jax.eval import sweep
 from deediff_jax.model import build, init_params
 
@@ -90,11 +91,11 @@ def test_timed_sweep_calls_compile_nothing(tmp_path, params, compiles):
                   sweep.Setting("none", steps=1, plain=True)):          # a fewer-steps row
     config = sweep.with_steps(ctx.config, setting.steps)
     kw = dict(plain=True) if setting.plain else dict(setting=setting)
-    sweep._warm_up(ctx, config, **kw)
+    runner._warm_up(ctx, config, **kw)
     if not setting.plain:
       kw["pp"] = setting.policy_params(3)
     with compiles:
-      images, stats = sweep._sample(ctx, config, **kw)
+      images, stats = runner._sample(ctx, config, **kw)
     assert compiles.count == 0, setting.label()
     assert images.shape == (6, 8, 8, 1) and np.asarray(stats["batch_sizes"]).tolist() == [4, 2]
 

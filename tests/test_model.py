@@ -47,12 +47,12 @@ def test_shapes(kw, tokens):
   cfg = tiny(**kw)
   assert cfg.num_tokens == tokens
   module = build(cfg)
-  params = init_params(module, jax.random.PRNGKey(0))
+  params = jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(0))  # jitted: eager Flax is slow
   assert params["pos_embed"].shape == (1, tokens, 32)
   x, t, y, ctx = inputs(cfg)
-  eps = module.apply({"params": params}, x, t, y, ctx)
+  eps, (eps_all, u_all) = jax.jit(lambda p: (module.apply({"params": p}, x, t, y, ctx),
+                                             module.apply({"params": p}, x, t, y, ctx, method=module.all_exits)))(params)
   assert eps.shape == x.shape
-  eps_all, u_all = module.apply({"params": params}, x, t, y, ctx, method=module.all_exits)
   assert eps_all.shape == (cfg.num_blocks,) + x.shape
   assert u_all.shape == (cfg.num_blocks, 3)
   assert bool(jnp.all((u_all > 0) & (u_all < 1)))
@@ -60,7 +60,7 @@ def test_shapes(kw, tokens):
 
 def test_depth_gives_depth_plus_one_blocks():
   cfg = tiny(depth=6)
-  params = init_params(build(cfg), jax.random.PRNGKey(0))
+  params = jax.eval_shape(lambda: init_params(build(cfg), jax.random.PRNGKey(0)))  # shapes only
   assert cfg.num_blocks == 7
   assert params["in_blocks"]["attn"]["qkv"]["kernel"].shape == (3, 32, 96)
   assert params["out_blocks"]["skip_linear"]["kernel"].shape == (3, 64, 32)
@@ -85,7 +85,7 @@ def test_invalid_sizes_name_the_field(kw, message):
 def test_wrong_input_shape_is_a_clear_error():
   cfg = tiny()
   module = build(cfg)
-  params = init_params(module, jax.random.PRNGKey(0))
+  params = jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match=r"x must be \[B, 8, 8, 1\] \(NHWC\), got \(2, 1, 8, 8\)"):
     module.apply({"params": params}, jnp.zeros((2, 1, 8, 8)), jnp.zeros(2))
 
@@ -135,14 +135,14 @@ def test_scan_path_equals_loop_reference_and_plain_forward(kw):
 
 def test_remat_does_not_change_numbers_or_gradients():
   cfg, cfg_r = tiny(num_classes=10), tiny(num_classes=10, remat=True)
-  params = init_params(build(cfg), jax.random.PRNGKey(2))
+  params = jax.jit(lambda r: init_params(build(cfg), r))(jax.random.PRNGKey(2))
   x, t, y, ctx = inputs(cfg)
 
   def loss(c):
     def f(p):
       e, u = build(c).apply({"params": p}, x, t, y, method="all_exits")
       return jnp.sum(e ** 2) + jnp.sum(u)
-    return jax.value_and_grad(f)(params)
+    return jax.jit(jax.value_and_grad(f))(params)
 
   (v1, g1), (v2, g2) = loss(cfg), loss(cfg_r)
   np.testing.assert_allclose(v1, v2, rtol=1e-6)
@@ -153,11 +153,12 @@ def test_remat_does_not_change_numbers_or_gradients():
 def test_null_class_is_the_default_label():
   cfg = tiny(num_classes=10)
   module = build(cfg)
-  params = init_params(module, jax.random.PRNGKey(3))
+  params = jax.jit(lambda r: init_params(module, r))(jax.random.PRNGKey(3))
   x, t, _, _ = inputs(cfg)
-  a = module.apply({"params": params}, x, t, None)
-  b = module.apply({"params": params}, x, t, jnp.full((3,), 10))
-  c = module.apply({"params": params}, x, t, jnp.zeros((3,), jnp.int32))
+  apply = jax.jit(lambda p, y: module.apply({"params": p}, x, t, y))
+  a = jax.jit(lambda p: module.apply({"params": p}, x, t, None))(params)
+  b = apply(params, jnp.full((3,), 10))
+  c = apply(params, jnp.zeros((3,), jnp.int32))
   np.testing.assert_array_equal(a, b)
   assert float(jnp.abs(a - c).max()) > 1e-4
   assert params["label_emb"]["embedding"].shape == (11, 32)

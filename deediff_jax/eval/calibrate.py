@@ -122,6 +122,12 @@ def calibrates_schedule(config) -> bool:
                                          and str(_get(config, "calibrate", "time_schedule")) == "time_schedule")
 
 
+def guided(config) -> bool:
+  """True for exit.calibrate=guided with exit.target_layer_ratio (see `calibrate_guided`)."""
+  return (float(_get(config, "target_layer_ratio", 0.0)) > 0 and psnr_floor(config) is None
+          and str(_get(config, "calibrate", "time_schedule")) == "guided")
+
+
 def switch_note(policy: str) -> str:
   """The line printed when exit.target_layer_ratio calibrates a time_schedule for a score policy."""
   # The default since the 13-block MNIST study (README): no learned exit beat this schedule at
@@ -226,7 +232,8 @@ def bucket_ratios(summary: dict, n_blocks: int, buckets: np.ndarray, k: int, met
 
 
 def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
-                        num: Optional[int] = None, buckets: Optional[int] = None) -> tuple:
+                        num: Optional[int] = None, buckets: Optional[int] = None,
+                        bucket_targets: Optional[list] = None) -> tuple:
   """The threshold that meets config.exit's target on a calibration batch -> (threshold, report).
 
   `policy` defaults to config.exit.policy (uem, uem_no_time or state_cosine); `num` (the batch
@@ -235,6 +242,8 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
   every probe, the sampler and the seconds spent. Raises CalibrationError when the target cannot
   be met by any threshold. `buckets` overrides exit.calibration_buckets; with K > 1 the
   threshold is a list of K floats, noisiest bucket first, and `achieved` has `per_bucket`.
+  `bucket_targets` (K layer ratios, noisiest first) gives each bucket its own target instead
+  of exit.target_layer_ratio (see `calibrate_guided`).
   """
   e = config.exit
   policy, target, floor, metric, tol = check_request(config, policy)
@@ -251,6 +260,8 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
     reference, _ = sampling.sample(params, run_config, rng, num, plain=True, **cond)
   probes = []
   k = buckets_of(config) if buckets is None else int(buckets)
+  if bucket_targets is not None:
+    k, target = len(bucket_targets), [float(v) for v in bucket_targets]
   steps_bucket = step_buckets(config, k) if k > 1 else None
 
   def probe(a) -> dict:
@@ -300,7 +311,7 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
   }
   if floor is None:
     within = (_within(achieved[metric], target, tol) if k == 1
-              else all(_within(v, target, tol) for v in achieved["per_bucket"]))
+              else all(_within(v, t, tol) for v, t in zip(achieved["per_bucket"], np.broadcast_to(target, (k,)))))
     report.update(metric=metric, target=target, tolerance=tol, within_tolerance=within)
   else:
     report.update(metric="psnr_vs_full", psnr_floor=floor,
@@ -345,30 +356,36 @@ def _search_ratio(probe, target: float, tol: float, metric: str, policy: str) ->
   return min(records, key=lambda r: (abs(r[metric] - target), -r[metric]))
 
 
-def _search_ratio_buckets(probe, target: float, tol: float, metric: str, policy: str, k: int) -> dict:
-  """K bisections on a_k side by side, each bucket's metric within tol of target (module doc)."""
-  if target >= 1.0 - tol:
+def _search_ratio_buckets(probe, target, tol: float, metric: str, policy: str, k: int) -> dict:
+  """K bisections on a_k side by side, each bucket's metric within tol of its target (module doc).
+
+  `target` is one ratio for every bucket or K of them (noisiest first); a bucket whose target is
+  full depth keeps a = 0 (nothing exits there) and is not searched."""
+  targets = np.broadcast_to(np.asarray(target, np.float64), (k,)).copy()
+  full = targets >= 1.0 - tol
+  if full.all():
     rec = _full_depth_record(policy)
     return dict(rec, threshold=[rec["threshold"]] * k, per_bucket=[1.0] * k, _a=np.zeros(k))
-  records = [probe(np.ones(k))]
+  records = [probe(np.where(full, 0.0, 1.0))]
   least = np.asarray(records[0]["per_bucket"])
-  # A bucket that is above the target even at a = 1 cannot be helped: it stays there.
-  stuck = least > target + tol + 1e-9
-  if stuck.all():
+  # A bucket that is above its target even at a = 1 cannot be helped: it stays there.
+  stuck = ~full & (least > targets + tol + 1e-9)
+  if (stuck | full).all():
     raise CalibrationError(
-        f"exit.target_layer_ratio={target:g} is below the smallest {metric} policy {policy} reaches "
-        f"in every timestep bucket on this model (at least {least.min():.3f}, with exit.min_layers); "
-        f"choose a target >= {least.min():.3f}")
+        f"exit.target_layer_ratio={float(np.min(targets)):g} is below the smallest {metric} policy {policy} "
+        f"reaches in every timestep bucket on this model (at least {least[~full].min():.3f}, with "
+        f"exit.min_layers); choose a target >= {least[~full].min():.3f}")
   lo, hi = np.zeros(k), np.ones(k)
+  searched = [b for b in range(k) if not stuck[b] and not full[b]]
 
   def off(rec):
-    return [b for b in range(k) if not stuck[b] and not _within(rec["per_bucket"][b], target, tol)]
+    return [b for b in searched if not _within(rec["per_bucket"][b], targets[b], tol)]
 
   while off(records[-1]) and len(records) < MAX_BUCKET_PROBES:
     last = records[-1]
     a = np.array(last["_a"], np.float64)
     for b in off(last):
-      if last["per_bucket"][b] > target:
+      if last["per_bucket"][b] > targets[b]:
         lo[b] = a[b]
       else:
         hi[b] = a[b]
@@ -379,7 +396,7 @@ def _search_ratio_buckets(probe, target: float, tol: float, metric: str, policy:
     records.append(probe(a))
 
   def worst(rec):
-    return max([abs(rec["per_bucket"][b] - target) for b in range(k) if not stuck[b]])
+    return max([abs(rec["per_bucket"][b] - targets[b]) for b in searched])
 
   # The measured probe with the smallest worst-bucket miss (the latest among equals).
   return min(reversed(records), key=worst)
@@ -486,6 +503,27 @@ ORACLE_TOLERANCES = (1e-4, 4.0)  # the bracket of the oracle's tolerance (RMS x0
 MAX_SCHEDULE_PROBES = 12
 
 
+def calibrate_guided(params, config, rng, *, policy: Optional[str] = None, num: Optional[int] = None) -> tuple:
+  """exit.calibrate=guided: the policy's threshold per timestep bucket, each bucket held to the
+  share of blocks that the oracle-calibrated time_schedule (`calibrate_time_schedule`) spends
+  there -> (thresholds, report).
+
+  The schedule decides where in time the compute goes (the oracle knows that error made at the
+  noisy steps compounds); the learned exit only decides, within each bucket's budget, which
+  steps and samples leave early. A bucket the schedule runs at full depth exits nowhere.
+  """
+  target = float(_get(config, "target_layer_ratio", 0.0))
+  k = schedule_buckets(config)
+  schedule, schedule_report = calibrate_time_schedule(params, config, rng, target=target, buckets=k, num=num)
+  n_blocks = ModelConfig.from_config(config.model).num_blocks
+  bucket_targets = [d / n_blocks for d in schedule]
+  thresholds, report = calibrate_threshold(params, config, rng, policy=policy, num=num,
+                                           bucket_targets=bucket_targets)
+  report.update(method="guided_per_bucket", target=target, bucket_targets=bucket_targets,
+                schedule=schedule_report["schedule"], schedule_calibration=schedule_report)
+  return thresholds, report
+
+
 def schedule_from_exits(exit_layer, buckets: np.ndarray, k: int, quantile: float = ORACLE_QUANTILE) -> list:
   """A depth per timestep bucket from per-step exit layers [steps, B]: the `quantile` of the
   exits that fell in the bucket, rounded up (so most samples get the depth they needed)."""
@@ -582,7 +620,10 @@ def maybe_calibrate(params, config) -> Optional[dict]:
     if learned != "time_schedule":
       print(switch_note(learned))
     return report
-  threshold, report = calibrate_threshold(params, config, calibration_rng(config))
+  if guided(config):
+    threshold, report = calibrate_guided(params, config, calibration_rng(config))
+  else:
+    threshold, report = calibrate_threshold(params, config, calibration_rng(config))
   if isinstance(threshold, (list, tuple)):
     config.exit.threshold_schedule = schedule_text(threshold)
   else:
@@ -608,7 +649,11 @@ def describe(report: dict) -> str:
             f"steps, {len(report['probes'])} probes, {report['seconds']:.1f}s")
   ratios = (f"layer_ratio_run {a['layer_ratio_run']:.3f}, layer_ratio_per_sample "
             f"{a['layer_ratio_per_sample']:.3f}")
-  if report["method"] in ("target_layer_ratio", "target_layer_ratio_per_bucket"):
+  if report["method"] == "guided_per_bucket":
+    goal = (f"target {report['metric']} {report['target']:g}, each bucket held to the time_schedule "
+            f"{report['schedule']}'s share (measured " + "/".join(f"{v:.3f}" for v in a["per_bucket"])
+            + ", noisiest first)" + ("" if report["within_tolerance"] else " NOT met (closest measured)"))
+  elif report["method"] in ("target_layer_ratio", "target_layer_ratio_per_bucket"):
     goal = f"target {report['metric']} {report['target']:g} ± {report['tolerance']:g}"
     if report["method"] == "target_layer_ratio_per_bucket":
       goal += (f" in each of {report['buckets']} timestep buckets (measured "
@@ -626,7 +671,7 @@ def describe(report: dict) -> str:
           f"{report['steps']} steps, {len(report['probes'])} probes, {report['seconds']:.1f}s")
 
 
-__all__ = ["CalibrationError", "calibrates_schedule", "schedule_buckets", "switch_note", "PSNR_8BIT", "bucket_ratios", "buckets_of", "calibrate_threshold",
+__all__ = ["CalibrationError", "calibrate_guided", "guided", "calibrates_schedule", "schedule_buckets", "switch_note", "PSNR_8BIT", "bucket_ratios", "buckets_of", "calibrate_threshold",
            "calibrate_time_schedule", "schedule_from_exits", "schedule_ratio",
            "calibration_rng", "check_request", "conditioning", "describe", "maybe_calibrate", "psnr_floor",
            "schedule_text", "step_buckets", "wanted"]

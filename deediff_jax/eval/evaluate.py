@@ -5,24 +5,26 @@
 
 Evaluates `config.exit` (policy with its threshold, depth or schedule; or a calibrated threshold
 when exit.target_layer_ratio / exit.max_psnr_drop / exit.min_psnr ask for one) exactly as
-`--mode sweep` evaluates each of its settings (`sweep.prepare` + `sweep.evaluate`: the same
+`--mode sweep` evaluates each of its settings (`runner.prepare` + `runner.evaluate`: the same
 `sweep.num_images` images, the timed plain full-depth baseline, fidelity, GFLOPs, FID of
 `sweep.fid_kind` and class accuracy), writes the row to DIR/eval.json with a `run` entry (the
-machine, checkpoint, baseline and FID facts of `sweep.run_info`) and prints it as a Markdown table.
+machine, checkpoint, baseline and FID facts of `report.run_info`) and prints it as a Markdown table.
 """
 from __future__ import annotations
 
 import os
 
 from deediff_jax.eval import calibrate as cal_lib
-from deediff_jax.eval import sweep
+from deediff_jax.eval import report as report_lib
+from deediff_jax.eval import runner
+from deediff_jax.eval.settings import Setting, setting_from_exit_config
 
 
 def run(config, workdir: str, *, params=None) -> dict:
   """Evaluates the configured setting; writes DIR/eval.json; returns the row (+ `run`)."""
-  setting = sweep.setting_from_exit_config(config)
+  setting = setting_from_exit_config(config)
   # Calibrates the configured policy itself: for a depth policy that is an error, not a switch.
-  ctx = sweep.start(config, workdir, [setting], params=params, calibration_policy=config.exit.policy)
+  ctx = runner.start(config, workdir, [setting], params=params, calibration_policy=config.exit.policy)
   if cal_lib.calibrates_schedule(config):
     schedule, report = cal_lib.calibrate_time_schedule(
         ctx.params, config, cal_lib.calibration_rng(config), target=float(config.exit.target_layer_ratio),
@@ -30,18 +32,18 @@ def run(config, workdir: str, *, params=None) -> dict:
     print(cal_lib.describe(report))
     if config.exit.policy != "time_schedule":
       print(cal_lib.switch_note(config.exit.policy))
-    setting = sweep.Setting("time_schedule", schedule=",".join(str(v) for v in schedule), calibration=report)
+    setting = Setting("time_schedule", schedule=",".join(str(v) for v in schedule), calibration=report)
   elif cal_lib.wanted(config):
-    setting = sweep.calibrated_setting(ctx, policy=config.exit.policy)
-  row, _, _ = sweep.evaluate(ctx, setting)
-  sweep.retime_baseline(ctx, [row])
-  info = sweep.run_info(ctx)
+    setting = runner.calibrated_setting(ctx, policy=config.exit.policy)
+  row, _, _ = runner.evaluate(ctx, setting)
+  runner.retime_baseline(ctx, [row])
+  info = report_lib.run_info(ctx)
   if setting.calibration is not None:
     info["calibration"] = setting.calibration
   out = dict(row, run=info)
   os.makedirs(str(workdir), exist_ok=True)
-  sweep.write_json(os.path.join(str(workdir), "eval.json"), out)
-  print(sweep.header_md(info, title="Early-exit evaluation") + "\n" + sweep.table_md([row]))
+  report_lib.write_json(os.path.join(str(workdir), "eval.json"), out)
+  print(report_lib.header_md(info, title="Early-exit evaluation") + "\n" + report_lib.table_md([row]))
   return out
 
 
