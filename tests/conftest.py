@@ -23,6 +23,12 @@ def pytest_configure(config):
   os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["DEEDIFF_TEST_XLA_CACHE"]
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  # Test programs are tiny and compile far longer than they run: a lower LLVM optimisation level
+  # cuts XLA:CPU compile time by about a third (measured on the train step) at a small cost in
+  # run time. Tests that need their own XLA_FLAGS (device counts) set them in their subprocess.
+  fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  if fast not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + fast).strip()
 
 
 def pytest_unconfigure(config):
