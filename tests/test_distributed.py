@@ -63,7 +63,7 @@ def test_two_processes_train_like_one(tmp_path):
   import jax
   from deediff_jax.train.trainer import train
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip(), JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT)
   out = str(tmp_path / "params.npz")
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(port), str(i),

@@ -93,7 +93,7 @@ def _worker():
 
 
 def test_sharded_mesh_matches_single_device_and_shards_params():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip(), JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), "worker"], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
