@@ -137,6 +137,19 @@ def switch_note(policy: str) -> str:
           "calibrates the threshold (best with a loss.uem_target=fidelity UEM and --config.exit.aggregate=last)")
 
 
+def calibrated_schedule(params, config, *, num: Optional[int] = None) -> tuple:
+  """The time_schedule that exit.target_layer_ratio asks for (`calibrates_schedule`) -> (schedule
+  text, report); prints what was chosen, and why, when it replaces a score policy's threshold.
+  One path for --mode sample (`maybe_calibrate`) and --mode eval."""
+  schedule, report = calibrate_time_schedule(params, config, calibration_rng(config),
+                                             target=float(config.exit.target_layer_ratio),
+                                             buckets=schedule_buckets(config), num=num)
+  print(describe(report))
+  if config.exit.policy != "time_schedule":
+    print(switch_note(config.exit.policy))
+  return ",".join(str(v) for v in schedule), report
+
+
 def schedule_buckets(config) -> int:
   """Timestep buckets of a calibrated time_schedule: exit.calibration_buckets when > 1, else
   DEFAULT_SCHEDULE_BUCKETS; never more than sample.steps."""
@@ -610,15 +623,9 @@ def maybe_calibrate(params, config) -> Optional[dict]:
     raise CalibrationError("exit.policy=time_schedule calibrates to exit.target_layer_ratio only; set "
                            "--config.exit.target_layer_ratio=0.55 instead of a PSNR floor")
   if calibrates_schedule(config):
-    learned = config.exit.policy
-    schedule, report = calibrate_time_schedule(params, config, calibration_rng(config),
-                                               target=float(config.exit.target_layer_ratio),
-                                               buckets=schedule_buckets(config))
+    schedule, report = calibrated_schedule(params, config)
     config.exit.policy = "time_schedule"
-    config.exit.schedule = ",".join(str(v) for v in schedule)
-    print(describe(report))
-    if learned != "time_schedule":
-      print(switch_note(learned))
+    config.exit.schedule = schedule
     return report
   if guided(config):
     threshold, report = calibrate_guided(params, config, calibration_rng(config))
@@ -671,7 +678,7 @@ def describe(report: dict) -> str:
           f"{report['steps']} steps, {len(report['probes'])} probes, {report['seconds']:.1f}s")
 
 
-__all__ = ["CalibrationError", "calibrate_guided", "guided", "calibrates_schedule", "schedule_buckets", "switch_note", "PSNR_8BIT", "bucket_ratios", "buckets_of", "calibrate_threshold",
+__all__ = ["CalibrationError", "calibrate_guided", "calibrated_schedule", "guided", "calibrates_schedule", "schedule_buckets", "switch_note", "PSNR_8BIT", "bucket_ratios", "buckets_of", "calibrate_threshold",
            "calibrate_time_schedule", "schedule_from_exits", "schedule_ratio",
            "calibration_rng", "check_request", "conditioning", "describe", "maybe_calibrate", "psnr_floor",
            "schedule_text", "step_buckets", "wanted"]

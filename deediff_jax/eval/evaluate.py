@@ -26,13 +26,8 @@ def run(config, workdir: str, *, params=None) -> dict:
   # Calibrates the configured policy itself: for a depth policy that is an error, not a switch.
   ctx = runner.start(config, workdir, [setting], params=params, calibration_policy=config.exit.policy)
   if cal_lib.calibrates_schedule(config):
-    schedule, report = cal_lib.calibrate_time_schedule(
-        ctx.params, config, cal_lib.calibration_rng(config), target=float(config.exit.target_layer_ratio),
-        buckets=cal_lib.schedule_buckets(config), num=min(int(config.sample.batch_size), ctx.num))
-    print(cal_lib.describe(report))
-    if config.exit.policy != "time_schedule":
-      print(cal_lib.switch_note(config.exit.policy))
-    setting = Setting("time_schedule", schedule=",".join(str(v) for v in schedule), calibration=report)
+    schedule, report = cal_lib.calibrated_schedule(ctx.params, config, num=min(int(config.sample.batch_size), ctx.num))
+    setting = Setting("time_schedule", schedule=schedule, calibration=report)
   elif cal_lib.wanted(config):
     setting = runner.calibrated_setting(ctx, policy=config.exit.policy)
   row, _, _ = runner.evaluate(ctx, setting)
