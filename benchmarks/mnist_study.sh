@@ -41,7 +41,9 @@ SMALL=(--config.data.source="npz:$RUNS/mnist14.npz" --config.data.image_size=14 
 #   bash benchmarks/mnist_study.sh uem13 x0         # only the UEMs, retrained on joint13 with loss.uem_target=x0
 #   bash benchmarks/mnist_study.sh uem13 fidelity   # ... fidelity (eps also works: the same target, trained anew)
 #   bash benchmarks/mnist_study.sh adadiff13        # the official AdaDiff formulation, finetuned from joint13
-#   bash benchmarks/mnist_study.sh last13 fidelity       # uem13 TARGET's UEM rows again with exit.aggregate=last
+#   bash benchmarks/mnist_study.sh last13 fidelity       # the full sweep of uem13 TARGET's UEM with exit.aggregate=last
+#   bash benchmarks/mnist_study.sh jointfid13       # joint training from scratch with loss.uem_target=fidelity + full sweep
+#   bash benchmarks/mnist_study.sh frozenfid13      # frozen-backbone mode (joint13's backbone) with the fidelity target
 #   bash benchmarks/mnist_study.sh guided13 fidelity 0.55   # --mode eval of uem13 TARGET's UEM with exit.calibrate=guided
 SIZE13=(--config.diffusion.schedule=cosine --config.model.input_skip=True --config.model.embed_dim=128
         --config.model.depth=12 --config.model.num_heads=4 --config.train.batch_size=64 --config.train.lr=2e-3
@@ -61,7 +63,7 @@ SWEEP13=(--config.sample.steps=25 --config.sweep.num_images=200 --config.sample.
 # The committed joint13 results stopped at the 1,250-step checkpoint of the 2,000-step schedule
 # (session time); STOP13=0 trains the whole schedule (resuming from the workdir).
 JOINT13=(--config.train.num_steps="${STEPS13:-2000}" --config.train.stop_at="${STOP13:-1250}")
-case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|frozen14|joint13|uem13 TARGET|last13 TARGET|guided13 TARGET RATIO|adadiff13}" in
+case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|frozen14|joint13|uem13 TARGET|last13 TARGET|jointfid13|frozenfid13|guided13 TARGET RATIO|adadiff13}" in
   joint13)
     [ -f "$RUNS/mnist14.npz" ] || python benchmarks/make_mnist14.py ../shared/data/mnist10k.npz "$RUNS/mnist14.npz"
     run --workdir "$RUNS/m14d12_joint" "${SIZE13[@]}" "${JOINT13[@]}"
@@ -75,7 +77,9 @@ case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|fr
     run --workdir "$RUNS/m14d12_uem_$target" --mode sweep "${SIZE13[@]}" "${U[@]}" "${SWEEP13[@]}" \
         --config.sweep.policies=uem --config.sweep.step_fractions=
     publish "$RUNS/m14d12_uem_$target" "mnist13_uem_$target" ;;
-  last13)      # the same UEM, every sample taking the batch's last block run (exit.aggregate=last)
+  last13)      # THE 13-block sweep: uem13 TARGET's UEM with exit.aggregate=last, next to every fixed alternative
+    # (static, time_schedule with the DuoDiff switches, state_cosine, fewer steps, exit + fewer steps),
+    # the calibrated rows (UEM scalar and per bucket, oracle-calibrated time_schedule) and the oracle.
     target=${2:?usage: mnist_study.sh last13 eps|x0|fidelity}
     U=(--config.train.mode=uem_only --config.train.init_from="$RUNS/m14d12_joint" --config.loss.uem_target="$target"
        --config.train.num_steps="${UEM_STEPS:-250}" --config.train.warmup_steps=50 --config.train.lr=1e-3)
@@ -83,9 +87,24 @@ case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|fr
     cp -r "$RUNS/m14d12_uem_$target/checkpoints" "$RUNS/m14d12_uem_$target/classifier" \
           "$RUNS/m14d12_uem_$target/fid_stats" "$RUNS/m14d12_uem_${target}_last/" 2>/dev/null || true
     run --workdir "$RUNS/m14d12_uem_${target}_last" --mode sweep "${SIZE13[@]}" "${U[@]}" "${SWEEP13[@]}" \
-        --config.sweep.policies=uem,none --config.sweep.thresholds=0.02,0.03,0.045,0.06,0.1 --config.sweep.step_fractions= \
-        --config.exit.aggregate=last --config.exit.target_layer_ratio=0
+        --config.sweep.thresholds=0.02,0.03,0.045,0.06,0.1 --config.exit.aggregate=last
     publish "$RUNS/m14d12_uem_${target}_last" "mnist13_uem_${target}_last" ;;
+  jointfid13)  # joint DeeDiff training from scratch with loss.uem_target=fidelity (1,250 of 2,000 steps
+    # like joint13), then the same full sweep as last13
+    F=(--config.loss.uem_target=fidelity --config.train.num_steps="${STEPS13:-2000}" --config.train.stop_at="${STOP13:-1250}")
+    run --workdir "$RUNS/m14d12_jointfid" "${SIZE13[@]}" "${F[@]}"
+    run --workdir "$RUNS/m14d12_jointfid" --mode sweep "${SIZE13[@]}" "${F[@]}" "${SWEEP13[@]}" \
+        --config.sweep.thresholds=0.02,0.03,0.045,0.06,0.1 --config.exit.aggregate=last
+    publish "$RUNS/m14d12_jointfid" mnist13_jointfid ;;
+  frozenfid13) # frozen-backbone mode with the fidelity target: exit heads + UEMs retrained on joint13's
+    # frozen backbone, then the learned rows (aggregate=last) and full depth
+    Z=(--config.train.mode=frozen_backbone --config.train.init_from="$RUNS/m14d12_joint" --config.loss.uem_target=fidelity
+       --config.train.num_steps="${FROZEN_STEPS:-400}" --config.train.warmup_steps=50 --config.train.lr=1e-3)
+    run --workdir "$RUNS/m14d12_frozenfid" "${SIZE13[@]}" "${Z[@]}"
+    run --workdir "$RUNS/m14d12_frozenfid" --mode sweep "${SIZE13[@]}" "${Z[@]}" "${SWEEP13[@]}" \
+        --config.sweep.policies=uem,none --config.sweep.thresholds=0.02,0.03,0.045,0.06,0.1 \
+        --config.sweep.step_fractions= --config.exit.aggregate=last
+    publish "$RUNS/m14d12_frozenfid" mnist13_frozenfid ;;
   guided13)    # one eval row: the UEM's per-bucket thresholds held to the oracle-calibrated schedule's shares
     target=${2:?usage: mnist_study.sh guided13 eps|x0|fidelity RATIO}; ratio=${3:?usage: mnist_study.sh guided13 TARGET RATIO}
     U=(--config.train.mode=uem_only --config.train.init_from="$RUNS/m14d12_joint" --config.loss.uem_target="$target"

@@ -108,8 +108,10 @@ def run(config, workdir, params=None) -> dict:
     images, full_images = decode(images), decode(full_images)
 
   out_labels = np.full((num,), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
-  np.savez(os.path.join(workdir, "samples.npz"), images=images.astype(np.float32), labels=out_labels, **extra)
   captions = load_eval_captions(config, num) if cfg.context_dim > 0 else None
+  if captions is not None:  # what each text-conditional sample was drawn for (fixed-width str, no pickle)
+    extra["captions"] = np.asarray(captions, dtype=str)
+  np.savez(os.path.join(workdir, "samples.npz"), images=images.astype(np.float32), labels=out_labels, **extra)
   save_grid(os.path.join(workdir, "samples.png"), images, labels if cfg.num_classes > 0 else None,
             cfg.num_classes, captions=captions)
   summary = sampling.summarize(stats, n)

@@ -268,21 +268,9 @@ def test_clip_encoder_uvit_convention(tmp_path, capsys):
   """A tiny random CLIP text model stands in for ViT-L/14: 77 tokens, no mask, all kept."""
   torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  from tokenizers import pre_tokenizers
-  from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-  vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-  chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-  for c in chars + [c + "</w>" for c in chars]:
-    vocab[c] = len(vocab)
+  from tiny_clip import save_tiny_clip
   d = tmp_path / "clip"
-  tok = CLIPTokenizer(vocab=vocab, merges=[])
-  tok.save_pretrained(d)
-  torch.manual_seed(0)
-  model = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=1, num_attention_heads=2,
-                                       max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                                       pad_token_id=1)).eval()
-  model.save_pretrained(d)
+  tok, model = save_tiny_clip(d)
   src = tmp_path / "c.txt"
   src.write_text("a 7\nnumber two\n")
   out = tmp_path / "clip.npz"
@@ -297,3 +285,22 @@ def test_clip_encoder_uvit_convention(tmp_path, capsys):
     ref = model(input_ids=ids).last_hidden_state.numpy()
   np.testing.assert_allclose(z["features"].astype(np.float32), ref[:2], atol=5e-3, rtol=2e-3)
   np.testing.assert_allclose(z["null_features"].astype(np.float32), ref[2], atol=5e-3, rtol=2e-3)
+
+
+def test_coco_captions_json_gives_the_first_caption_per_image_in_id_order(tmp_path):
+  ann = {"images": [{"id": 7, "file_name": "b.jpg"}, {"id": 3, "file_name": "a.jpg"}],
+         "annotations": [{"id": 5, "image_id": 7, "caption": "seven  late\n"}, {"id": 2, "image_id": 7, "caption": "seven"},
+                         {"id": 9, "image_id": 3, "caption": "three"}]}
+  p = tmp_path / "captions_val2014.json"
+  p.write_text(json.dumps(ann))
+  assert E.read_caption_file(str(p)) == ["three", "seven"]
+  from deediff_jax.data import coco
+  assert coco.captions_for_files(str(p), ["x/b.jpg", "a.jpg"]) == ["seven", "three"]
+  with pytest.raises(coco.CocoCaptionsError, match=r"^image c.jpg has no caption in .*captions_val2014.json; "):
+    coco.captions_for_files(str(p), ["c.jpg"])
+  (tmp_path / "bad.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
+  with pytest.raises(E.EncodeTextError, match=r"bad.json is not a COCO captions file \(KeyError: 'file_name'\)$"):
+    E.read_caption_file(str(tmp_path / "bad.json"))
+  (tmp_path / "empty.json").write_text(json.dumps({"images": [], "annotations": []}))
+  with pytest.raises(E.EncodeTextError, match=r"empty.json has no captions$"):
+    E.read_caption_file(str(tmp_path / "empty.json"))

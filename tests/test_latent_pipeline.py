@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "### Latent models: ImageNet 256 and MS-COCO"
 TINY_AE = ae.AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)   # 16x16x3 -> 8x8x4
 PER_CLASS = 6          # 10 digit classes x 6 images = 60 images, 120 entries with --flip
+COCO_TRAIN, COCO_VAL = 10, 3   # COCO stand-ins: captioned train2014 / val2014 images
 ENCODE_TINY = ["--config.data.image_size=16", "--config.model.image_size=8", "--batch-size", "16",
                "--shard-size", "48", "--no-progress"]
 MAIN_TINY = ["--config.data.image_size=16", "--config.model.image_size=8", "--config.model.embed_dim=32",
@@ -36,6 +37,9 @@ MAIN_TINY = ["--config.data.image_size=16", "--config.model.image_size=8", "--co
              "--config.sample.num_images=8", "--config.sample.batch_size=8", "--config.sample.steps=3",
              "--config.sweep.num_images=8", "--config.sweep.policies=uem", "--config.sweep.thresholds=0.5",
              "--config.sweep.step_fractions=", "--config.sweep.fid_kind=none"]
+# COCO: no classes; the tiny CLIP's 32-wide tokens (77 of them, as ViT-L/14 gives).
+COCO_TINY = [a for a in MAIN_TINY if not a.startswith("--config.model.num_classes")] + [
+    "--config.model.context_dim=32"]
 
 
 def recipe_commands() -> dict:
@@ -72,6 +76,9 @@ def _cli(module, argv):
       code = cli.main(["deediff_jax.main", *argv])
     elif module == "deediff_jax.data.encode_latents":
       code = E.main(argv)
+    elif module == "deediff_jax.data.encode_text":
+      from deediff_jax.data import encode_text
+      code = encode_text.main(argv)
     else:
       raise AssertionError(f"the recipe runs an unexpected module {module}")
   return code, err.getvalue()
@@ -97,15 +104,19 @@ def recipe(tmp_path_factory):
     Image.fromarray(x).save(d / f"img_{i:03d}.png")
   coco = tmp / "coco" / "train2014"
   coco.mkdir(parents=True)
-  ann = {"images": [], "annotations": []}
-  for i in range(6):
-    name = f"COCO_train2014_{i + 9:012d}.jpg"
-    Image.fromarray(images[i]).save(coco / name, quality=95)
-    ann["images"].append({"id": i + 9, "file_name": name})
-    ann["annotations"] += [{"id": 100 + 2 * i, "image_id": i + 9, "caption": f"a digit  number {i}\n"},
-                           {"id": 99 - i, "image_id": i + 9, "caption": f"later caption {i}"}]
   (tmp / "coco" / "annotations").mkdir()
-  (tmp / "coco" / "annotations" / "captions_train2014.json").write_text(json.dumps(ann))
+  for split, n, first_id in (("train2014", COCO_TRAIN, 9), ("val2014", COCO_VAL, 500)):
+    ann = {"images": [], "annotations": []}
+    for i in range(n):
+      name = f"COCO_{split}_{i + first_id:012d}.jpg"
+      if split == "train2014":
+        Image.fromarray(images[i]).save(coco / name, quality=95)
+      ann["images"].append({"id": i + first_id, "file_name": name})
+      ann["annotations"] += [{"id": 100 + 2 * i, "image_id": i + first_id, "caption": f"a digit  number {i}\n"},
+                             {"id": 99 - i, "image_id": i + first_id, "caption": f"{split[:-4]} caption {i}"}]
+    (tmp / "coco" / "annotations" / f"captions_{split}.json").write_text(json.dumps(ann))
+  from tiny_clip import save_tiny_clip
+  save_tiny_clip(tmp / "clip-vit-large-patch14")
   params = ae.init_params(TINY_AE, seed=0)
   E.export_npz(params, str(tmp / "ae.npz"))
 
@@ -120,9 +131,11 @@ def recipe(tmp_path_factory):
       module, args = argv[2], _substitute(argv[3:], subst)
       tiny = ENCODE_TINY if module.endswith("encode_latents") else MAIN_TINY
       results[("imagenet", i)] = (argv, _cli(module, args + tiny))
-    coco_encode = [a for a in cmds["coco"] if a[2].endswith("encode_latents")]
-    for argv in coco_encode:
-      results[("coco", 0)] = (argv, _cli(argv[2], _substitute(argv[3:], subst) + ENCODE_TINY))
+    for i, argv in enumerate(cmds["coco"]):
+      module, args = argv[2], _substitute(argv[3:], subst)
+      tiny = {"deediff_jax.data.encode_latents": ENCODE_TINY, "deediff_jax.data.encode_text": ["--no-progress"],
+              "deediff_jax.main": COCO_TINY}[module]
+      results[("coco", i)] = (argv, _cli(module, args + tiny))
   finally:
     os.chdir(cwd)
   return dict(tmp=tmp, params=params, images=images, labels=labels, cmds=cmds, results=results)
@@ -136,12 +149,12 @@ def test_readme_recipe_commands_run_at_tiny_size(recipe):
   modes = [next((a.split("=", 1)[1] for a in c if a.startswith("--mode=")),
                 c[c.index("--mode") + 1] if "--mode" in c else c[2]) for c in cmds["imagenet"]]
   assert modes == ["deediff_jax.data.encode_latents", "deediff_jax.main", "sample", "sweep"]
-  assert [c[2] for c in cmds["coco"]] == ["deediff_jax.data.encode_latents", "deediff_jax.data.encode_text",
-                                         "deediff_jax.main"]
+  coco_modes = [c[c.index("--mode") + 1] if "--mode" in c else c[2] for c in cmds["coco"]]
+  assert coco_modes == ["deediff_jax.data.encode_latents", "deediff_jax.data.encode_text", "deediff_jax.main",
+                        "sample", "sweep"]
+  assert len(recipe["results"]) == len(cmds["imagenet"]) + len(cmds["coco"])
   for key, (argv, (code, stderr)) in recipe["results"].items():
     assert code == 0, (key, " ".join(argv), stderr[-3000:])
-  # encode_text needs CLIP weights (tests/test_encode_text.py covers it) and the COCO train step
-  # its output; both are left out here.
 
 
 def test_encoded_imagenet_dir(recipe):
@@ -173,12 +186,38 @@ def test_encoded_imagenet_dir(recipe):
 def test_coco_encoding_writes_one_caption_per_entry(recipe):
   out = recipe["tmp"] / "mscoco256_latents"
   index = json.loads((out / "index.json").read_text())
-  assert index["num_examples"] == 6 and index["labels"] is False and index["resize"] == "lanczos"
+  assert index["num_examples"] == COCO_TRAIN and index["labels"] is False and index["resize"] == "lanczos"
   assert all(s["labels"] is None for s in index["shards"])
   captions = (out / "captions.txt").read_text().splitlines()
   # The first caption by annotation id, whitespace collapsed, in the files' (sorted) order.
-  assert captions == [f"later caption {i}" for i in range(6)]
-  assert (out / "files.txt").read_text().splitlines() == [f"COCO_train2014_{i + 9:012d}.jpg" for i in range(6)]
+  assert captions == [f"train caption {i}" for i in range(COCO_TRAIN)]
+  assert (out / "files.txt").read_text().splitlines() == [f"COCO_train2014_{i + 9:012d}.jpg"
+                                                           for i in range(COCO_TRAIN)]
+
+
+def test_coco_text_model_trains_and_samples_held_out_captions(recipe):
+  """The COCO recipe end to end: CLIP features of the train captions and of val2014's first
+  captions, a text-conditional latent model trained on them, decoded samples for the held-out
+  captions and a sweep of the decoded images."""
+  tmp = recipe["tmp"]
+  f = np.load(tmp / "mscoco_clip_features.npz")
+  assert f["features"].shape == (COCO_TRAIN, 77, 32) and str(f["encoder"]) == "clip"
+  np.testing.assert_array_equal(f["caption_index"], np.arange(COCO_TRAIN))
+  assert [str(c) for c in f["eval_captions"]] == [f"val caption {i}" for i in range(COCO_VAL)]
+  assert f["eval_features"].shape == (COCO_VAL, 77, 32) and "eval_labels" not in f.files
+  wd = tmp / "ckpt" / "coco"
+  metrics = [json.loads(line) for line in open(wd / "metrics.jsonl")]
+  assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
+  z = np.load(wd / "samples.npz")
+  assert sorted(z.files) == ["captions", "images", "labels", "latents"]
+  assert z["images"].shape == (8, 16, 16, 3) and z["latents"].shape == (8, 8, 8, 4)
+  assert [str(c) for c in z["captions"]] == [f"val caption {i % COCO_VAL}" for i in range(8)]
+  np.testing.assert_allclose(np.clip(ae.decode_batched(recipe["params"], z["latents"], 8), -1, 1), z["images"],
+                             atol=1e-4)
+  stats = json.loads((wd / "sample_stats.json").read_text())
+  assert np.isfinite(stats["psnr_vs_full"]) and stats["sampler"] == "dpm_solver_fast"
+  rows = json.loads((wd / "sweep" / "sweep.json").read_text())
+  assert [r["setting"] for r in rows] == ["uem 0.5"] and np.isfinite(rows[0]["psnr_vs_full"])
 
 
 def test_sample_writes_decoded_images_and_keeps_latents(recipe):

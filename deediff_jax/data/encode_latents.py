@@ -63,7 +63,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from deediff_jax.data import sources
+from deediff_jax.data import coco, sources
 from deediff_jax.data.prefetch import prefetched
 
 RESIZE_METHODS = ("adm", "lanczos", "bilinear")
@@ -369,26 +369,10 @@ def open_images(spec: str, size: int, channels: int = 3, resize: str = "adm") ->
 
 def coco_captions(annotations: str, files: Sequence[str]) -> list[str]:
   """The first caption (lowest annotation id) of each image file, from a COCO captions_*.json."""
-  if not os.path.isfile(annotations):
-    raise EncodeLatentsError(f"--coco-captions {annotations} not found; give annotations/captions_train2014.json")
   try:
-    with open(annotations) as f:
-      ann = json.load(f)
-    ids = {os.path.basename(im["file_name"]): im["id"] for im in ann["images"]}
-    first: dict = {}
-    for a in sorted(ann["annotations"], key=lambda a: a["id"]):
-      first.setdefault(a["image_id"], " ".join(str(a["caption"]).split()))
-  except (ValueError, KeyError, TypeError) as e:
-    raise EncodeLatentsError(f"--coco-captions {annotations} is not a COCO captions file "
-                             f"({type(e).__name__}: {e})") from None
-  out = []
-  for rel in files:
-    name = os.path.basename(rel)
-    if name not in ids or ids[name] not in first:
-      raise EncodeLatentsError(f"image {rel} has no caption in {annotations}; encode the matching split "
-                               "(train2014 with captions_train2014.json)")
-    out.append(first[ids[name]])
-  return out
+    return coco.captions_for_files(annotations, files)
+  except coco.CocoCaptionsError as e:
+    raise EncodeLatentsError(f"--coco-captions {e}") from None
 
 
 # --------------------------------------------------------------------------- encoding

@@ -48,6 +48,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from deediff_jax.data import captions as caption_templates
+from deediff_jax.data import coco
 
 DEFAULT_BATCH = 256
 CLIP_HINT = ("download openai/clip-vit-large-patch14 on a machine with internet (e.g. `hf download "
@@ -204,7 +205,8 @@ def _str_array(items: Sequence[str]) -> np.ndarray:
 
 
 def read_caption_file(path: str) -> list[str]:
-  """One caption per line (a trailing newline is fine), or a .json list of strings."""
+  """One caption per line (a trailing newline is fine), a .json list of strings, or a COCO
+  captions_*.json (the first caption of each image, in image-id order)."""
   p = Path(path)
   if not p.is_file():
     raise EncodeTextError(f"--captions file {path} not found; give a text file with one caption per line "
@@ -216,8 +218,14 @@ def read_caption_file(path: str) -> list[str]:
     except json.JSONDecodeError as e:
       raise EncodeTextError(f"--captions {path} is not valid JSON ({e.msg} at line {e.lineno}); "
                             "give a JSON list of strings") from None
+    if coco.is_coco_captions(caps):   # e.g. captions_val2014.json: one caption per image
+      try:
+        caps = coco.captions_by_image_id(path)
+      except coco.CocoCaptionsError as e:
+        raise EncodeTextError(str(e)) from None
     if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-      raise EncodeTextError(f"--captions {path} must hold a JSON list of strings")
+      raise EncodeTextError(f"--captions {path} must hold a JSON list of strings or be a COCO "
+                            "captions_*.json")
   else:
     caps = [line.rstrip("\r") for line in text.split("\n")]
     if caps and caps[-1] == "":
@@ -280,11 +288,13 @@ def _parser() -> argparse.ArgumentParser:
   ap = _Parser(prog="python -m deediff_jax.data.encode_text",
                description="Encode captions once into token features for text-conditional training.")
   src = ap.add_mutually_exclusive_group(required=True)
-  src.add_argument("--captions", help="text file, one caption per line, or a .json list of strings")
+  src.add_argument("--captions", help="text file, one caption per line, a .json list of strings, or a "
+                   "COCO captions_*.json")
   src.add_argument("--captions-for-npz", help="image npz with 'label' (and 'test_label'): write MNIST "
                    "digit captions from templates")
   ap.add_argument("--eval-captions", default="",
-                  help="with --captions: held-out captions (one per line) that --mode sample/sweep draw from")
+                  help="with --captions: held-out captions that --mode sample/sweep draw from (the same "
+                  "formats; e.g. captions_val2014.json)")
   ap.add_argument("--out", required=True, help="output .npz")
   ap.add_argument("--encoder", default="minilm", help=f"one of: {', '.join(sorted(ENCODERS))}")
   ap.add_argument("--encoder-path", default="", help="model folder (required for clip)")
