@@ -283,6 +283,27 @@ def test_fid_compares_decoded_samples_with_the_images_the_latents_came_from(reci
     sweep.build_quality(config, str(tmp / "x"))
 
 
+def test_psnr_floor_calibration_scores_decoded_images(recipe, monkeypatch):
+  """exit.min_psnr on a latent model is a floor on the decoded images' PSNR, like the sweep's."""
+  from deediff_jax.eval import calibrate, fidelity as fidelity_lib
+  from deediff_jax.train import checkpoint as ckpt
+  tmp = recipe["tmp"]
+  config = E._load_config(os.path.join(ROOT, "configs", "imagenet256_uvit_large.py"), MAIN_TINY + [
+      f"--config.data.source=latents:{tmp / 'imagenet256_latents'}", f"--config.data.autoencoder={tmp / 'ae.npz'}",
+      "--config.exit.min_psnr=20", "--config.exit.calibration_images=8"])
+  params = ckpt.load_params(str(tmp / "ckpt" / "in256"), config)
+  seen = []
+  real = fidelity_lib.fidelity
+
+  def spy(reference, images):
+    seen.append((reference.shape, images.shape))
+    return real(reference, images)
+  monkeypatch.setattr(fidelity_lib, "fidelity", spy)
+  _, report = calibrate.calibrate_threshold(params, config, jax.random.PRNGKey(0), policy="uem")
+  assert seen and set(seen) == {((8, 16, 16, 3), (8, 16, 16, 3))}
+  assert report["method"] == "psnr_floor" and report["achieved"]["psnr_vs_full"] >= 20
+
+
 # --------------------------------------------------------------------------- the latents: source
 
 

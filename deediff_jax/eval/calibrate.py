@@ -70,6 +70,7 @@ from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion import schedule as sched_lib
 from deediff_jax.early_exit import _by_bucket, make_policy_params
 from deediff_jax.eval import fidelity as fidelity_lib
+from deediff_jax.eval.decode import decoder_for
 from deediff_jax.model.uvit import ModelConfig
 
 CALIBRATABLE = ("uem", "uem_no_time", "state_cosine", "adadiff")
@@ -269,8 +270,12 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
   run_config = config if floor is None else fidelity_lib.deterministic_config(config)
   t0 = time.perf_counter()
   reference = None
+  # A PSNR floor is about images: latent models with data.autoencoder are scored decoded, as
+  # --mode sample and the sweep score them.
+  decode = (decoder_for(config) if floor is not None else None) or (lambda x: x)
   if floor is not None:
     reference, _ = sampling.sample(params, run_config, rng, num, plain=True, **cond)
+    reference = decode(reference)
   probes = []
   k = buckets_of(config) if buckets is None else int(buckets)
   if bucket_targets is not None:
@@ -291,7 +296,7 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
     if k > 1:
       rec["per_bucket"] = bucket_ratios(summary, n_blocks, steps_bucket, k, metric)
     if reference is not None:
-      f = fidelity_lib.fidelity(reference, images)
+      f = fidelity_lib.fidelity(reference, decode(images))
       rec.update(psnr_vs_full=f["psnr_vs_full"], psnr_worst5=f["psnr_worst5"], mse_vs_full=f["mse_vs_full"])
     rec["_a"] = a
     probes.append(rec)
