@@ -30,7 +30,7 @@ print("deediff_jax", deediff_jax.__version__)"""),
     new_markdown_cell("""## Settings
 
 `DEEDIFF_NOTEBOOK_QUICK=1` (used by the test suite) shrinks everything to seconds; the default
-trains the real quickstart model (about 5 minutes on a 2-core CPU)."""),
+trains the real quickstart model (8–14 minutes on a 2-core CPU, like the README's Quickstart)."""),
     new_code_cell("""import json
 import jax, numpy as np
 from IPython.display import Image, Markdown, display
@@ -45,7 +45,8 @@ if QUICK:
                       "train.checkpoint_every": 20, "sample.steps": 8, "sample.num_images": 20,
                       "sample.batch_size": 20, "sweep.num_images": 20, "sweep.classifier_steps": 60,
                       "sweep.thresholds": "0.3,0.6", "sweep.cosine_thresholds": "0.9",
-                      "sweep.depths": "2,4", "sweep.time_schedules": "2,5"})
+                      "sweep.depths": "2,4", "sweep.time_schedules": "2,5",
+                      "sweep.policies": "uem,static,none", "sweep.step_fractions": ""})
 config = load_config_file("configs/digits.py", overrides)
 print(jax.devices(), "| workdir:", WORKDIR)"""),
     new_markdown_cell("""## Train

@@ -93,15 +93,46 @@ def _substitute(argv, subst):
   return out
 
 
+def _run_recipe(tmp, name, tiny_for):
+  """Runs the README's `name` recipe commands in `tmp` (the working directory the recipe assumes)
+  with tiny overrides; returns {(name, i): (argv, (exit code, stderr))}."""
+  subst = {"configs/": os.path.join(ROOT, "configs") + "/",
+           "assets/stable-diffusion/autoencoder_kl.pth": str(tmp / "ae.npz"), "/ckpt/": f"{tmp}/ckpt/"}
+  results = {}
+  cwd = os.getcwd()
+  os.chdir(tmp)
+  try:
+    for i, argv in enumerate(recipe_commands()[name]):
+      module = argv[2]
+      results[(name, i)] = (argv, _cli(module, _substitute(argv[3:], subst) + tiny_for[module]))
+  finally:
+    os.chdir(cwd)
+  return results
+
+
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-  """Runs the README's ImageNet recipe (and COCO's encoding) in a scratch directory at tiny size."""
+  """The README's ImageNet recipe end to end at tiny size: class folders of images -> encode_latents
+  -> train -> sample (decoded) -> sweep, in a scratch directory."""
   tmp = tmp_path_factory.mktemp("latent_recipe")
   images, labels = _digit_images()
   for i, (x, y) in enumerate(zip(images, labels)):
     d = tmp / "imagenet" / "train" / f"n{y:08d}"
     d.mkdir(parents=True, exist_ok=True)
     Image.fromarray(x).save(d / f"img_{i:03d}.png")
+  params = ae.init_params(TINY_AE, seed=0)
+  E.export_npz(params, str(tmp / "ae.npz"))
+  results = _run_recipe(tmp, "imagenet", {"deediff_jax.data.encode_latents": ENCODE_TINY,
+                                          "deediff_jax.main": MAIN_TINY})
+  return dict(tmp=tmp, params=params, images=images, labels=labels, cmds=recipe_commands(), results=results)
+
+
+@pytest.fixture(scope="module")
+def coco_recipe(recipe):
+  """The README's MS-COCO recipe at tiny size, beside the ImageNet one (same autoencoder): COCO-style
+  train2014 images and captions_{train,val}2014.json, a tiny random CLIP in clip-vit-large-patch14/,
+  then encode_latents -> encode_text -> train -> sample -> sweep."""
+  tmp, images = recipe["tmp"], recipe["images"]
   coco = tmp / "coco" / "train2014"
   coco.mkdir(parents=True)
   (tmp / "coco" / "annotations").mkdir()
@@ -117,44 +148,29 @@ def recipe(tmp_path_factory):
     (tmp / "coco" / "annotations" / f"captions_{split}.json").write_text(json.dumps(ann))
   from tiny_clip import save_tiny_clip
   save_tiny_clip(tmp / "clip-vit-large-patch14")
-  params = ae.init_params(TINY_AE, seed=0)
-  E.export_npz(params, str(tmp / "ae.npz"))
-
-  cmds = recipe_commands()
-  subst = {"configs/": os.path.join(ROOT, "configs") + "/",
-           "assets/stable-diffusion/autoencoder_kl.pth": str(tmp / "ae.npz"), "/ckpt/": f"{tmp}/ckpt/"}
-  results = {}
-  cwd = os.getcwd()
-  os.chdir(tmp)
-  try:
-    for i, argv in enumerate(cmds["imagenet"]):
-      module, args = argv[2], _substitute(argv[3:], subst)
-      tiny = ENCODE_TINY if module.endswith("encode_latents") else MAIN_TINY
-      results[("imagenet", i)] = (argv, _cli(module, args + tiny))
-    for i, argv in enumerate(cmds["coco"]):
-      module, args = argv[2], _substitute(argv[3:], subst)
-      tiny = {"deediff_jax.data.encode_latents": ENCODE_TINY, "deediff_jax.data.encode_text": ["--no-progress"],
-              "deediff_jax.main": COCO_TINY}[module]
-      results[("coco", i)] = (argv, _cli(module, args + tiny))
-  finally:
-    os.chdir(cwd)
-  return dict(tmp=tmp, params=params, images=images, labels=labels, cmds=cmds, results=results)
+  results = _run_recipe(tmp, "coco", {"deediff_jax.data.encode_latents": ENCODE_TINY,
+                                      "deediff_jax.data.encode_text": ["--no-progress"],
+                                      "deediff_jax.main": COCO_TINY})
+  return dict(recipe, results=results)
 
 
 # --------------------------------------------------------------------------- the README recipe
 
 
-def test_readme_recipe_commands_run_at_tiny_size(recipe):
-  cmds = recipe["cmds"]
-  modes = [next((a.split("=", 1)[1] for a in c if a.startswith("--mode=")),
-                c[c.index("--mode") + 1] if "--mode" in c else c[2]) for c in cmds["imagenet"]]
-  assert modes == ["deediff_jax.data.encode_latents", "deediff_jax.main", "sample", "sweep"]
-  coco_modes = [c[c.index("--mode") + 1] if "--mode" in c else c[2] for c in cmds["coco"]]
-  assert coco_modes == ["deediff_jax.data.encode_latents", "deediff_jax.data.encode_text", "deediff_jax.main",
-                        "sample", "sweep"]
-  assert len(recipe["results"]) == len(cmds["imagenet"]) + len(cmds["coco"])
-  for key, (argv, (code, stderr)) in recipe["results"].items():
+def _modes(cmds):
+  return [c[c.index("--mode") + 1] if "--mode" in c else c[2] for c in cmds]
+
+
+def _assert_all_ran(results, cmds):
+  assert len(results) == len(cmds)
+  for key, (argv, (code, stderr)) in results.items():
     assert code == 0, (key, " ".join(argv), stderr[-3000:])
+
+
+def test_imagenet_recipe_commands_run_at_tiny_size(recipe):
+  cmds = recipe["cmds"]["imagenet"]
+  assert _modes(cmds) == ["deediff_jax.data.encode_latents", "deediff_jax.main", "sample", "sweep"]
+  _assert_all_ran(recipe["results"], cmds)
 
 
 def test_encoded_imagenet_dir(recipe):
@@ -183,8 +199,15 @@ def test_encoded_imagenet_dir(recipe):
   np.testing.assert_allclose(moments[1:16:2], want[8:], atol=2e-2, rtol=2e-3)
 
 
-def test_coco_encoding_writes_one_caption_per_entry(recipe):
-  out = recipe["tmp"] / "mscoco256_latents"
+def test_coco_recipe_commands_run_at_tiny_size(coco_recipe):
+  cmds = coco_recipe["cmds"]["coco"]
+  assert _modes(cmds) == ["deediff_jax.data.encode_latents", "deediff_jax.data.encode_text", "deediff_jax.main",
+                          "sample", "sweep"]
+  _assert_all_ran(coco_recipe["results"], cmds)
+
+
+def test_coco_encoding_writes_one_caption_per_entry(coco_recipe):
+  out = coco_recipe["tmp"] / "mscoco256_latents"
   index = json.loads((out / "index.json").read_text())
   assert index["num_examples"] == COCO_TRAIN and index["labels"] is False and index["resize"] == "lanczos"
   assert all(s["labels"] is None for s in index["shards"])
@@ -195,11 +218,11 @@ def test_coco_encoding_writes_one_caption_per_entry(recipe):
                                                            for i in range(COCO_TRAIN)]
 
 
-def test_coco_text_model_trains_and_samples_held_out_captions(recipe):
+def test_coco_text_model_trains_and_samples_held_out_captions(coco_recipe):
   """The COCO recipe end to end: CLIP features of the train captions and of val2014's first
   captions, a text-conditional latent model trained on them, decoded samples for the held-out
   captions and a sweep of the decoded images."""
-  tmp = recipe["tmp"]
+  tmp = coco_recipe["tmp"]
   f = np.load(tmp / "mscoco_clip_features.npz")
   assert f["features"].shape == (COCO_TRAIN, 77, 32) and str(f["encoder"]) == "clip"
   np.testing.assert_array_equal(f["caption_index"], np.arange(COCO_TRAIN))
@@ -212,7 +235,7 @@ def test_coco_text_model_trains_and_samples_held_out_captions(recipe):
   assert sorted(z.files) == ["captions", "images", "labels", "latents"]
   assert z["images"].shape == (8, 16, 16, 3) and z["latents"].shape == (8, 8, 8, 4)
   assert [str(c) for c in z["captions"]] == [f"val caption {i % COCO_VAL}" for i in range(8)]
-  np.testing.assert_allclose(np.clip(ae.decode_batched(recipe["params"], z["latents"], 8), -1, 1), z["images"],
+  np.testing.assert_allclose(np.clip(ae.decode_batched(coco_recipe["params"], z["latents"], 8), -1, 1), z["images"],
                              atol=1e-4)
   stats = json.loads((wd / "sample_stats.json").read_text())
   assert np.isfinite(stats["psnr_vs_full"]) and stats["sampler"] == "dpm_solver_fast"
