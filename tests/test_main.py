@@ -13,6 +13,16 @@ TINY = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model
         "--config.train.batch_size=16", "--config.train.warmup_steps=2"]
 
 
+def invoke(capsys, monkeypatch, workdir, *args, config="configs/digits.py", cwd=ROOT):
+  """(exit code, stderr) of `python -m deediff_jax.main` run in this process (main() is what the
+  module runs; its compiles are shared with the other tests of this worker)."""
+  from deediff_jax import main
+  monkeypatch.chdir(cwd)
+  capsys.readouterr()
+  code = main.main(["deediff_jax.main", "--config", config, "--workdir", str(workdir), *args])
+  return code, capsys.readouterr().err
+
+
 def start(workdir, *args, config="configs/digits.py", cwd=ROOT):
   cmd = [sys.executable, "-m", "deediff_jax.main", "--config", config, "--workdir", str(workdir), *args]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
@@ -39,13 +49,10 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("name", sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, name):
-  # In-process: main() is what `python -m deediff_jax.main` runs (exit code = its return value).
-  from deediff_jax import main
-  monkeypatch.chdir(ROOT)  # the configs' relative paths, as a user types them
+  # In-process from ROOT (the configs' relative paths, as a user types them).
   args, cfg, words = BAD_INPUTS[name]
   workdir = tmp_path / name
-  code = main.main(["deediff_jax.main", "--config", cfg, "--workdir", str(workdir), *args])
-  stderr = capsys.readouterr().err
+  code, stderr = invoke(capsys, monkeypatch, workdir, *args, config=cfg)
   lines = stderr.strip().splitlines()
   assert code == 2, stderr
   assert len(lines) == 1, stderr
@@ -63,14 +70,13 @@ def test_bad_input_from_the_shell_exits_2_without_traceback(tmp_path):
       "error: unknown config key 'train.lrr' in --config.train.lrr; did you mean --config.train.lr?"]
 
 
-def test_train_then_sample_end_to_end(tmp_path):
+def test_train_then_sample_end_to_end(tmp_path, capsys, monkeypatch):
   wd = tmp_path / "run"
   # A relative --workdir, as users type it (orbax itself needs absolute paths).
-  p = start("run", *TINY, "--config.train.num_steps=6", "--config.train.log_every=3",
-            "--config.train.checkpoint_every=3", "--config.train.sample_at_end=False",
-            config=os.path.join(ROOT, "configs/digits.py"), cwd=tmp_path)
-  _, stderr = p.communicate(timeout=300)
-  assert p.returncode == 0, stderr[-3000:]
+  code, stderr = invoke(capsys, monkeypatch, "run", *TINY, "--config.train.num_steps=6", "--config.train.log_every=3",
+                        "--config.train.checkpoint_every=3", "--config.train.sample_at_end=False",
+                        config=os.path.join(ROOT, "configs/digits.py"), cwd=tmp_path)
+  assert code == 0, stderr[-3000:]
   metrics = [json.loads(l) for l in open(wd / "metrics.jsonl")]
   assert [m["step"] for m in metrics] == [3, 6]
   for m in metrics:
@@ -80,10 +86,9 @@ def test_train_then_sample_end_to_end(tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd / "tb"))
   assert json.load(open(wd / "config.json"))["model"]["embed_dim"] == 32
 
-  p = start(wd, *TINY, "--mode", "sample", "--config.sample.num_images=4", "--config.sample.batch_size=4",
-            "--config.sample.steps=3")
-  _, stderr = p.communicate(timeout=300)
-  assert p.returncode == 0, stderr[-3000:]
+  code, stderr = invoke(capsys, monkeypatch, wd, *TINY, "--mode", "sample", "--config.sample.num_images=4",
+                        "--config.sample.batch_size=4", "--config.sample.steps=3")
+  assert code == 0, stderr[-3000:]
   for f in ("samples.png", "samples.npz", "sample_stats.json"):
     assert os.path.exists(wd / f), f
   import numpy as np
@@ -92,31 +97,27 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert np.all(np.abs(z["images"]) <= 1.0 + 1e-6)
 
 
-def test_text_model_encode_train_sample_with_early_exit(tmp_path):
+def test_text_model_encode_train_sample_with_early_exit(tmp_path, capsys, monkeypatch):
   # The whole text path from the CLI: captions written from labels -> MiniLM features -> a few
   # training steps of configs/mnist_text.py (on 8x8 digits here) -> sampling the held-out
   # wordings with guidance and early exit. Threshold 1 exits every sample after block 1.
   import numpy as np
   from PIL import Image
   from sklearn.datasets import load_digits
+  from deediff_jax.data import encode_text
   d = load_digits()
   img = (d.images[:64] * (255.0 / 16.0)).round().astype(np.uint8)
   np.savez(tmp_path / "d.npz", image=img, label=d.target[:64])
   caps = tmp_path / "caps.npz"
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-m", "deediff_jax.data.encode_text", "--captions-for-npz",
-                      str(tmp_path / "d.npz"), "--out", str(caps), "--no-progress"],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
+  assert encode_text.main(["--captions-for-npz", str(tmp_path / "d.npz"), "--out", str(caps), "--no-progress"]) == 0
   wd = tmp_path / "text"
-  p = start(wd, *TINY, f"--config.data.source=npz:{tmp_path / 'd.npz'}", "--config.data.image_size=8",
-            "--config.model.image_size=8", "--config.model.patch_size=2",
-            f"--config.data.context_file={caps}", "--config.train.num_steps=4",
-            "--config.train.log_every=2", "--config.train.checkpoint_every=4",
-            "--config.sample.num_images=6", "--config.sample.batch_size=6", "--config.sample.steps=3",
-            "--config.exit.threshold=1.0", config="configs/mnist_text.py")
-  _, stderr = p.communicate(timeout=600)
-  assert p.returncode == 0, stderr[-3000:]
+  code, stderr = invoke(capsys, monkeypatch, wd, *TINY, f"--config.data.source=npz:{tmp_path / 'd.npz'}",
+                        "--config.data.image_size=8", "--config.model.image_size=8", "--config.model.patch_size=2",
+                        f"--config.data.context_file={caps}", "--config.train.num_steps=4",
+                        "--config.train.log_every=2", "--config.train.checkpoint_every=4",
+                        "--config.sample.num_images=6", "--config.sample.batch_size=6", "--config.sample.steps=3",
+                        "--config.exit.threshold=1.0", config="configs/mnist_text.py")
+  assert code == 0, stderr[-3000:]
   stats = json.load(open(wd / "sample_stats.json"))
   assert stats["policy"] == "uem" and stats["guidance_scale"] == 1.0 and stats["layers_total"] == 3
   assert stats["layer_ratio_run"] == 1 / 3 and stats["layer_ratio_per_sample"] == 1 / 3
@@ -128,14 +129,10 @@ def test_text_model_encode_train_sample_with_early_exit(tmp_path):
 
 
 def test_divergence_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
-  from deediff_jax import main
-  monkeypatch.chdir(ROOT)
   wd = tmp_path / "nan"
-  code = main.main(["deediff_jax.main", "--config", "configs/digits.py", "--workdir", str(wd), *TINY,
-                    "--config.train.num_steps=6", "--config.train.log_every=2",
-                    "--config.train.checkpoint_every=2", "--config.train.warmup_steps=0", "--config.train.lr=1e30",
-                    "--config.train.sample_at_end=False"])
-  stderr = capsys.readouterr().err
+  code, stderr = invoke(capsys, monkeypatch, wd, *TINY, "--config.train.num_steps=6", "--config.train.log_every=2",
+                        "--config.train.checkpoint_every=2", "--config.train.warmup_steps=0",
+                        "--config.train.lr=1e30", "--config.train.sample_at_end=False")
   lines = stderr.strip().splitlines()
   assert code == 1, stderr
   assert lines[-1].startswith("error: training stopped: ") and "lower train.lr" in lines[-1]
