@@ -21,14 +21,15 @@ def is_coco_captions(obj) -> bool:
   return isinstance(obj, dict) and "annotations" in obj and "images" in obj
 
 
-def first_captions(annotations: str) -> tuple[dict, dict]:
+def first_captions(annotations: str, ann: dict | None = None) -> tuple[dict, dict]:
   """({file basename: image id}, {image id: first caption}) of a captions_*.json; whitespace in
-  captions is collapsed to single spaces."""
-  if not os.path.isfile(annotations):
+  captions is collapsed to single spaces. `ann`: the file's already parsed JSON, if at hand."""
+  if ann is None and not os.path.isfile(annotations):
     raise CocoCaptionsError(f"{annotations} not found; give a COCO annotations/captions_*.json")
   try:
-    with open(annotations) as f:
-      ann = json.load(f)
+    if ann is None:
+      with open(annotations) as f:
+        ann = json.load(f)
     ids = {os.path.basename(im["file_name"]): im["id"] for im in ann["images"]}
     first: dict = {}
     for a in sorted(ann["annotations"], key=lambda a: a["id"]):
@@ -51,10 +52,10 @@ def captions_for_files(annotations: str, files: Sequence[str]) -> list[str]:
   return out
 
 
-def captions_by_image_id(annotations: str) -> list[str]:
+def captions_by_image_id(annotations: str, ann: dict | None = None) -> list[str]:
   """The first caption of every captioned image, in increasing image id (e.g. the 40,504 val2014
-  images for held-out sampling captions)."""
-  _, first = first_captions(annotations)
+  images for held-out sampling captions). `ann`: the parsed JSON, if at hand."""
+  _, first = first_captions(annotations, ann)
   if not first:
     raise CocoCaptionsError(f"{annotations} has no captions")
   return [first[i] for i in sorted(first)]

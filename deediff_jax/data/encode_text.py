@@ -220,7 +220,7 @@ def read_caption_file(path: str) -> list[str]:
                             "give a JSON list of strings") from None
     if coco.is_coco_captions(caps):   # e.g. captions_val2014.json: one caption per image
       try:
-        caps = coco.captions_by_image_id(path)
+        caps = coco.captions_by_image_id(path, caps)   # parsed once, above
       except coco.CocoCaptionsError as e:
         raise EncodeTextError(str(e)) from None
     if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
