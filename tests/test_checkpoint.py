@@ -14,7 +14,7 @@ import pytest
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS = 100
+NUM_STEPS = 40  # 4 checkpoints per run: enough for a mid-run kill, a torn save and keep=3
 # The same run from the CLI and in-process: configs/digits.py made tiny.
 OVERRIDES = {"model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "train.batch_size": 16,
              "train.num_steps": NUM_STEPS, "train.checkpoint_every": 10, "train.log_every": 10,
@@ -126,7 +126,8 @@ def test_sigkill_mid_run_resumes_to_same_params(reference, tmp_path):
   assert max_abs_diff(got_ema, jax_get(ref_state.ema_params)) <= 1e-6
 
 
-def test_corrupted_checkpoint_is_one_line_error_and_untouched(tmp_path):
+def test_corrupted_checkpoint_is_one_line_error_and_untouched(tmp_path, capsys, monkeypatch):
+  from deediff_jax import main
   from deediff_jax.train.trainer import train
   train(make_config(), tmp_path, stop_after=10, progress=False)
   step_dir = tmp_path / "checkpoints" / "10"
@@ -137,13 +138,17 @@ def test_corrupted_checkpoint_is_one_line_error_and_untouched(tmp_path):
     with open(f, "wb") as fh:
       fh.write(b"not a checkpoint")
   before = tree_hashes(tmp_path)
-  args, env = cli(tmp_path)
-  proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1, proc.stderr
+  # The CLI in-process (main() is what `python -m deediff_jax.main` runs): exit code and stderr.
+  args, _ = cli(tmp_path)
+  monkeypatch.chdir(ROOT)
+  capsys.readouterr()
+  code = main.main(["deediff_jax.main", *args[3:]])
+  stderr = capsys.readouterr().err
+  assert code == 2, stderr[-3000:]
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1, stderr
   assert lines[0].startswith("error: cannot restore checkpoint step 10 at ")
-  assert str(step_dir) in lines[0] and "Traceback" not in proc.stderr
+  assert str(step_dir) in lines[0] and "Traceback" not in stderr
   assert tree_hashes(tmp_path) == before  # nothing deleted, nothing overwritten, no restart
 
 

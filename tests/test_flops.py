@@ -108,8 +108,9 @@ def test_tiny_by_hand():
   assert F.block_flops(TINY, matmul_only=True) == 1920 + 400 + 400 + 640 + 2560 + 2560 == 8480
   # Head: LN 305, decoder_pred 2*5*8*4 + 20, 3x3 conv on 4x4: (3*4-2)^2 = 100 valid taps -> 200, + bias 16.
   assert F.head_flops(TINY) == 305 + 340 + 200 + 16
-  # UEM over 4 patch tokens: Dense(2D -> 1) 2*4*16 + 4, sigmoid 3*4, mean 4 + 1.
-  assert F.uem_flops(TINY) == 128 + 4 + 12 + 5
+  # UEM over 4 patch tokens: W_h h per token 2*4*8, W_t temb + b once 2*8 + 1, added to the
+  # 4 tokens, sigmoid 3*4, mean 4 + 1.
+  assert F.uem_flops(TINY) == 64 + 17 + 4 + 12 + 5
   assert F.uem_flops(TINY, "token_linear_no_time") == 64 + 4 + 12 + 5
   # Embed: patch conv 2*4*4*8 + 32, t*freqs 4, + pos_embed 5*8.
   assert F.embed_flops(TINY) == 256 + 32 + 4 + 40

@@ -20,11 +20,12 @@ COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration",
                   "/jax/compilation_cache/cache_retrieval_time_sec")
 
 
-def _config(**exit_kw):
+def _config(num_images=4, **exit_kw):
+  # One batch of 4 unless a test needs a partial last batch (each batch size is its own program).
   c = base_config()
   c.model.update(embed_dim=32, depth=2, num_heads=2)       # 8x8x1, 10 classes, 3 blocks
-  c.sample.update(sampler="ddim", steps=2, num_images=6, batch_size=4, guidance_scale=0.0)
-  c.sweep.update(num_images=6, fid_kind="none", step_fractions="")
+  c.sample.update(sampler="ddim", steps=2, num_images=num_images, batch_size=4, guidance_scale=0.0)
+  c.sweep.update(num_images=num_images, fid_kind="none", step_fractions="")
   c.exit.update(**exit_kw)
   return validate(c)
 
@@ -85,7 +86,7 @@ def test_sample_stats_and_sweep_name_the_same_fidelity_sampler(tmp_path, params)
 
 def test_timed_sweep_calls_compile_nothing(tmp_path, params, compiles):
   # 6 images in batches of 4: a full batch and a partial last batch of 2, each its own program.
-  ctx = sweep.prepare(_config(), str(tmp_path), params=params)
+  ctx = sweep.prepare(_config(num_images=6), str(tmp_path), params=params)
   for setting in (sweep.Setting("uem", threshold=0.5),
                   sweep.Setting("uem", threshold_schedule="0.2,0.6"),   # a per-bucket [2] threshold
                   sweep.Setting("none", steps=1, plain=True)):          # a fewer-steps row

@@ -10,7 +10,7 @@ import pytest
 
 from deediff_jax.model import ModelConfig, build, count_params, init_params, slice_layer
 from deediff_jax.model.exits import UEM
-from deediff_jax.model.uvit import Block, Head, timestep_embedding, unpatchify
+from deediff_jax.model.uvit import Block, Head, stacked_heads, timestep_embedding, unpatchify
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -177,6 +177,25 @@ def test_unpatchify_inverts_the_patch_order():
   img = np.arange(g * p * g * p * c, dtype=np.float32).reshape(1, g * p, g * p, c)
   tokens = img.reshape(1, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(1, g * g, p * p * c)
   np.testing.assert_array_equal(unpatchify(jnp.asarray(tokens), p, c), img)
+
+
+@pytest.mark.parametrize("input_skip", [False, True])
+def test_stacked_heads_equal_each_head_applied_alone(input_skip):
+  # RGB with the input skip: a 6-channel conv input, so the im2col channel order is checked.
+  cfg = tiny(in_channels=3, input_skip=input_skip)
+  n, b = 3, 2
+  hs = jax.random.normal(jax.random.PRNGKey(7), (n, b, cfg.num_tokens, 32))
+  x_in = jax.random.normal(jax.random.PRNGKey(8), (b, 8, 8, 3)) if input_skip else None
+  # n independent heads; biases and the LayerNorm affine randomised too (they initialise to 0 and 1).
+  init = jax.jit(lambda k: jax.tree_util.tree_map(
+      lambda a: a + 0.1 * jax.random.normal(k, a.shape), Head(cfg).init(k, hs[0], x_in)["params"]))
+  per_head = [init(k) for k in jax.random.split(jax.random.PRNGKey(9), n)]
+  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *per_head)
+  got = jax.jit(lambda p: stacked_heads(cfg, p, hs, x_in))(stacked)
+  one = jax.jit(lambda p, h: Head(cfg).apply({"params": p}, h, x_in))
+  want = jnp.stack([one(p, hs[i]) for i, p in enumerate(per_head)])
+  assert got.shape == (n, b, 8, 8, 3)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
 def test_token_linear_uem_matches_hand_computation():

@@ -199,7 +199,7 @@ def test_frozen_backbone_changes_only_exits(tmp_path):
   from deediff_jax.train.checkpoint import export_params
   from deediff_jax.train import trainer
   base = tiny_config()
-  pretrained = jax.device_get(init_params(build(base.model), jax.random.PRNGKey(7)))
+  pretrained = jax.device_get(jax.jit(lambda r: init_params(build(base.model), r))(jax.random.PRNGKey(7)))
   export_params(tmp_path / "export", pretrained, base)
   c = tiny_config(mode="frozen_backbone", init_from=str(tmp_path / "export"), lr=1e-2)
   setup = trainer.make_setup(c)
@@ -223,7 +223,7 @@ def test_finetune_loads_backbone_and_fresh_exits(tmp_path):
   from deediff_jax.train.checkpoint import export_params
   from deediff_jax.train import trainer
   base = tiny_config()
-  pretrained = jax.device_get(init_params(build(base.model), jax.random.PRNGKey(7)))
+  pretrained = jax.device_get(jax.jit(lambda r: init_params(build(base.model), r))(jax.random.PRNGKey(7)))
   backbone, _ = split_params(pretrained)
   export_params(tmp_path / "bare", backbone, base)  # like a converted U-ViT: no exits
   c = tiny_config(mode="finetune", init_from=str(tmp_path / "bare"))

@@ -35,8 +35,7 @@ class UEM(nn.Module):
     tokens = h[:, cfg.num_extra_tokens:].astype(jnp.float32)
     temb = temb.astype(jnp.float32)
     if cfg.uem == "token_linear":
-      t_b = jnp.broadcast_to(temb[:, None, :], tokens.shape[:2] + temb.shape[-1:])
-      logits = nn.Dense(1, name="linear")(jnp.concatenate([tokens, t_b], axis=-1))[..., 0]
+      logits = _TokenTimeLinear(name="linear")(tokens, temb)
       return jnp.mean(jax.nn.sigmoid(logits), axis=-1)
     if cfg.uem == "token_linear_no_time":
       logits = nn.Dense(1, name="linear")(tokens)[..., 0]
@@ -50,6 +49,23 @@ class UEM(nn.Module):
     pooled = jnp.einsum("bl,bld->bd", weights, x)
     z = nn.gelu(nn.Dense(d, name="fc1")(jnp.concatenate([pooled, temb], axis=-1)), approximate=False)
     return jax.nn.sigmoid(nn.Dense(1, name="fc2")(z)[..., 0])
+
+
+class _TokenTimeLinear(nn.Module):
+  """`nn.Dense(1)` on [token, temb] for every token, with the same parameters (kernel [2D, 1], bias [1]).
+
+  Splitting the kernel, W [h; t] = W_h h + W_t t, computes the time term once per sample instead
+  of broadcasting temb to every token and concatenating: that [N, B, L, 2D] copy and its
+  gradient were a visible share of a small model's training step.
+  """
+
+  @nn.compact
+  def __call__(self, tokens, temb):
+    d = tokens.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (d + temb.shape[-1], 1))
+    bias = self.param("bias", nn.initializers.zeros_init(), (1,))
+    per_sample = temb @ kernel[d:, 0] + bias[0]                       # [B]
+    return tokens @ kernel[:d, 0] + per_sample[:, None]               # [B, L]
 
 
 class LTE(nn.Module):
