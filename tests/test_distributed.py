@@ -19,8 +19,9 @@ def tiny_config():
   c = base_config()
   c.model.update(image_size=8, in_channels=1, embed_dim=32, depth=2, num_heads=2, patch_size=2,
                  num_classes=10)
+  # One checkpoint, at the end (a multi-process save is a collective; one shows it works).
   c.train.update(batch_size=16, num_steps=STEPS, lr=1e-3, warmup_steps=2, log_every=2,
-                 checkpoint_every=2, sample_at_end=False)
+                 checkpoint_every=STEPS, sample_at_end=False)
   return c
 
 
