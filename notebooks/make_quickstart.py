@@ -30,7 +30,7 @@ print("deediff_jax", deediff_jax.__version__)"""),
     new_markdown_cell("""## Settings
 
 `DEEDIFF_NOTEBOOK_QUICK=1` (used by the test suite) shrinks everything to seconds; the default
-trains the real quickstart model (4 to 5 minutes on a 2-core CPU, like the README's Quickstart)."""),
+trains the real quickstart model (about 5 minutes on a 2-core CPU, like the README's Quickstart)."""),
     new_code_cell("""import json
 import jax, numpy as np
 from IPython.display import Image, Markdown, display
