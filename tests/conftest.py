@@ -21,7 +21,7 @@ _OWNED = []
 # only the order matters.
 FILE_SECONDS = {
     "test_model.py": 120, "test_train.py": 108, "test_measurements.py": 90, "test_distributed.py": 83,
-    "test_checkpoint.py": 70, "test_main.py": 74, "test_early_exit.py": 72,
+    "test_main.py": 74, "test_early_exit.py": 72, "test_checkpoint.py": 70,
     "test_latent_pipeline.py": 69, "test_sweep.py": 62, "test_samplers.py": 55,
     "test_notebook.py": 53, "test_convert.py": 50, "test_benchmarks.py": 46, "test_adadiff.py": 37,
     "test_sample.py": 32, "test_calibrate.py": 30, "test_flops.py": 25, "test_inception.py": 23,

@@ -149,15 +149,14 @@ def uem_flops(cfg, kind: Optional[str] = None, *, matmul_only: bool = False) -> 
   kind = cfg.uem if kind is None else kind
   p, d = cfg.num_patches, cfg.embed_dim
   c = _Count(matmul_only)
-  if kind == "token_linear":
-    # W [h_token; temb] + b, computed as W_h h_token (per token) + (W_t temb + b) once per sample.
-    c.dense(p, d, 1, bias=False)
-    c.dense(1, d, 1)
-    c.ew(p)                                             # add the per-sample term to every token
-    c.ew(ELEMENTWISE["sigmoid"] * p)
-    c.ew(p + 1)                                         # mean over patch tokens
-  elif kind == "token_linear_no_time":
-    c.dense(p, d, 1)
+  if kind in ("token_linear", "token_linear_no_time"):
+    if kind == "token_linear":
+      # W [h_token; temb] + b as W_h h_token (per token) + (W_t temb + b) once per sample.
+      c.dense(p, d, 1, bias=False)
+      c.dense(1, d, 1)
+      c.ew(p)                                           # add the per-sample term to every token
+    else:
+      c.dense(p, d, 1)
     c.ew(ELEMENTWISE["sigmoid"] * p)
     c.ew(p + 1)                                         # mean over patch tokens
   elif kind == "attention_probe":
