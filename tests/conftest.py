@@ -12,21 +12,21 @@ import tempfile
 
 _OWNED = []
 
-# Seconds per test file on the 2-core CI machine (a `--durations=0` run, 2026-12-03), heaviest
-# first. pytest-xdist's `--dist loadfile` hands whole files to whichever worker is free, in
-# collection order (`--no-loadscope-reorder` in pyproject.toml: xdist would otherwise order files by
-# their number of tests, which put the 2-test, 83-second distributed file last); starting with the
-# longest files (longest-processing-time-first) keeps one worker from running a long file alone
-# at the end. Files not listed run last, in their usual order. Approximate numbers are enough:
-# only the order matters.
+# Seconds per test file on the 2-core CI machine (a `--durations=0` run, 2026-12-03, with the
+# compile flags below), heaviest first. pytest-xdist's `--dist loadfile` hands whole files to
+# whichever worker is free, in collection order (`--no-loadscope-reorder` in pyproject.toml:
+# xdist would otherwise order files by their number of tests, which put the 2-test distributed
+# file last); starting with the longest files (longest-processing-time-first) keeps one worker
+# from running a long file alone at the end. Files not listed run last, in their usual order.
+# Approximate numbers are enough: only the order matters.
 FILE_SECONDS = {
-    "test_model.py": 120, "test_train.py": 108, "test_measurements.py": 90, "test_distributed.py": 83,
-    "test_main.py": 74, "test_early_exit.py": 72, "test_checkpoint.py": 70,
-    "test_latent_pipeline.py": 69, "test_sweep.py": 62, "test_samplers.py": 55,
-    "test_notebook.py": 53, "test_convert.py": 50, "test_benchmarks.py": 46, "test_adadiff.py": 37,
-    "test_sample.py": 32, "test_calibrate.py": 30, "test_flops.py": 25, "test_inception.py": 23,
-    "test_encode_text.py": 17, "test_uem_targets.py": 16, "test_classifier.py": 14,
-    "test_launch.py": 12, "test_autoencoder.py": 10,
+    "test_model.py": 80, "test_train.py": 59, "test_main.py": 56, "test_checkpoint.py": 55,
+    "test_latent_pipeline.py": 51, "test_distributed.py": 50, "test_notebook.py": 49,
+    "test_sweep.py": 45, "test_convert.py": 44, "test_early_exit.py": 42,
+    "test_measurements.py": 34, "test_samplers.py": 30, "test_benchmarks.py": 26,
+    "test_inception.py": 23, "test_adadiff.py": 23, "test_sample.py": 18, "test_flops.py": 18,
+    "test_calibrate.py": 12, "test_launch.py": 11, "test_encode_text.py": 10,
+    "test_classifier.py": 10, "test_autoencoder.py": 9,
 }
 
 
@@ -42,8 +42,11 @@ def pytest_configure(config):
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   # Test programs are tiny and compile far longer than they run: a lower LLVM optimisation level
   # cuts XLA:CPU compile time by about a third (measured on the train step) at a small cost in
-  # run time. Tests that need their own XLA_FLAGS (device counts) set them in their subprocess.
-  fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  # run time, and XLA:CPU's older (non-"fusion emitter") code generator halves what is left
+  # (the tiny train step: 6.8 s -> 3.4 s). Neither changes what a program computes. Tests that
+  # need their own XLA_FLAGS (device counts) append to these in their subprocess.
+  fast = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+          "--xla_cpu_use_fusion_emitters=false")
   if fast not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + fast).strip()
 

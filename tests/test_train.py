@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +54,13 @@ def max_abs_diff(a, b):
 # ------------------------------------------------------------------ the 8-device worker
 
 
-def _worker():
+def _flat(tree) -> dict:
+  import jax
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _worker(out_dir: str):
+  """Trains the sharded runs on 8 devices; the single-device reference runs in the test process."""
   import jax
   from deediff_jax.train import sharding as shd
   assert jax.device_count() == 8, jax.devices()
@@ -63,16 +70,13 @@ def _worker():
     from ml_collections import ConfigDict
     return shd.make_mesh(ConfigDict({"data": data, "fsdp": fsdp}))
 
-  one, m42 = mesh_of(1, 1), mesh_of(4, 2)
+  m42 = mesh_of(4, 2)
   out["mesh_shape"] = dict(m42.shape)
-  ref, ref_hist = run_steps(tiny_config(), 3, one)
   shard, shard_hist = run_steps(tiny_config(), 3, m42)
-  out["loss_ref"] = [h["loss"] for h in ref_hist]
   out["loss_sharded"] = [h["loss"] for h in shard_hist]
-  out["gn_ref"] = [h["grad_norm"] for h in ref_hist]
   out["gn_sharded"] = [h["grad_norm"] for h in shard_hist]
-  out["param_diff"] = max_abs_diff(jax.device_get(ref.params), jax.device_get(shard.params))
-  out["ema_diff"] = max_abs_diff(jax.device_get(ref.ema_params), jax.device_get(shard.ema_params))
+  np.savez(os.path.join(out_dir, "sharded.npz"), **_flat(jax.device_get(shard.params)))
+  np.savez(os.path.join(out_dir, "sharded_ema.npz"), **_flat(jax.device_get(shard.ema_params)))
 
   kernel = shard.params["in_blocks"]["mlp"]["fc1"]["kernel"]       # [1, 32, 128]
   out["fc1_spec"] = [str(a) for a in kernel.sharding.spec]
@@ -88,24 +92,41 @@ def _worker():
   acc, acc_hist = run_steps(tiny_config(grad_accum=2), 3, m42)
   out["loss_accum"] = [h["loss"] for h in acc_hist]
   out["gn_accum"] = [h["grad_norm"] for h in acc_hist]
-  out["param_diff_accum"] = max_abs_diff(jax.device_get(ref.params), jax.device_get(acc.params))
+  np.savez(os.path.join(out_dir, "accum.npz"), **_flat(jax.device_get(acc.params)))
   print("RESULT " + json.dumps(out))
 
 
-def test_sharded_mesh_matches_single_device_and_shards_params():
+@pytest.fixture(scope="module")
+def reference():
+  """Three steps of tiny_config() on one device (the default, no mesh): the reference the 8-device
+  runs must match. Built in this process, where the other tests compile the same program."""
+  import jax
+  state, hist = run_steps(tiny_config(), 3)
+  return jax.device_get(state.params), jax.device_get(state.ema_params), hist
+
+
+def test_sharded_mesh_matches_single_device_and_shards_params(reference, tmp_path):
+  ref_params, ref_ema, ref_hist = reference
   env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip(), JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "worker"], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "worker", str(tmp_path)], env=env,
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, proc.stderr[-3000:]
   r = json.loads(lines[-1][len("RESULT "):])
   assert r["mesh_shape"] == {"data": 4, "fsdp": 2}
+  loss_ref, gn_ref = [h["loss"] for h in ref_hist], [h["grad_norm"] for h in ref_hist]
+
+  def diff(name, tree):
+    got, want = np.load(tmp_path / name), _flat(tree)
+    assert set(got.files) == set(want)
+    return max(float(np.max(np.abs(got[k].astype(np.float64) - want[k]))) for k in want)
+
   # Same losses and parameters as one device, up to float reassociation.
-  np.testing.assert_allclose(r["loss_sharded"], r["loss_ref"], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(r["gn_sharded"], r["gn_ref"], rtol=1e-5)
-  assert r["param_diff"] < 1e-5 and r["ema_diff"] < 1e-5, r
-  assert r["loss_ref"][0] != r["loss_ref"][1]  # The steps really differ (fresh noise per step).
+  np.testing.assert_allclose(r["loss_sharded"], loss_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(r["gn_sharded"], gn_ref, rtol=1e-5)
+  assert diff("sharded.npz", ref_params) < 1e-5 and diff("sharded_ema.npz", ref_ema) < 1e-5
+  assert loss_ref[0] != loss_ref[1]  # The steps really differ (fresh noise per step).
   # fc1 kernel [1, 32, 128]: its largest axis (128) is split over 'fsdp'; params, EMA and
   # Adam moments follow the same rule; a 32-element LayerNorm bias stays replicated.
   assert r["fc1_spec"] == ["None", "None", "fsdp"]
@@ -113,9 +134,9 @@ def test_sharded_mesh_matches_single_device_and_shards_params():
   assert r["ema_fc1_spec"] == r["fc1_spec"] == r["mu_fc1_spec"]
   assert r["small_replicated"] and "fsdp" not in r["small_spec"]
   # grad_accum=2 on the mesh == one big batch on one device.
-  np.testing.assert_allclose(r["loss_accum"], r["loss_ref"], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(r["gn_accum"], r["gn_ref"], rtol=1e-5)
-  assert r["param_diff_accum"] < 1e-5, r
+  np.testing.assert_allclose(r["loss_accum"], loss_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(r["gn_accum"], gn_ref, rtol=1e-5)
+  assert diff("accum.npz", ref_params) < 1e-5
 
 
 # ------------------------------------------------------------------ in-process, one device
@@ -172,17 +193,17 @@ def test_train_step_wires_ema_lr_and_rng():
   import jax
   from deediff_jax.train import trainer
   from deediff_jax.train.state import lr_schedule
-  c = tiny_config(ema_rate=0.9)
+  c = tiny_config()  # the reference's program (compiled once in this process)
   setup = trainer.make_setup(c)
   s0 = jax.device_get(trainer.init_state(setup).params)
   state, hist = run_steps(c, 1)
   p1, e1 = jax.device_get(state.params), jax.device_get(state.ema_params)
-  d0 = min(0.9, 1.0 / 10.0)
+  d0 = min(c.train.ema_rate, 1.0 / 10.0)
   expect = jax.tree_util.tree_map(lambda a, b: d0 * a + (1 - d0) * b, s0, p1)
   assert max_abs_diff(expect, e1) < 1e-6
   assert max_abs_diff(s0, p1) > 1e-4  # The step did move the parameters.
   state, hist2 = run_steps(c, 1, state=state)  # second step: step index 1 (batch 0 again here)
-  d1 = min(0.9, 2.0 / 11.0)
+  d1 = min(c.train.ema_rate, 2.0 / 11.0)
   p2, e2 = jax.device_get(state.params), jax.device_get(state.ema_params)
   expect = jax.tree_util.tree_map(lambda a, b: d1 * a + (1 - d1) * b, e1, p2)
   assert max_abs_diff(expect, e2) < 1e-6
@@ -246,5 +267,5 @@ def test_bad_mesh_and_batch_are_config_errors():
     shd.make_mesh(ConfigDict({"data": -1, "fsdp": 3}))
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
-  _worker()
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+  _worker(sys.argv[2])

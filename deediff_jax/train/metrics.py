@@ -1,5 +1,5 @@
 """Training metrics: DIR/metrics.jsonl (one JSON object per logging step) and TensorBoard
-event files under DIR/tb (tensorboardX: no TensorFlow needed). Only process 0 writes.
+event files under DIR/tb (train/tb_events.py: no TensorFlow, no PyTorch). Only process 0 writes.
 
 On resume the log is cut back to the restored step, so the steps a killed run logged after
 its last checkpoint (and will now redo) do not appear twice.
@@ -11,6 +11,8 @@ import math
 
 import jax
 from etils import epath
+
+from deediff_jax.train.tb_events import ScalarWriter
 
 
 def _is_local(path: epath.Path) -> bool:
@@ -38,8 +40,7 @@ class MetricsWriter:
           continue  # A line cut short by a kill.
       self._lines = kept
       self.path.write_text("".join(l + "\n" for l in kept))
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(logdir=str(epath.Path(workdir) / "tb"), purge_step=resume_step + 1)
+    self._tb = ScalarWriter(str(epath.Path(workdir) / "tb"), purge_step=resume_step + 1)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.active:
@@ -52,9 +53,7 @@ class MetricsWriter:
     else:  # Object stores cannot append: rewrite the (small) file.
       self._lines.append(line)
       self.path.write_text("".join(l + "\n" for l in self._lines))
-    for k, v in scalars.items():
-      self._tb.add_scalar(f"train/{k}", float(v), int(step))
-    self._tb.flush()
+    self._tb.add_scalars(int(step), {f"train/{k}": float(v) for k, v in scalars.items()})
 
   def close(self) -> None:
     if self._tb is not None:
