@@ -53,7 +53,7 @@ class MetricsWriter:
     else:  # Object stores cannot append: rewrite the (small) file.
       self._lines.append(line)
       self.path.write_text("".join(l + "\n" for l in self._lines))
-    self._tb.add_scalars(int(step), {f"train/{k}": float(v) for k, v in scalars.items()})
+    self._tb.add_scalars(int(step), {f"train/{k}": v for k, v in scalars.items()})
 
   def close(self) -> None:
     if self._tb is not None:

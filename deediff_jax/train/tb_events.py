@@ -16,12 +16,13 @@ import time
 
 from etils import epath
 
-_CRC_TABLE = []
-for _n in range(256):
-  _c = _n
+def _crc_table_entry(n: int) -> int:
   for _ in range(8):
-    _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1  # CRC-32C (Castagnoli), reflected
-  _CRC_TABLE.append(_c)
+    n = (n >> 1) ^ 0x82F63B78 if n & 1 else n >> 1  # CRC-32C (Castagnoli), reflected
+  return n
+
+
+_CRC_TABLE = [_crc_table_entry(n) for n in range(256)]
 
 
 def crc32c(data: bytes) -> int:
