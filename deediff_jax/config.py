@@ -167,6 +167,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "linear"   # linear | cosine | stable | vpsde
   c.diffusion.timesteps = 1000      # T of discrete schedules
+  c.diffusion.time_labels = "uvit"  # the network's time input: U-ViT's 1-based labels n = 1..N (t * N); recorded in every checkpoint
 
   c.loss = ml_collections.ConfigDict()
   c.loss.lambda_u = 1.0       # weight of L_u (uncertainty regression)
@@ -287,6 +288,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   enum("exit.aggregate", AGGREGATES)
   enum("sample.sampler", SAMPLERS)
   enum("diffusion.schedule", SCHEDULES)
+  enum("diffusion.time_labels", ("uvit",))
   enum("train.mode", TRAIN_MODES)
   enum("model.exit_style", EXIT_STYLES)
   enum("loss.uem_target", UEM_TARGETS)

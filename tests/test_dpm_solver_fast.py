@@ -44,7 +44,7 @@ def exact_eps(x, alpha, sigma):
 
 
 def make_eps_fn(name, n=1000):
-  """Our eps_fn: label -> continuous t (0-based labels: t = (label + 1) / N; VPSDE: label / 999)."""
+  """Our eps_fn: label -> continuous t (U-ViT's 1-based labels: t = label / N; VPSDE: label / 999)."""
   if name == "vpsde":
     la_fn = lambda t: -0.25 * t ** 2 * (20.0 - 0.1) - 0.5 * t * 0.1
     to_t = lambda lab: lab / 999.0
@@ -53,7 +53,7 @@ def make_eps_fn(name, n=1000):
                         jnp.float32)
     knots = jnp.arange(1, n + 1, dtype=jnp.float32) / n
     la_fn = lambda t: jnp.interp(t, knots, table)
-    to_t = lambda lab: (lab + 1.0) / n
+    to_t = lambda lab: lab / n
 
   def eps_fn(x, t_model, time_frac):
     la = la_fn(to_t(jnp.asarray(t_model, jnp.float32)))
@@ -174,22 +174,23 @@ def test_orders_rule():
 
 
 def test_grid_and_time_inputs_steps_6_and_7():
-  # t = linspace(1, 1/1000, steps + 1); the network sees 1000 t - 1 (999 at t = 1), frac = that / 999.
+  # t = linspace(1, 1/1000, steps + 1); the network sees 1000 t (U-ViT's t * N: 1000 at t = 1),
+  # time_frac = the 0-based index (1000 t - 1) / 999.
   g6 = samplers.dpm_solver_fast_grid(make_schedule("linear", 1000), 6)
   assert g6["orders"] == [3, 2, 1]
   np.testing.assert_allclose(g6["t"], [1.0, 0.8335, 0.667, 0.5005, 0.334, 0.1675, 0.001], atol=1e-12)
-  labels6 = [999.0, 832.5, 666.0, 499.5, 333.0, 166.5]
+  labels6 = [1000.0, 833.5, 667.0, 500.5, 334.0, 167.5]
   calls, st = _record("linear", 6)
   np.testing.assert_allclose(calls[:, 0], labels6, atol=2e-3)
-  np.testing.assert_allclose(calls[:, 1], np.asarray(labels6) / 999.0, atol=1e-6)
+  np.testing.assert_allclose(calls[:, 1], (np.asarray(labels6) - 1.0) / 999.0, atol=1e-6)
   assert st["exit_layer"].shape == (6, SHAPE[0]) and st["layers_run"].shape == (6,)
 
   g7 = samplers.dpm_solver_fast_grid(make_schedule("linear", 1000), 7)
   assert g7["orders"] == [3, 3, 1]
-  labels7 = [999.0, 856.2857, 713.5714, 570.8571, 428.1429, 285.4286, 142.7143]
+  labels7 = [1000.0, 857.2857, 714.5714, 571.8571, 429.1429, 286.4286, 143.7143]
   calls, _ = _record("linear", 7)
   np.testing.assert_allclose(calls[:, 0], labels7, atol=2e-3)
-  np.testing.assert_allclose(calls[:, 1], np.asarray(labels7) / 999.0, atol=1e-6)
+  np.testing.assert_allclose(calls[:, 1], (np.asarray(labels7) - 1.0) / 999.0, atol=1e-6)
   np.testing.assert_allclose(g7["t"][-1], 0.001)
   # log alpha on the grid is the linear interpolation between the knots t_k = (k + 1) / 1000
   abar = np.asarray(make_schedule("linear", 1000).alphas_cumprod, np.float64)  # the table it interpolates
@@ -244,7 +245,7 @@ def test_run_sampler_dispatch_and_stats():
   assert x.shape == SHAPE and x.dtype == jnp.float32
   assert st["layers_run"].shape == (steps,) and st["exit_layer"].shape == (steps, b)
   assert st["exit_layer"].dtype == jnp.int32
-  # labels 999, 799.2, 599.4 > 500 then 399.6, 199.8
+  # labels 1000, 800.2, 600.4 > 500 then 400.6, 200.8
   np.testing.assert_array_equal(np.asarray(st["layers_run"]), [4, 4, 4, 2, 2])
   with pytest.raises(samplers.SamplerError, match="dpm_solver_fast"):
     samplers.run_sampler("nope", eps_fn, sched, steps, jnp.asarray(x_init(2)), None)

@@ -59,3 +59,10 @@ def test_sampling_grid_ends_clean():
   assert float(a[-1]) == 1.0 and float(sg[-1]) == 0.0
   with pytest.raises(ValueError, match="sample.steps \\(2000\\) exceeds diffusion.timesteps \\(1000\\)"):
     S.sampling_grid(s, 2000)
+
+
+def test_discrete_time_input_is_uvits_one_based_label():
+  """U-ViT trains its discrete models on labels n = 1..N (alpha_bar[n - 1]) and DPM-Solver calls
+  them at t * N: step index 0 (the least noisy) is label 1, index N - 1 is label N."""
+  s = S.make_schedule("linear", 1000)
+  np.testing.assert_allclose(S.model_time(s, jnp.array([0, 499, 999])), [1.0, 500.0, 1000.0])

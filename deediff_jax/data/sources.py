@@ -19,7 +19,8 @@ Sources (`data.source`):
     `label`       optional, integer [N], class ids >= 0
     `test_image`, `test_label`   the same for `data.split=test`
   The arrays are used as they are: H, W, C must equal data.image_size/channels (an error
-  says which key to set). With `data.latent=True` the file holds autoencoder latents:
+  says which key to set), except that images exactly k times data.image_size on a side are
+  shrunk by a k x k mean (`mean_pool`; MNIST 28 -> 14), as the tfds source does. With `data.latent=True` the file holds autoencoder latents:
   `image` is float [N, h, w, c] of any size, returned as float32 without any scaling.
 - `folder:PATH`: a directory of .png/.jpg/.jpeg/.bmp/.webp files, either all directly in PATH
   (unlabeled) or one subdirectory per class (labels = index of the subdirectory name in the
@@ -32,6 +33,7 @@ Sources (`data.source`):
   may carry a config/version (`tfds:celeb_a:2.1.0`), data.split is the TFDS split string.
   Images are decoded on access. Preprocessing:
     cifar10, mnist and any image already image_size x image_size: as stored;
+    square uint8 images exactly k times image_size: the k x k mean (`mean_pool`, as npz);
     celeb_a: the U-ViT / DDIM CelebA-64 crop, rows 57..185 and columns 25..153 (a 128x128
       box centred on row 121, column 89), then PIL bilinear resize to image_size;
     anything else: center crop to a square, PIL bilinear resize to image_size.
@@ -231,6 +233,20 @@ def _open_npz(path: str, what: str):
                     "np.savez(path, image=...)") from None
 
 
+def pool_factor(h: int, w: int, size: int) -> int:
+  """k when an h x w image is exactly k times data.image_size on both sides (k > 1), else 1."""
+  return h // size if h == w and size > 0 and h % size == 0 and h > size else 1
+
+
+def mean_pool(images: np.ndarray, k: int) -> np.ndarray:
+  """[N, H, W, C] uint8 -> [N, H/k, W/k, C] uint8: the k x k mean, rounded half up. Every source
+  shrinks by an integer factor this way (MNIST 28 -> 14 for the 13-block study), so the npz and
+  TFDS paths give bit-identical inputs."""
+  n, h, w, c = images.shape
+  x = images.astype(np.uint32).reshape(n, h // k, k, w // k, k, c).sum(axis=(2, 4))
+  return ((x + (k * k) // 2) // (k * k)).astype(np.uint8)
+
+
 def _load_npz(path: str, data_config, split: str, latent: bool) -> Source:
   if split not in ("train", "test"):
     raise DataError(f"npz sources have splits 'train' and 'test', got data.split={split!r}")
@@ -269,6 +285,10 @@ def _load_npz(path: str, data_config, split: str, latent: bool) -> Source:
       raise DataError(f"npz file {full}: '{ikey}' must be uint8 in 0..255, got dtype {images.dtype}; "
                       "convert with np.clip(x, 0, 255).astype(np.uint8), or set --config.data.latent=True "
                       "for float autoencoder latents")
+    factor = pool_factor(h, w, int(data_config.image_size))
+    if factor > 1 and c == int(data_config.channels):
+      images = mean_pool(images, factor)
+      n, h, w, c = images.shape
     _check_size(f"npz file {full}: '{ikey}'", h, w, c, data_config)
     image_size = h
 
@@ -552,6 +572,8 @@ def _tfds_preprocess(base: str, size: int, channels: int) -> Callable[[np.ndarra
     a = np.asarray(a)
     if a.shape == (size, size, channels) and a.dtype == np.uint8:
       return a  # cifar10 at 32, mnist at 28: as stored, bit for bit
+    if a.dtype == np.uint8 and a.ndim == 3 and a.shape[-1] == channels and pool_factor(a.shape[0], a.shape[1], size) > 1:
+      return mean_pool(a[None], pool_factor(a.shape[0], a.shape[1], size))[0]  # as the npz source does
     return _as_hwc(_square_resize(to_pil(a), size))
 
   return celeba if base == "celeb_a" else generic

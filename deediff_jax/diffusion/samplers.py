@@ -201,10 +201,9 @@ def dpm_solver_fast_grid(schedule: Schedule, steps: int) -> dict:
   result moves x to t[j+1]. The sampler ends at t = 1/N (no final denoising).
 
   The network's time input: U-ViT passes t * N to a network trained on 1-based labels n = 1..N
-  (noise level alpha_bar[n-1] in our 0-based indexing); in this library's 0-based label
-  convention (`schedule.model_time`) that is t * N - 1 = (t - 1/N) N, i.e. 999 at t = 1.
-  `time_frac` (1 = noisiest) is that label / (N - 1), as `grid_arrays` gives the other samplers;
-  the VPSDE uses 999 t and t.
+  (noise level alpha_bar[n-1] in our 0-based indexing), and so do we (`schedule.model_time`):
+  1000 at t = 1. `time_frac` (1 = noisiest) is the 0-based index t * N - 1 over N - 1, as
+  `grid_arrays` gives the other samplers; the VPSDE uses 999 t and t.
 
   Returns orders, t [steps + 1], log_alpha / alpha / sigma / lam [steps + 1], t_model and
   time_frac [steps], and the per-evaluation update coefficients `cx`, `c0`, `c1`, `start`
@@ -219,8 +218,8 @@ def dpm_solver_fast_grid(schedule: Schedule, steps: int) -> dict:
   else:
     n = schedule.num_timesteps
     t = np.linspace(1.0, 1.0 / n, steps + 1, dtype=np.float64)
-    label = t * n - 1.0
-    frac = label / (n - 1)
+    label = t * n
+    frac = (label - 1.0) / (n - 1)
   log_alpha = _fast_log_alpha(schedule, t)
   alpha = np.exp(log_alpha)
   sigma = np.sqrt(-np.expm1(2.0 * log_alpha))

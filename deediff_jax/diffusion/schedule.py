@@ -4,8 +4,9 @@ One interface serves both, so losses and samplers never branch on the kind:
   - a *time* t: the integer step index n in [0, T-1] for discrete schedules (n = 0 is the least
     noisy step, alpha_bar_0 = 1 - beta_0), a float in (0, 1] for the VPSDE;
   - `alpha_sigma(s, t)` -> (alpha_t, sigma_t) with x_t = alpha_t x_0 + sigma_t eps;
-  - `model_time(s, t)`: what the network sees, exactly as U-ViT: the index n for discrete
-    schedules, 999 * t for the VPSDE (the official CIFAR-10/CelebA checkpoints);
+  - `model_time(s, t)`: what the network sees, exactly as U-ViT: the 1-based label n + 1 in
+    1..N for discrete schedules (U-ViT trains on n in 1..N and DPM-Solver calls it at t * N),
+    999 * t for the VPSDE (the official CIFAR-10/CelebA checkpoints);
   - `sampling_grid(s, steps)`: times from noisiest to cleanest for a sampler.
 """
 from __future__ import annotations
@@ -77,10 +78,18 @@ def alpha_sigma(s: Schedule, t):
   return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
 
 
+# The network's time-input convention, recorded in every saved config as diffusion.time_labels.
+# "uvit": U-ViT's own, 1-based labels n = 1..N for discrete schedules (what its official discrete
+# checkpoints were trained on). Checkpoints saved before the key existed fed the 0-based index
+# and are refused (train.checkpoint.check_time_labels) rather than sampled one label off.
+TIME_LABELS = "uvit"
+
+
 def model_time(s: Schedule, t):
-  """The network's time input: 999 t for the VPSDE, the step index otherwise."""
+  """The network's time input: 999 t for the VPSDE; for discrete schedules U-ViT's 1-based label
+  n + 1 of the 0-based step index n (alpha_bar[n]), i.e. t * N in DPM-Solver's continuous time."""
   t = jnp.asarray(t, jnp.float32)
-  return t * 999.0 if s.continuous else t
+  return t * 999.0 if s.continuous else t + 1.0
 
 
 def sample_train_times(s: Schedule, rng, batch: int):

@@ -136,6 +136,18 @@ def check_compatible(saved_config: dict, config, where: str, *, keys=("model",),
           f"use --config.{key}={saved[key]!r} or a new --workdir")
 
 
+def check_time_labels(saved_config: dict, where: str) -> None:
+  """Refuses a discrete-schedule checkpoint saved before the network's time input became U-ViT's
+  1-based label (its config has no diffusion.time_labels): sampled now, it would see every time
+  one label late, silently."""
+  diffusion = saved_config.get("diffusion", {}) if isinstance(saved_config, dict) else {}
+  if not diffusion or diffusion.get("schedule") == "vpsde" or "time_labels" in diffusion:
+    return
+  raise CheckpointError(
+      f"{where} was trained with 0-based time labels (before diffusion.time_labels existed), but the "
+      "network now sees U-ViT's 1-based labels n = 1..N; retrain it (or re-convert official weights)")
+
+
 def latest_step(workdir) -> Optional[int]:
   if not checkpoint_dir(workdir).exists():
     return None
@@ -161,6 +173,7 @@ def restore_state(manager: ocp.CheckpointManager, workdir, config, abstract_stat
     raise CheckpointError(f"cannot restore checkpoint step {step} at {path}: {_reason(e)}; move "
                           "that step directory away to resume from an earlier one, or use a new "
                           "--workdir") from None
+  check_time_labels(meta.get("config", {}), f"checkpoint {path}")
   check_compatible(meta.get("config", {}), config, f"checkpoint {path}", extra=("train.mode",))
   try:
     with _quiet_tensorstore_teardown():
@@ -222,6 +235,7 @@ def load_params(workdir, config, use_ema: bool = True, *, step: Optional[int] = 
         if backbone_only:  # the exits are not loaded, so their kind may differ
           saved_config = {**saved_config, "model": {k: v for k, v in saved_config.get("model", {}).items()
                                                     if k not in EXIT_MODEL_KEYS}}
+        check_time_labels(saved_config, f"checkpoint {path}")
         check_compatible(saved_config, config, f"checkpoint {path}")
         tree = _item_tree(manager, step, item)
         target = jax.tree_util.tree_map(
