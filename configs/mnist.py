@@ -1,15 +1,17 @@
-"""Class-conditional DeeDiff U-ViT on MNIST 28x28.
+"""Class-conditional DeeDiff U-ViT on MNIST 28x28, read through TFDS.
 
-Here (no internet) it reads the 10k-image MNIST subset shipped in ../shared:
+With internet (TFDS prepares MNIST once: `tfds build mnist --file_format=array_record`):
   python -m deediff_jax.main --config configs/mnist.py --workdir /tmp/deediff_mnist
-Users with TFDS: add --config.data.source=tfds:mnist
+Offline, from an npz of 28x28 MNIST (`image`/`label`, optionally `test_image`/`test_label`, uint8):
+  python -m deediff_jax.main --config configs/mnist.py --workdir /tmp/deediff_mnist \\
+      --config.data.source=npz:PATH/TO/mnist.npz
 """
 from deediff_jax.config import base_config
 
 
 def get_config():
   c = base_config()
-  c.data.source = "npz:../shared/data/mnist10k.npz"
+  c.data.source = "tfds:mnist"   # offline: --config.data.source=npz:PATH
   c.data.image_size = 28
   c.data.channels = 1
   c.model.update(image_size=28, in_channels=1, embed_dim=192, depth=8, num_heads=6, patch_size=4,

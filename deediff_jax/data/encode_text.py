@@ -3,7 +3,7 @@
 Training reads precomputed features, never strings (as U-ViT does for MS-COCO with CLIP):
 
   # MNIST: captions written from the labels by templates (data/captions.py), MiniLM features
-  python -m deediff_jax.data.encode_text --captions-for-npz ../shared/data/mnist10k.npz \\
+  python -m deediff_jax.data.encode_text --captions-for-npz mnist.npz \\
       --out /tmp/mnist_captions.npz
   # any caption file (one caption per line, or a .json list of strings)
   python -m deediff_jax.data.encode_text --encoder minilm --captions caps.txt --out caps.npz
@@ -244,7 +244,7 @@ def mnist_captions(npz_path: str, seed: int = 0) -> tuple[list[str], Optional[li
   p = Path(npz_path)
   if not p.is_file():
     raise EncodeTextError(f"--captions-for-npz {npz_path} not found; give an npz with image/label "
-                          "arrays such as ../shared/data/mnist10k.npz")
+                          "arrays (an MNIST npz: image [N,28,28,1] uint8, label [N])")
   with np.load(p) as z:
     if "label" not in z:
       raise EncodeTextError(f"--captions-for-npz {npz_path} has no 'label' array (it has "
