@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# The MNIST early-exit study (issue 5), sized for a 2-core CPU: U-ViT D=128, 7 blocks (depth 6),
-# cosine schedule, model.input_skip, batch 64. 28x28 uses patch 4 (49 tokens, STEPS steps,
-# default 4,000, ~0.8 s/step); scratch14 pools MNIST to 14x14 with patch 2 (49 tokens, STEPS14
-# steps, default 3,000: 36 min). Training resumes from the workdir. Measured (README "MNIST"):
-# 14x14 samples digits after 3,000 steps; 28x28 still samples blobs after 2,000 (see
-# benchmarks/diagnose_denoiser.py for why).
+# The MNIST early-exit studies, sized for a 2-core CPU (docs/results.md has what each stage
+# measures). 7-block stages: U-ViT D=128, depth 6, cosine schedule, model.input_skip, batch 64;
+# 28x28 uses patch 4 (49 tokens, STEPS steps, default 4,000); the *14 stages pool MNIST to 14x14
+# (a 2x2 mean in the npz source) with patch 2 (49 tokens, STEPS14 steps, default 3,000).
 #
 #   bash benchmarks/mnist_study.sh scratch    # joint DeeDiff training from scratch, then sweep
 #   bash benchmarks/mnist_study.sh backbone   # the backbone alone (no exit losses)
@@ -12,12 +10,15 @@
 #   bash benchmarks/mnist_study.sh scratch14  # joint training on MNIST pooled to 14x14 (patch 2), then sweep
 #   bash benchmarks/mnist_study.sh backbone14 && bash benchmarks/mnist_study.sh frozen14   # the same, frozen mode
 #
-# RUNS (default /root/runs) holds the workdirs; results are copied to benchmarks/results/mnist_*.
+# MNIST_NPZ is an npz of 28x28 MNIST (image/label, test_image/test_label uint8; the configs' default
+# source, TFDS mnist, needs internet). RUNS (default /root/runs) holds the workdirs; results are
+# copied to benchmarks/results/mnist*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-/root/runs}
+MNIST_NPZ=${MNIST_NPZ:-../shared/data/mnist10k.npz}
 STEPS=${STEPS:-4000}   # joint / backbone training steps (the frozen stage trains 800)
-SIZE=(--config.diffusion.schedule=cosine --config.model.input_skip=True --config.model.embed_dim=128 --config.model.depth=6 --config.model.num_heads=4
+SIZE=(--config.data.source="npz:$MNIST_NPZ" --config.diffusion.schedule=cosine --config.model.input_skip=True --config.model.embed_dim=128 --config.model.depth=6 --config.model.num_heads=4
       --config.train.batch_size=64 --config.train.lr=1e-3 --config.train.warmup_steps=200
       --config.train.ema_rate=0.999 --config.train.checkpoint_every=500 --config.train.log_every=100)
 # Sweep: 200 images per setting from the same noise, DDIM 25 steps, guidance 1; the UEM threshold
@@ -32,8 +33,9 @@ publish() {  # workdir -> benchmarks/results/NAME (tables, plots, small JSON; ne
   cp "$1"/sweep/*.{json,csv,md,png} "benchmarks/results/$2/"
   cp "$1"/samples.png "$1"/sample_stats.json "benchmarks/results/$2/" 2>/dev/null || true
 }
-# MNIST pooled to 14x14, patch 2: 49 tokens like 28x28/patch 4, but 4 pixels per token.
-SMALL=(--config.data.source="npz:$RUNS/mnist14.npz" --config.data.image_size=14 --config.model.image_size=14
+# MNIST pooled to 14x14 (the npz source's 2x2 mean), patch 2: 49 tokens like 28x28/patch 4, but 4
+# pixels per token.
+SMALL=(--config.data.source="npz:$MNIST_NPZ" --config.data.image_size=14 --config.model.image_size=14
        --config.model.patch_size=2 --config.train.lr=2e-3)
 # The 13-block study (issue "Exits that pay"): depth 12 = 13 blocks, the U-ViT-S depth the paper
 # uses, D=128, patch 2 on MNIST pooled to 14x14. Every stage resumes from its workdir.
@@ -49,7 +51,7 @@ SIZE13=(--config.diffusion.schedule=cosine --config.model.input_skip=True --conf
         --config.model.depth=12 --config.model.num_heads=4 --config.train.batch_size=64 --config.train.lr=2e-3
         --config.train.warmup_steps=200 --config.train.ema_rate=0.999 --config.train.checkpoint_every=250
         --config.train.log_every=50 --config.train.sample_at_end=False
-        --config.data.source="npz:$RUNS/mnist14.npz" --config.data.image_size=14 --config.model.image_size=14
+        --config.data.source="npz:$MNIST_NPZ" --config.data.image_size=14 --config.model.image_size=14
         --config.model.patch_size=2)
 # The 13-block sweep: 200 images from the same noise, DDIM 25 steps, guidance 1; learned policies
 # calibrated to 55% of the blocks (one threshold, and one per 5 timestep buckets), the oracle
@@ -65,7 +67,6 @@ SWEEP13=(--config.sample.steps=25 --config.sweep.num_images=200 --config.sample.
 JOINT13=(--config.train.num_steps="${STEPS13:-2000}" --config.train.stop_at="${STOP13:-1250}")
 case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|frozen14|joint13|uem13 TARGET|last13 TARGET|jointfid13|frozenfid13|guided13 TARGET RATIO|adadiff13}" in
   joint13)
-    [ -f "$RUNS/mnist14.npz" ] || python benchmarks/make_mnist14.py ../shared/data/mnist10k.npz "$RUNS/mnist14.npz"
     run --workdir "$RUNS/m14d12_joint" "${SIZE13[@]}" "${JOINT13[@]}"
     run --workdir "$RUNS/m14d12_joint" --mode sweep "${SIZE13[@]}" "${JOINT13[@]}" "${SWEEP13[@]}"
     publish "$RUNS/m14d12_joint" mnist13_joint ;;
@@ -126,13 +127,11 @@ case "${1:?usage: mnist_study.sh scratch|backbone|frozen|scratch14|backbone14|fr
     run --workdir "$RUNS/mnist_scratch" --mode sweep "${SIZE[@]}" --config.train.num_steps="$STEPS" "${SWEEP[@]}"
     publish "$RUNS/mnist_scratch" mnist_scratch ;;
   scratch14)
-    [ -f "$RUNS/mnist14.npz" ] || python benchmarks/make_mnist14.py ../shared/data/mnist10k.npz "$RUNS/mnist14.npz"
     run --workdir "$RUNS/mnist14_scratch" "${SIZE[@]}" "${SMALL[@]}" --config.train.num_steps="${STEPS14:-3000}"
     run --workdir "$RUNS/mnist14_scratch" --mode sweep "${SIZE[@]}" "${SMALL[@]}" \
         --config.train.num_steps="${STEPS14:-3000}" "${SWEEP[@]}"
     publish "$RUNS/mnist14_scratch" mnist14_scratch ;;
   backbone14)  # the 14x14 backbone alone (no exit losses), for frozen14
-    [ -f "$RUNS/mnist14.npz" ] || python benchmarks/make_mnist14.py ../shared/data/mnist10k.npz "$RUNS/mnist14.npz"
     run --workdir "$RUNS/mnist14_backbone" "${SIZE[@]}" "${SMALL[@]}" --config.train.num_steps="${STEPS14:-3000}" \
         --config.loss.lambda_u=0 --config.loss.beta_ual=0 --config.train.sample_at_end=False ;;
   frozen14)    # exits + UEMs trained on the frozen 14x14 backbone, then the same sweep as scratch14

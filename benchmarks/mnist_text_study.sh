@@ -2,7 +2,8 @@
 # The text-guided MNIST study (issue 7): captions written from the labels (data/captions.py),
 # encoded once with all-MiniLM-L6-v2, a text-conditional U-ViT (D=128, 7 blocks, 16 context
 # tokens, cosine schedule, model.input_skip) trained STEPS steps at batch 64 (resumable), then
-# sampled from the held-out wordings and swept. RES=14 STEPS=2500 took 41 min on a 2-core CPU.
+# sampled from the held-out wordings and swept (docs/text.md). MNIST_NPZ is an npz of 28x28 MNIST
+# (image/label uint8): the captions are written from its labels and training reads its images.
 #
 #   bash benchmarks/mnist_text_study.sh           # 28x28, patch 4
 #   RES=14 STEPS=2500 bash benchmarks/mnist_text_study.sh   # MNIST pooled to 14x14, patch 2
@@ -12,19 +13,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-/root/runs}
+MNIST_NPZ=${MNIST_NPZ:-../shared/data/mnist10k.npz}
 STEPS=${STEPS:-3500}
 CAPS="$RUNS/mnist_captions.npz"
-[ -f "$CAPS" ] || python -m deediff_jax.data.encode_text --captions-for-npz ../shared/data/mnist10k.npz --out "$CAPS"
-# RES=14: MNIST pooled to 14x14 with patch 2 (benchmarks/make_mnist14.py; the same images in the same
-# order, so the same caption features), 4 pixels per token instead of 16.
+[ -f "$CAPS" ] || python -m deediff_jax.data.encode_text --captions-for-npz "$MNIST_NPZ" --out "$CAPS"
+# RES=14: MNIST pooled to 14x14 by the npz source (a 2x2 mean; the same images in the same order, so
+# the same caption features) with patch 2, 4 pixels per token instead of 16.
 NAME=mnist_text EXTRA=()
 if [ "${RES:-28}" = 14 ]; then
   NAME=mnist14_text
-  [ -f "$RUNS/mnist14.npz" ] || python benchmarks/make_mnist14.py ../shared/data/mnist10k.npz "$RUNS/mnist14.npz"
-  EXTRA=(--config.data.source="npz:$RUNS/mnist14.npz" --config.data.image_size=14 --config.model.image_size=14
+  EXTRA=(--config.data.image_size=14 --config.model.image_size=14
          --config.model.patch_size=2 --config.train.lr=2e-3)
 fi
-ARGS=(--config configs/mnist_text.py --workdir "$RUNS/$NAME" --config.data.context_file="$CAPS"
+ARGS=(--config configs/mnist_text.py --workdir "$RUNS/$NAME" --config.data.source="npz:$MNIST_NPZ"
+      --config.data.context_file="$CAPS"
       --config.diffusion.schedule=cosine --config.model.input_skip=True --config.model.embed_dim=128 --config.model.depth=6 --config.model.num_heads=4
       --config.train.batch_size=64 --config.train.lr=1e-3 --config.train.warmup_steps=200
       --config.train.ema_rate=0.999 --config.train.checkpoint_every=500 --config.train.log_every=100
