@@ -9,7 +9,7 @@ warm-up, and the medians are compared:
 
   speedup        = seconds_full / seconds   (median of the paired ratios)
   ideal_speedup  = blocks / blocks actually run
-  efficiency     = speedup / ideal_speedup     (DESIGN §8 budget: >= 0.9)
+  efficiency     = speedup / ideal_speedup     (docs/design.md "Budgets": >= 0.9)
 
 Settings: forced exits (static policy at ~30/50/70/100% depth), UEM thresholds chosen from the
 model's own u values so that the batch leaves at different depths, `threshold_zero_overhead`

@@ -1,9 +1,9 @@
-"""Training-step throughput against the machine's f32 matmul rate (DESIGN §8).
+"""Training-step throughput against the machine's f32 matmul rate (docs/design.md, "Budgets").
 
   python benchmarks/bench_train.py [--json PATH] [--steps 20] [--batch 128]
   python benchmarks/bench_train.py --tiny --json /tmp/t.json    # seconds; what the smoke test runs
 
-Model: the DESIGN §8 reference, a D=256, 13-block (depth 12) DeeDiff U-ViT with 65 tokens
+Model: the reference of docs/design.md "Budgets", a D=256, 13-block (depth 12) DeeDiff U-ViT with 65 tokens
 (32x32x3 images, patch 4: 64 patches + the time token, unconditional), all exits and UEMs.
 It times the real jitted train step (loss over every exit, backward, AdamW, EMA) on one
 device. FLOPs are counted analytically (the matmuls of every block, skip linear and

@@ -37,7 +37,7 @@ compiled program. The threshold may also be an array with one value per timestep
                      is within `threshold` (RMS, x0 units) of the final layer's x0 (needs x0_scale)
   none               full depth (through the same loop)
 
-Batch semantics (DESIGN §4.2): each sample keeps the first layer at which it was confident;
+Batch semantics (docs/design.md, "Exit semantics for a batch"): each sample keeps the first layer at which it was confident;
 aggregate="all" runs until every sample has exited, aggregate="mean" exits the whole batch at
 the first layer whose batch-mean score passes the threshold (uem / state_cosine; the depth
 policies are per-sample by definition and ignore it). aggregate="last" decides like "all" but

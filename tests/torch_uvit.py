@@ -1,6 +1,6 @@
 """A small, faithful PyTorch U-ViT with the official parameter names (test helper, not a product module).
 
-Written from the architecture (DESIGN.md §2) and the structure of baofff/U-ViT's libs/uvit.py
+Written from the architecture (docs/design.md, "The method") and the structure of baofff/U-ViT's libs/uvit.py
 (unconditional / class-conditional) and libs/uvit_t2i.py (text): same module names, so its
 `state_dict()` has exactly the keys of the official `nnet.pth`. Reshapes that the official code
 does with einops are spelled out with reshape/permute, pattern by pattern.

@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-# Axis labels with units for the sweep's fields (DESIGN §9 `sweep.json`).
+# Axis labels with units for the sweep's fields (docs/design.md, "Stable names": `sweep.json`).
 AXIS_LABELS = {
     "gflops_per_image": "GFLOPs per image (whole sampling run)",
     "layer_ratio_run": "layers run / full depth",

@@ -45,7 +45,7 @@ classifier (`eval/classifier.py`, cached in DIR/classifier/, trained on the trai
 accuracy measured on the test split when there is one) predicts the requested label.
 
 Files in DIR/sweep/:
-  sweep.json      one row per setting (`ROW_KEYS`; DESIGN §9)
+  sweep.json      one row per setting (`ROW_KEYS`; docs/design.md "Stable names")
   sweep.csv       the scalar fields of the same rows
   sweep.md        a header paragraph (machine, checkpoint step, images, FID kind, baseline) and
                   the table (also printed)
