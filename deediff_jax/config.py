@@ -53,7 +53,7 @@ class ModelConfig:
   # Every head's final 3x3 conv also reads the noisy input x_t (concatenated channels). Off in
   # U-ViT. At low SNR an eps-prediction must reproduce x_t almost pixel for pixel (sigma/alpha
   # magnifies any copy error in the x0 a sampler derives), which a patchified transformer learns
-  # slowly; this path makes the copy a single conv weight. See README "MNIST".
+  # slowly; this path makes the copy a single conv weight. See docs/design.md "Our additions".
   input_skip: bool = False
   uem: str = "token_linear"
   exit_style: str = "deediff"
@@ -148,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.context_dim = 0           # >0: text-conditional on precomputed encoder tokens of this width
   m.context_len = 0           # number of context tokens (77 for CLIP)
   m.mlp_time_embed = False    # Linear(4D)-SiLU-Linear(D) on the time token (U-ViT: off)
-  m.input_skip = False        # every head's 3x3 conv also sees the noisy input x_t (U-ViT: off; see README)
+  m.input_skip = False        # every head's 3x3 conv also sees the noisy input x_t (U-ViT: off; see docs/design.md)
   m.uem = "token_linear"      # token_linear | token_linear_no_time | attention_probe
   m.exit_style = "deediff"    # deediff (paper: head + UEM per block) | adadiff (official code: shared head, per-pixel confidence)
   m.remat = False             # rematerialise blocks in training (less memory, more compute)
@@ -441,10 +441,10 @@ def load_config_file(path: str, overrides: dict | None = None) -> ml_collections
 
 
 def reference_markdown() -> str:
-  """The config reference table (key, default, meaning) for the README, from base_config's source.
+  """The config reference table (key, default, meaning) of docs/config.md, from base_config's source.
 
-  The meaning is each key's trailing comment in `base_config`, so the README cannot drift from
-  the code: tests/test_config.py checks the README holds exactly this text.
+  The meaning is each key's trailing comment in `base_config`, so the reference cannot drift from
+  the code: tests/test_docs.py checks docs/config.md holds exactly this text.
   """
   import inspect
   import re
@@ -466,14 +466,15 @@ def reference_markdown() -> str:
   return "\n".join(rows) + "\n"
 
 
-README_MARKERS = ("<!-- config-reference:start -->\n", "<!-- config-reference:end -->")
+REFERENCE_FILE = "docs/config.md"
+REFERENCE_MARKERS = ("<!-- config-reference:start -->\n", "<!-- config-reference:end -->")
 
 
-def update_readme(path: str = "README.md") -> bool:
-  """Rewrites the config reference between the README markers; True if it changed."""
+def update_reference(path: str = REFERENCE_FILE) -> bool:
+  """Rewrites the config reference between the markers of docs/config.md; True if it changed."""
   with open(path) as f:
     text = f.read()
-  start, end = README_MARKERS
+  start, end = REFERENCE_MARKERS
   head, rest = text.split(start, 1)
   _, tail = rest.split(end, 1)
   new = head + start + reference_markdown() + end + tail
@@ -483,5 +484,5 @@ def update_readme(path: str = "README.md") -> bool:
   return new != text
 
 
-if __name__ == "__main__":  # python -m deediff_jax.config: refresh the README's config reference
-  print("README.md updated" if update_readme() else "README.md already up to date")
+if __name__ == "__main__":  # python -m deediff_jax.config: refresh docs/config.md's reference
+  print(f"{REFERENCE_FILE} updated" if update_reference() else f"{REFERENCE_FILE} already up to date")

@@ -78,14 +78,3 @@ def test_load_config_file_with_overrides(tmp_path):
     load_config_file(str(ROOT / "configs" / "digits.py"), {"exit.treshold": 0.3})
   with pytest.raises(ConfigError, match="config file 'nope.py' not found"):
     load_config_file("nope.py")
-
-
-def test_readme_config_reference_matches_the_schema():
-  """The README's table is generated from base_config (python -m deediff_jax.config refreshes it)."""
-  from deediff_jax.config import README_MARKERS, reference_markdown
-  text = (ROOT / "README.md").read_text()
-  start, end = README_MARKERS
-  assert text.split(start, 1)[1].split(end, 1)[0] == reference_markdown()
-  # Every key of the schema appears, with a non-empty meaning.
-  for line in reference_markdown().splitlines()[2:]:
-    assert line.rstrip().endswith("|") and not line.rstrip().endswith("|  |"), line
