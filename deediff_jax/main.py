@@ -5,7 +5,8 @@
 
 `train` (the default) resumes from DIR automatically and ends by sampling. Bad input (flags,
 config, data, checkpoints) is one line on stderr, `error: ...`, and exit code 2; a run that
-diverges (NaN/Inf) is one line and exit code 1.
+diverges (NaN/Inf) is one line and exit code 1; SIGTERM/SIGINT during training saves a
+checkpoint at the step reached and is one line and exit code 128 + the signal (143, 130).
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def run(argv: list[str]) -> int:
   workdir, mode = FLAGS.workdir, FLAGS.mode
   if "://" not in workdir:  # orbax needs absolute local paths; --workdir runs/x is what users type
     workdir = os.path.abspath(os.path.expanduser(workdir))
+  from deediff_jax.train.checkpoint import check_workdir_writable
+  check_workdir_writable(workdir)  # every mode writes there; one line before any work (e.g. /proc/x)
   if mode == "train":
     import jax
     from deediff_jax.train import sharding
@@ -145,7 +148,11 @@ def main(argv=None) -> int:
     print("error: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
     return 130
   except Exception as e:  # noqa: BLE001 -- sorted below: user errors are one line, bugs keep their traceback
+    from deediff_jax.train.preemption import Preempted
     from deediff_jax.train.trainer import TrainingDivergedError
+    if isinstance(e, Preempted):  # SIGTERM/SIGINT: checkpoint saved; 128 + the signal's number
+      print(f"error: {_one_line(e)}", file=sys.stderr)
+      return e.exit_code
     if isinstance(e, TrainingDivergedError):
       print(f"error: {_one_line(e)}", file=sys.stderr)
       return 1

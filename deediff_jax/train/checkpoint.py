@@ -15,12 +15,28 @@ The state holds no RNG and the data pipeline is a pure function of (seed, step):
 alone is the data position, and restoring it repeats an uninterrupted run exactly.
 Orbax commits a step atomically (a temporary directory renamed on completion, or a commit
 marker on object stores), so a run killed mid-save resumes from the previous complete step.
+
+Faults (tests/test_faults.py):
+- A step that cannot be restored (truncated or missing array files, a half-copied step folder,
+  arrays of the wrong shape) is *damaged*. Readers (`load_params`: sample, eval, sweep, tune)
+  fall back to the newest intact step with a one-line warning naming both steps, and only read.
+  The trainer does the same, then moves the damaged step folders to `checkpoints/damaged/`
+  before it saves again: they are never deleted, and keep-N never counts them (orbax lists only
+  numeric step folders). With no intact step left, the error is one line.
+- A save that fails (a full disk above all) is one line (`save_error`) that names the space one
+  checkpoint needs; the earlier steps stay (orbax deletes old steps only after a new one
+  committed) and the torn step stays a temporary directory that no reader trusts.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
+import os
+import shutil
 import sys
+import uuid
 from typing import Any, Optional
 
 import jax
@@ -31,6 +47,7 @@ from etils import epath
 from deediff_jax.tensor_files import CheckpointError  # one class, shared with model/ and convert/
 
 ITEMS = ("params", "ema_params", "opt_state", "meta")
+DAMAGED = "damaged"   # checkpoints/damaged/<step>: steps the trainer set aside (never deleted)
 # Keys under `model` that do not change the parameter tree (compute-only settings).
 NON_ARCH_MODEL_KEYS = ("remat", "dtype")
 
@@ -158,21 +175,81 @@ def latest_step(workdir) -> Optional[int]:
     manager.close()
 
 
+class _Damaged(Exception):
+  """This step cannot be restored (internal: the callers fall back to an earlier step)."""
+
+
+def warn(message: str) -> None:
+  """A one-line warning on stderr (process 0 only)."""
+  if jax.process_index() == 0:
+    print(f"warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def _all_hosts(ok: bool) -> bool:
+  """True when `ok` holds on every process (JAX's allgather; every process must call it)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(int(ok), np.int32))))
+
+
+def _check_shapes(restored, abstract, path) -> None:
+  got = jax.tree_util.tree_leaves_with_path(restored)
+  want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+  if len(got) != len(want):
+    raise _Damaged(f"{path} holds {len(got)} arrays but the model has {len(want)}")
+  for k, v in got:
+    name = jax.tree_util.keystr(k)
+    if want.get(name) != tuple(v.shape):
+      raise _Damaged(f"array {name} has shape {tuple(v.shape)}, the model needs {want.get(name)}")
+
+
+def _no_intact(workdir, damaged) -> CheckpointError:
+  step, reason = damaged[0]
+  steps = ", ".join(str(s) for s, _ in damaged)
+  return CheckpointError(
+      f"cannot restore checkpoint step {step} at {checkpoint_dir(workdir) / str(step)}: {reason}; no "
+      f"intact checkpoint is left in {checkpoint_dir(workdir)} (damaged: {steps}); move the damaged "
+      "step directories away to train from scratch, or use a new --workdir")
+
+
 def restore_state(manager: ocp.CheckpointManager, workdir, config, abstract_state):
-  """The latest complete checkpoint restored into `abstract_state` (ShapeDtypeStructs with
-  shardings), or None when the workdir has none. Any failure is a CheckpointError naming the
-  step and path: an existing run is never silently restarted from step 0."""
-  step = manager.latest_step()
-  if step is None:
+  """The newest intact checkpoint restored into `abstract_state` (ShapeDtypeStructs with
+  shardings): (state, meta, damaged), or None when the workdir has no checkpoint.
+
+  `damaged` lists (step, reason) of the newer steps that could not be restored (newest first);
+  the caller moves them aside (`set_aside`) before it saves. With no intact step left, a
+  CheckpointError naming the newest step: an existing run is never silently restarted from step
+  0. A checkpoint of another architecture is a CheckpointError, never "damaged". With several
+  processes, every process restores and they agree on the step (a step damaged on one host is
+  damaged on all).
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     return None
-  path = checkpoint_dir(workdir) / str(step)
+  damaged = []
+  for step in steps:
+    path = checkpoint_dir(workdir) / str(step)
+    try:
+      state, meta = _restore_step(manager, step, path, config, abstract_state)
+      ok = True
+    except _Damaged as e:
+      ok, reason = False, str(e)
+    if not _all_hosts(ok):
+      damaged.append((step, reason if not ok else "it cannot be restored on another host"))
+      continue
+    return state, meta, damaged
+  raise _no_intact(workdir, damaged)
+
+
+def _restore_step(manager, step, path, config, abstract_state):
   try:
     with _quiet_tensorstore_teardown():
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if not isinstance(meta, dict) or "step" not in meta:
+      raise ValueError("its meta item has no step")
   except Exception as e:  # noqa: BLE001 -- any failure means this step is unusable
-    raise CheckpointError(f"cannot restore checkpoint step {step} at {path}: {_reason(e)}; move "
-                          "that step directory away to resume from an earlier one, or use a new "
-                          "--workdir") from None
+    raise _Damaged(_reason(e)) from None
   check_time_labels(meta.get("config", {}), f"checkpoint {path}")
   check_compatible(meta.get("config", {}), config, f"checkpoint {path}", extra=("train.mode",))
   try:
@@ -182,13 +259,36 @@ def restore_state(manager: ocp.CheckpointManager, workdir, config, abstract_stat
           ema_params=ocp.args.StandardRestore(abstract_state.ema_params),
           opt_state=ocp.args.StandardRestore(abstract_state.opt_state)))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"cannot restore checkpoint step {step} at {path}: {_reason(e)}; move "
-                          "that step directory away to resume from an earlier one, or use a new "
-                          "--workdir") from None
+    raise _Damaged(_reason(e)) from None
+  # orbax restores the saved shape whatever the target says: a folder copied from another model
+  # of the same config keys would otherwise pass.
+  for item in ("params", "ema_params", "opt_state"):
+    _check_shapes(getattr(restored, item), getattr(abstract_state, item), f"{path}/{item}")
   state = abstract_state.replace(
       step=jax.device_put(np.asarray(meta["step"], np.int32), abstract_state.step.sharding),
       params=restored.params, ema_params=restored.ema_params, opt_state=restored.opt_state)
   return state, meta
+
+
+def set_aside(workdir, steps) -> list:
+  """Moves the step folders `steps` to checkpoints/damaged/<step> (process 0; a later copy of
+  the same step gets a suffix) and returns the new paths. Nothing is deleted."""
+  root = checkpoint_dir(workdir)
+  moved = []
+  for step in steps:
+    target = root / DAMAGED / str(step)
+    n = 1
+    while target.exists():
+      target = root / DAMAGED / f"{step}-{n}"
+      n += 1
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (root / str(step)).rename(target)
+    moved.append(target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("deediff_jax checkpoints set aside")
+  return moved
 
 
 def _default_sharding():
@@ -214,44 +314,81 @@ def load_params(workdir, config, use_ema: bool = True, *, step: Optional[int] = 
   present must have the shape `config.model` gives it. `backbone_only` (train.init_from into
   another exit style, e.g. an adadiff model finetuned from a deediff one): the exits are
   dropped and model.exit_style / model.uem may differ.
+
+  Without `step`, the newest intact step: a damaged newer one is skipped with a one-line
+  warning naming both steps (nothing is moved or written: readers only read). A step deleted
+  while it was read (keep-N of a training run in progress) is skipped silently.
   """
   workdir = epath.Path(workdir)
   if not checkpoint_dir(workdir).exists():
     raise CheckpointError(f"no checkpoints in {workdir} (expected {checkpoint_dir(workdir)}); train "
                           "first with --mode train or point to an export_params directory")
-  manager = make_manager(workdir, read_only=True)
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"no complete checkpoint in {checkpoint_dir(workdir)}; train first with "
-                            "--mode train or point to an export_params directory")
-    path = checkpoint_dir(workdir) / str(step)
-    item = "ema_params" if use_ema and (path / "ema_params").exists() else "params"
-    sharding = _default_sharding() if sharding is None else sharding
+  for _ in range(3):  # a training run in progress may delete the steps while they are read
+    manager = make_manager(workdir, read_only=True)
     try:
-      with _quiet_tensorstore_teardown():
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        saved_config = meta.get("config", {})
-        if backbone_only:  # the exits are not loaded, so their kind may differ
-          saved_config = {**saved_config, "model": {k: v for k, v in saved_config.get("model", {}).items()
-                                                    if k not in EXIT_MODEL_KEYS}}
-        check_time_labels(saved_config, f"checkpoint {path}")
-        check_compatible(saved_config, config, f"checkpoint {path}")
-        tree = _item_tree(manager, step, item)
-        target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
-        params = manager.restore(step, args=ocp.args.Composite(
-            **{item: ocp.args.StandardRestore(target)}))[item]
-    except CheckpointError:
-      raise
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"cannot restore checkpoint step {step} at {path}: {_reason(e)}") from None
-  finally:
-    manager.close()
+      steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+      if not steps:
+        raise CheckpointError(f"no complete checkpoint in {checkpoint_dir(workdir)}; train first with "
+                              "--mode train or point to an export_params directory")
+      damaged, vanished = [], False
+      for candidate in steps:
+        path = checkpoint_dir(workdir) / str(candidate)
+        try:
+          params = _load_step(manager, candidate, path, config, use_ema, sharding, backbone_only)
+        except _Damaged as e:
+          if not path.exists():
+            vanished = True
+            continue
+          if step is not None:
+            raise CheckpointError(f"cannot restore checkpoint step {candidate} at {path}: {e}") from None
+          damaged.append((candidate, str(e)))
+          continue
+        if damaged:
+          newest, reason = damaged[0]
+          others = "".join(f", step {s}" for s, _ in damaged[1:])
+          warn(f"checkpoint step {newest} at {checkpoint_dir(workdir) / str(newest)} cannot be restored "
+               f"({reason[:160]}){' (nor' + others[1:] + ')' if others else ''}; using step {candidate} instead")
+        return params
+      if damaged and not vanished:
+        raise _no_intact(workdir, damaged)
+    finally:
+      manager.close()
+  if damaged:
+    raise _no_intact(workdir, damaged)
+  raise CheckpointError(f"no complete checkpoint in {checkpoint_dir(workdir)}; train first with "
+                        "--mode train or point to an export_params directory")
+
+
+def _load_step(manager, step, path, config, use_ema, sharding, backbone_only) -> dict:
+  sharding = _default_sharding() if sharding is None else sharding
+  try:
+    with _quiet_tensorstore_teardown():
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  except Exception as e:  # noqa: BLE001 -- any failure means this step is unusable
+    raise _Damaged(_reason(e)) from None
+  saved_config = meta.get("config", {}) if isinstance(meta, dict) else {}
+  if backbone_only:  # the exits are not loaded, so their kind may differ
+    saved_config = {**saved_config, "model": {k: v for k, v in saved_config.get("model", {}).items()
+                                              if k not in EXIT_MODEL_KEYS}}
+  check_time_labels(saved_config, f"checkpoint {path}")
+  check_compatible(saved_config, config, f"checkpoint {path}")
+  item = "ema_params" if use_ema and (path / "ema_params").exists() else "params"
+  try:
+    with _quiet_tensorstore_teardown():
+      tree = _item_tree(manager, step, item)
+      target = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
+      params = manager.restore(step, args=ocp.args.Composite(
+          **{item: ocp.args.StandardRestore(target)}))[item]
+  except Exception as e:  # noqa: BLE001
+    raise _Damaged(_reason(e)) from None
   if backbone_only:
     from deediff_jax.model.deediff import EXIT_KEYS
     params = {k: v for k, v in params.items() if k not in EXIT_KEYS}
-  check_param_shapes(params, config, f"checkpoint {path}")
+  try:
+    check_param_shapes(params, config, f"checkpoint {path}")
+  except CheckpointError as e:  # the same architecture (checked above) with other shapes: damaged
+    raise _Damaged(str(e)) from None
   return params
 
 
@@ -295,3 +432,128 @@ def export_params(directory, params: dict, config) -> epath.Path:
 def abstract_with_shardings(abstract_tree: Any, shardings: Any):
   return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_tree, shardings)
+
+
+# ----------------------------------------------------------------------------- failed saves
+
+def _size(n: float) -> str:
+  for unit in ("B", "KB", "MB", "GB", "TB"):
+    if n < 1024 or unit == "TB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+
+
+def tree_nbytes(tree) -> int:
+  """Bytes of the arrays in `tree` (global shapes): about what one checkpoint of it takes."""
+  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")))
+
+
+def free_bytes(path) -> Optional[int]:
+  """Free bytes of the local file system holding `path` (None for object stores)."""
+  path = str(path)
+  if "://" in path:
+    return None
+  while path and not os.path.exists(path):
+    path = os.path.dirname(path.rstrip("/")) or "/"
+  try:
+    return shutil.disk_usage(path).free
+  except OSError:
+    return None
+
+
+def is_no_space(e: BaseException) -> bool:
+  """ENOSPC (or a quota) anywhere in the exception chain or its text."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    text = str(e).lower()
+    if "no space left" in text or "disk quota exceeded" in text:
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def save_error(e: BaseException, workdir, step: int, nbytes: int) -> CheckpointError:
+  """The one-line error for a failed save of `step`; names the last committed step to resume
+  from and, for a full disk, the space one checkpoint needs."""
+  where = checkpoint_dir(workdir)
+  try:
+    last = latest_step(workdir)
+  except Exception:  # noqa: BLE001 -- the error being reported matters more
+    last = None
+  resume = (f"rerun the same command to resume from step {last}" if last is not None
+            else "rerun the same command to start again")
+  if is_no_space(e):
+    free = free_bytes(where)
+    have = f"{_size(free)} free there; " if free is not None else ""
+    return CheckpointError(
+        f"cannot save checkpoint step {step} in {where}: no space left on device ({have}one checkpoint "
+        f"needs about {_size(nbytes)}); free at least {_size(nbytes)} there (or lower "
+        f"train.keep_checkpoints, or use another --workdir), then {resume}")
+  return CheckpointError(f"cannot save checkpoint step {step} in {where}: {_reason(e)}; {resume}")
+
+
+class _QuietOrbaxErrors(logging.Filter):
+  """orbax logs a failed background save as ERROR records with tracebacks (several per failure,
+  some after the manager closed). The failure itself reaches the trainer as an exception and
+  becomes one line (`save_error`), so those records are dropped; the last message is kept."""
+  last = None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and "orbax" in (record.pathname or "") and record.exc_info:
+      _QuietOrbaxErrors.last = record.getMessage()
+      return False
+    return True
+
+
+def quiet_orbax_save_errors() -> None:
+  """Installs the filter on absl's logger (idempotent; stays for the process, since orbax's
+  background threads may log after the manager closed)."""
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _QuietOrbaxErrors) for f in logger.filters):
+    logger.addFilter(_QuietOrbaxErrors())
+
+
+# ----------------------------------------------------------------------------- inputs at the edge
+
+def check_workdir_writable(workdir) -> None:
+  """A one-line CheckpointError unless files can be created in `workdir` (or, when it does not
+  exist yet, in its nearest existing parent, where it would be created). Writes one empty probe
+  file and removes it; creates nothing else. Object stores (gs://...) are not probed."""
+  path = str(workdir)
+  if "://" in path:
+    return
+  probe_dir = os.path.abspath(path)
+  while not os.path.exists(probe_dir):
+    parent = os.path.dirname(probe_dir)
+    if parent == probe_dir:
+      break
+    probe_dir = parent
+  fix = "pass a --workdir you can write to"
+  if os.path.exists(probe_dir) and not os.path.isdir(probe_dir):
+    raise CheckpointError(f"--workdir {path} cannot be created: {probe_dir} is a file, not a directory; {fix}")
+  probe = os.path.join(probe_dir, f".deediff-write-test-{uuid.uuid4().hex[:12]}")
+  try:
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+  except OSError as e:
+    what = "written" if probe_dir == os.path.abspath(path) else "created"
+    raise CheckpointError(f"--workdir {path} cannot be {what}: {e.strerror or e} in {probe_dir}; {fix}") from None
+  os.close(fd)
+  with contextlib.suppress(OSError):
+    os.unlink(probe)
+
+
+def check_params_tree(params: dict, config, where: str) -> None:
+  """For a params file given by the user (sample.params_file, a router file, ...): every array
+  finite and every leaf of the shape `config.model` gives it. One-line CheckpointError naming
+  the file, the parameter and the fix."""
+  for k, v in jax.tree_util.tree_leaves_with_path(params):
+    a = np.asarray(v)
+    if a.dtype.kind in "fc" and not np.isfinite(a).all():
+      bad = "NaN" if np.isnan(a).any() else "infinity"
+      raise CheckpointError(f"{where}: parameter {jax.tree_util.keystr(k)} contains {bad}; the file is "
+                            "damaged or comes from a diverged run, use another one")
+  check_param_shapes(params, config, where)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import signal
+import sys
 import time
 from typing import Callable, Optional
 
@@ -32,6 +34,7 @@ from deediff_jax.diffusion.losses import loss_from_config
 from deediff_jax.model import build, init_params
 from deediff_jax.model.deediff import SCORE_KEYS, DeeDiffUViT
 from deediff_jax.train import checkpoint as ckpt
+from deediff_jax.train import preemption
 from deediff_jax.train import sharding as shd
 from deediff_jax.train.metrics import MetricsWriter
 from deediff_jax.train.state import (TrainState, create_state, ema_update, is_trainable, lr_schedule,
@@ -279,25 +282,86 @@ def train(config, workdir, *, batch_fn: Optional[Callable[[int], dict]] = None,
   local_b = tc.batch_size // jax.process_count()
   _check_batch(batch_fn(0), config, local_b)  # Shapes and keys, before the workdir is touched.
 
+  ckpt.quiet_orbax_save_errors()  # a failed save is one line (ckpt.save_error), not orbax's tracebacks
   manager = ckpt.make_manager(workdir, tc.keep_checkpoints)
+  saver = _Saver(manager, workdir, setup.abstract_state)
   try:
     restored = ckpt.restore_state(manager, workdir, config, setup.abstract_state)
     if restored is None:
       state, start = init_state(setup), 0
     else:
-      state, meta = restored
+      state, meta, damaged = restored
       start = int(meta["step"])
       if int(meta.get("seed", tc.seed)) != tc.seed:
         raise ckpt.CheckpointError(f"checkpoint {ckpt.checkpoint_dir(workdir) / str(start)} was trained "
                                    f"with train.seed={meta['seed']}; resume with --config.train.seed="
                                    f"{meta['seed']} or use a new --workdir")
+      if damaged:
+        # Aside before anything is saved: a save must not meet (or keep-N count) a damaged step.
+        moved = ckpt.set_aside(workdir, [s for s, _ in damaged])
+        manager.reload()
+        (newest, reason), others = damaged[0], "".join(f", step {s}" for s, _ in damaged[1:])
+        ckpt.warn(f"checkpoint step {newest} at {ckpt.checkpoint_dir(workdir) / str(newest)} cannot be "
+                  f"restored ({reason[:160]}){' (nor' + others[1:] + ')' if others else ''}; resuming from "
+                  f"step {start}; the damaged step is kept in {moved[0].parent}")
     ckpt.write_config(workdir, config)
-    state = _loop(setup, state, start, batch_fn, manager, workdir, stop_after, progress)
-    manager.wait_until_finished()
+    with preemption.Watch(manager) as watch:
+      state = _loop(setup, state, start, batch_fn, saver, workdir, stop_after, progress, watch)
+      saver.wait()
+    if watch.received:  # after the last step: the run is complete and committed, but stopped
+      _preempted(watch, int(jax.device_get(state.step)), workdir)
   finally:
-    manager.close()
+    saver.close()
 
   return state
+
+
+class _Saver:
+  """Starts async saves and waits for them; a save that fails (a full disk) becomes one line
+  (`ckpt.save_error`) naming the step and the space one checkpoint needs."""
+
+  def __init__(self, manager, workdir, abstract_state):
+    self.manager, self.workdir = manager, workdir
+    self.nbytes = ckpt.tree_nbytes((abstract_state.params, abstract_state.ema_params,
+                                    abstract_state.opt_state))
+    self.started: list = []   # steps whose save may not be committed yet
+
+  def _failed(self, e: BaseException, step: int):
+    last = ckpt.latest_step(self.workdir)
+    pending = [s for s in self.started if last is None or s > last]
+    raise ckpt.save_error(e, self.workdir, min(pending) if pending else step, self.nbytes) from None
+
+  def save(self, state, config) -> None:
+    step = int(jax.device_get(state.step))
+    try:
+      ckpt.save_state(self.manager, state, config)
+    except Exception as e:  # noqa: BLE001 -- an earlier async save or this one failed
+      self._failed(e, step)
+    self.started.append(step)
+
+  def wait(self) -> None:
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      self._failed(e, self.started[-1] if self.started else -1)
+    self.started = []
+
+  def close(self) -> None:
+    """Closes the manager; a save failing now is reported unless another error is on its way."""
+    failed = None
+    try:
+      self.manager.close()
+    except Exception as e:  # noqa: BLE001
+      failed = e
+    if failed is not None and sys.exc_info()[0] is None:
+      self._failed(failed, self.started[-1] if self.started else -1)
+
+
+def _preempted(watch, step: int, workdir):
+  raise preemption.Preempted(
+      f"training stopped by {preemption.signal_name(watch.signum)} after step {step}; checkpoint step "
+      f"{step} is saved in {ckpt.checkpoint_dir(workdir)}; rerun the same command to resume from it",
+      watch.signum or signal.SIGTERM)
 
 
 def finished(config, state) -> bool:
@@ -305,7 +369,7 @@ def finished(config, state) -> bool:
   return int(jax.device_get(state.step)) >= int(config.train.num_steps)
 
 
-def _loop(setup: Setup, state, start, batch_fn, manager, workdir, stop_after, progress):
+def _loop(setup: Setup, state, start, batch_fn, saver, workdir, stop_after, progress, watch):
   config = setup.config
   tc = config.train
   end = tc.num_steps if stop_after is None else min(tc.num_steps, start + stop_after)
@@ -330,16 +394,18 @@ def _loop(setup: Setup, state, start, batch_fn, manager, workdir, stop_after, pr
       done = step + 1
       window.append(metrics)
       unchecked.append((done, metrics["loss"]))
-      log_now = done % tc.log_every == 0 or done == end
-      save_now = done % tc.checkpoint_every == 0 or done == end
+      # Once per step, on every host (multi-host: JAX's preemption sync point).
+      stop = watch.should_stop(done)
+      log_now = done % tc.log_every == 0 or done == end or stop
+      save_now = done % tc.checkpoint_every == 0 or done == end or stop
       if log_now or save_now:
         # The only host-device syncs: a bad state is caught before it can be saved.
         losses = jax.device_get([l for _, l in unchecked])
         for (s, _), l in zip(unchecked, losses):
           if not math.isfinite(float(l)):
-            _diverged(manager, f"the loss is {float(l)} at step {s}", last_good, workdir)
+            _diverged(saver, f"the loss is {float(l)} at step {s}", last_good, workdir)
         if not bool(_all_finite_jit(state.params)):
-          _diverged(manager, f"the parameters contain NaN/Inf after step {done}", last_good, workdir)
+          _diverged(saver, f"the parameters contain NaN/Inf after step {done}", last_good, workdir)
         unchecked = []
       if log_now:
         values = _mean_metrics(jax.device_get(window))
@@ -351,10 +417,13 @@ def _loop(setup: Setup, state, start, batch_fn, manager, workdir, stop_after, pr
           bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_sec']:.0f}")
         window = []
       if save_now:
-        ckpt.save_state(manager, state, config)
+        saver.save(state, config)
         last_good = done
       if bar is not None:
         bar.update(1)
+      if stop:
+        saver.wait()  # committed before the process exits; a second signal is ignored meanwhile
+        _preempted(watch, done, workdir)
   finally:
     batches.close()
     writer.close()
@@ -363,8 +432,8 @@ def _loop(setup: Setup, state, start, batch_fn, manager, workdir, stop_after, pr
   return state
 
 
-def _diverged(manager, what: str, last_good, workdir):
-  manager.wait_until_finished()  # The last good checkpoint must be complete on disk.
+def _diverged(saver, what: str, last_good, workdir):
+  saver.wait()  # The last good checkpoint must be complete on disk.
   where = (f"the last good checkpoint is step {last_good} in {ckpt.checkpoint_dir(workdir)}"
            if last_good is not None else "no checkpoint was saved")
   raise TrainingDivergedError(f"training stopped: {what}; {where}; lower train.lr or raise "
