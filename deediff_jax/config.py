@@ -7,6 +7,7 @@ a value of the wrong kind, an impossible size or an unknown enum value.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import ml_collections
@@ -278,6 +279,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ConfigError(f"unknown config key '{key}'{hint}; see deediff_jax/config.py for the schema")
     if not _type_ok(schema[key], value):
       raise ConfigError(f"config key '{key}' must be {type(schema[key]).__name__}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # nan, inf: never a setting
+      raise ConfigError(f"config key '{key}' is {value}; give a finite number (default "
+                        f"--config.{key}={schema[key]!r})")
 
   def enum(key, allowed):
     v = given.get(key, schema[key])
@@ -318,6 +322,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if cfg.train.batch_size % cfg.train.grad_accum:
     raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by train.grad_accum "
                       f"{cfg.train.grad_accum}")
+  if cfg.train.lr <= 0:
+    raise ConfigError(f"train.lr must be positive, got {cfg.train.lr}; e.g. --config.train.lr=1e-3")
+  for key in ("weight_decay", "grad_clip", "warmup_steps"):
+    if cfg.train[key] < 0:
+      raise ConfigError(f"train.{key} must be >= 0, got {cfg.train[key]}")
   if not 0.0 <= cfg.train.ema_rate < 1.0:
     raise ConfigError(f"train.ema_rate must be in [0, 1), got {cfg.train.ema_rate}")
   if not 0.0 <= cfg.exit.target_layer_ratio <= 1.0:
@@ -405,9 +414,13 @@ def parse_threshold_schedule(text: str, policy: str = "uem", key: str = "exit.th
 
 def parse_floats(text: str, key: str) -> list[float]:
   try:
-    return [float(s) for s in str(text).split(",") if s.strip()]
+    values = [float(s) for s in str(text).split(",") if s.strip()]
   except ValueError:
     raise ConfigError(f"config key '{key}' must be comma-separated numbers, got {text!r}") from None
+  bad = [v for v in values if not math.isfinite(v)]
+  if bad:
+    raise ConfigError(f"config key '{key}' holds {bad[0]}; give finite numbers, got {text!r}")
+  return values
 
 
 def config_from_file(path: str) -> ml_collections.ConfigDict:
