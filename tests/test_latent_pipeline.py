@@ -1,6 +1,6 @@
 """Latent diffusion end to end at tiny size: images -> encode_latents (a small KL autoencoder, same
 code as KL-f8) -> latents:DIR -> train -> --mode sample (decoded images) -> --mode sweep (FID and
-PSNR vs full of the decoded images), run as the README's ImageNet/COCO recipe commands with tiny
+PSNR vs full of the decoded images), run as docs/latent.md's ImageNet/COCO recipe commands with tiny
 overrides; plus the latents source (memory-mapped, a fresh latent per step, deterministic) and
 the encoder's flips, resumption and one-line errors."""
 import contextlib
@@ -24,7 +24,7 @@ from deediff_jax.data import pipeline, sources  # noqa: E402
 from deediff_jax.model import autoencoder as ae  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTION = "### Latent models: ImageNet 256 and MS-COCO"
+SECTION = "## The recipes"
 TINY_AE = ae.AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)   # 16x16x3 -> 8x8x4
 PER_CLASS = 6          # 10 digit classes x 6 images = 60 images, 120 entries with --flip
 COCO_TRAIN, COCO_VAL = 10, 3   # COCO stand-ins: captioned train2014 / val2014 images
@@ -43,11 +43,11 @@ COCO_TINY = [a for a in MAIN_TINY if not a.startswith("--config.model.num_classe
 
 
 def recipe_commands() -> dict:
-  """{'imagenet': [argv...], 'coco': [argv...]}: the `python -m deediff_jax.*` lines of the README's
-  latent recipe, continuation lines joined."""
-  with open(os.path.join(ROOT, "README.md")) as f:
+  """{'imagenet': [argv...], 'coco': [argv...]}: the `python -m deediff_jax.*` lines of the recipes in
+  docs/latent.md, continuation lines joined."""
+  with open(os.path.join(ROOT, "docs", "latent.md")) as f:
     text = f.read()
-  section = text.split(SECTION, 1)[1].split("\n### ", 1)[0]
+  section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
   out = {"imagenet": [], "coco": []}
   for block in re.findall(r"```bash\n(.*?)```", section, re.S):
     name = "coco" if "configs/mscoco_uvit_small.py" in block else "imagenet"
