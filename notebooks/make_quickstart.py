@@ -11,16 +11,22 @@ Train a small class-conditional DeeDiff U-ViT on scikit-learn's 8×8 digits, the
 without early exit, look at where samples exit over the timesteps, and measure what it saves.
 
 **On Colab:** `Runtime → Change runtime type` (CPU is fine), then run the first cell. It clones
-and installs the package if it is not importable yet; set `REPO_URL` to your copy of this
-repository."""),
+and installs the package if it is not importable yet: put your copy of this repository's git URL
+in `REPO_URL` in that cell (or in the environment variable `DEEDIFF_REPO_URL`).
+
+**Time on a 2-core CPU:** training takes 2½ to 5 minutes (as the README's Quickstart), and the
+sweep at the end about 10 minutes more (the same kind of sweep took 578 s from the command line),
+so plan on a quarter of an hour. A GPU runtime is faster."""),
     new_code_cell("""import os, subprocess, sys
-REPO_URL = os.environ.get("DEEDIFF_REPO_URL", "")  # e.g. your fork's https URL, for Colab
+REPO_URL = ""  # your copy of this repository's git URL (https), for Colab
+REPO_URL = REPO_URL or os.environ.get("DEEDIFF_REPO_URL", "")
 try:
     import deediff_jax  # already installed (local checkout with pip install -e .)
 except ImportError:
     if not os.path.exists("pyproject.toml"):
         if not REPO_URL:
-            raise SystemExit("set REPO_URL to this repository's git URL, or run from a checkout")
+            raise SystemExit("set REPO_URL in this cell (or DEEDIFF_REPO_URL) to this repository's git URL, "
+                             "or run from a checkout")
         subprocess.run(["git", "clone", "-q", REPO_URL, "deediff_jax_repo"], check=True)
         os.chdir("deediff_jax_repo")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt", "-e", "."], check=True)
@@ -30,7 +36,7 @@ print("deediff_jax", deediff_jax.__version__)"""),
     new_markdown_cell("""## Settings
 
 `DEEDIFF_NOTEBOOK_QUICK=1` (used by the test suite) shrinks everything to seconds; the default
-trains the real quickstart model (about 5 minutes on a 2-core CPU, like the README's Quickstart)."""),
+trains the real quickstart model (`configs/digits.py`: 2½ to 5 minutes on a 2-core CPU)."""),
     new_code_cell("""import json
 import jax, numpy as np
 from IPython.display import Image, Markdown, display
@@ -104,11 +110,25 @@ display(fig)"""),
 
 `--mode sweep` from Python: DeeDiff's UEM against static depth, an ASE-style time schedule and
 CALM-style state cosine, each at the same seeds. FID here is *classifier-FID* (features of a
-small CNN trained on digits), not comparable to Inception FID."""),
+small CNN trained on digits), not comparable to Inception FID. On a 2-core CPU this takes about
+10 minutes: every policy at several settings, 200 images each, plus the classifier."""),
     new_code_cell("""from deediff_jax.eval import sweep
 rows = sweep.run(config, WORKDIR, progress=False)
 display(Markdown(open(f"{WORKDIR}/sweep/sweep.md").read()))
 display(Image(f"{WORKDIR}/sweep/pareto_fid.png"))"""),
+    new_markdown_cell("""## Next: one answer for your budget
+
+The sweep shows the whole trade-off; to *use* early exit, let `--mode tune` choose. Give it a
+budget, the share of full-depth GFLOPs per image; it compares every exit policy and fewer sampler
+steps within that budget on calibration noise, measures its choice on held-out noise and writes
+`tuned.json`, which `--mode sample` then uses:
+
+```bash
+python -m deediff_jax.main --config configs/digits.py --workdir /tmp/deediff_quickstart --mode tune --config.tune.budget=0.55
+python -m deediff_jax.main --config configs/digits.py --workdir /tmp/deediff_quickstart --mode sample --config.tune.file=/tmp/deediff_quickstart/tuned.json
+```
+
+The method, the results and every option: the repository's `README.md` and `docs/`."""),
 ]
 
 nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",

@@ -31,3 +31,14 @@ def test_notebook_is_generated_from_its_script():
   exec(compile(script, "make_quickstart.py", "exec"), ns)
   fresh = nbformat.read(pathlib.Path(ns["__file__"]).with_name("quickstart.ipynb"), as_version=4)
   assert [c.source for c in fresh.cells] == [c.source for c in committed.cells]
+
+
+def test_notebook_text_matches_its_code():
+  """The variable the first cell's text names is the one its code reads, the times are stated, and
+  it ends with the recommendation (tune)."""
+  nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+  intro, setup = nb.cells[0].source, nb.cells[1].source
+  assert "`REPO_URL`" in intro and "`DEEDIFF_REPO_URL`" in intro
+  assert 'REPO_URL = ""' in setup and 'os.environ.get("DEEDIFF_REPO_URL"' in setup
+  assert "minutes" in intro and "sweep" in intro
+  assert nb.cells[-1].cell_type == "markdown" and "--mode tune" in nb.cells[-1].source
