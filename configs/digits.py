@@ -1,6 +1,6 @@
 """Tiny class-conditional DeeDiff U-ViT on scikit-learn's bundled 8x8 digits (the embedded default).
 
-About 5 minutes on a 2-core CPU (README "Quickstart"): 5 blocks of width 96, 1,000 steps,
+About 5 minutes on a 2-core CPU (README, "Quickstart"): 5 blocks of width 96, 1,000 steps,
 sampled with guidance scale 2.
   python -m deediff_jax.main --config configs/digits.py --workdir /tmp/deediff_digits
 """

@@ -1,6 +1,6 @@
 """ImageNet 256 U-ViT-L/2 on 4x32x32 autoencoder latents, discrete "stable" schedule, CFG (FID 3.40 published).
 
-The data are autoencoder moments encoded once (README, "Latent models: ImageNet 256 and MS-COCO"):
+The data are autoencoder moments encoded once (docs/latent.md):
   python -m deediff_jax.data.encode_latents --config configs/imagenet256_uvit_large.py \
       --source folder:imagenet/train --autoencoder assets/stable-diffusion/autoencoder_kl.pth --flip \
       --out imagenet256_latents

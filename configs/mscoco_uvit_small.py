@@ -2,7 +2,7 @@
 
 Encode the train2014 images once into autoencoder moments with deediff_jax.data.encode_latents
 (data.source=latents:DIR) and their captions into CLIP token features with
-deediff_jax.data.encode_text (README, "Latent models: ImageNet 256 and MS-COCO").
+deediff_jax.data.encode_text (docs/latent.md).
   python -m deediff_jax.main --config configs/mscoco_uvit_small.py --workdir gs://BUCKET/coco
 """
 from deediff_jax.config import base_config

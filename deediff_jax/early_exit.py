@@ -43,7 +43,7 @@ the first layer whose batch-mean score passes the threshold (uem / state_cosine;
 policies are per-sample by definition and ignore it). aggregate="last" decides like "all" but
 every sample takes the output of the last block the batch ran: the cost of a batch is its
 deepest exit either way, and a sample that stops earlier only loses quality (our addition; the
-13-block MNIST study in the README measures it). The last block always exits and
+13-block MNIST study in docs/results.md measures it). The last block always exits and
 `min_layers` forbids exits before that many blocks ran. With `cfg_pairs=True` the batch is
 [conditional rows; null rows] for classifier-free guidance and a row exits only when it and its
 partner are both confident, so the guided prediction combines two outputs of the same layer.

@@ -11,7 +11,7 @@ from deediff_jax.config import base_config
 from deediff_jax.data import (DataError, epoch_permutation, flip_mask, global_batch_indices, iterate, load_source,
                               make_batch)
 
-# The real 10k-digit MNIST subset beside the repository (configs/mnist.py reads ../shared/data from the root).
+# The real 10k-digit MNIST subset beside the repository (the study scripts' default MNIST_NPZ).
 MNIST = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist10k.npz"))
 needs_mnist = pytest.mark.skipif(not os.path.exists(MNIST), reason=f"{MNIST} is not on this machine")
 SCHEMES = "digits, npz:PATH, folder:PATH, tfds:NAME"

@@ -93,7 +93,7 @@ def load_autoencoder(path: str, what: str = "--autoencoder"):
   full = os.path.abspath(os.path.expanduser(str(path)))
   if not os.path.isfile(full):
     raise EncodeLatentsError(f"autoencoder weights {full} not found ({what}); download U-ViT's "
-                             "assets/stable-diffusion/autoencoder_kl.pth (see the README's latent recipe)")
+                             "assets/stable-diffusion/autoencoder_kl.pth (see docs/latent.md)")
   stat = os.stat(full)
   key = (full, stat.st_mtime_ns, stat.st_size)
   if key not in _AUTOENCODERS:

@@ -131,7 +131,7 @@ def guided(config) -> bool:
 
 def switch_note(policy: str) -> str:
   """The line printed when exit.target_layer_ratio calibrates a time_schedule for a score policy."""
-  # The default since the 13-block MNIST study (README): the paper's UEM (eps target) loses to
+  # The default since the 13-block MNIST study (docs/results.md): the paper's UEM (eps target) loses to
   # this schedule; a fidelity-target UEM with exit.aggregate=last beats it (calibrate=policy).
   return (f"exit.target_layer_ratio calibrated a time_schedule instead of exit.policy={policy}'s threshold "
           "(exit.calibrate=time_schedule, the default: it beats the paper's UEM); --config.exit.calibrate=policy "
