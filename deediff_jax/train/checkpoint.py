@@ -80,13 +80,27 @@ def write_config(workdir, config) -> None:
   (path / "config.json").write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True))
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
 def make_manager(workdir, keep: int = 2, *, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
+      # A reader keeps nothing and saves nothing (orbax warns on stderr about anything else).
+      max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+      create=not read_only, read_only=read_only,
       enable_async_checkpointing=True,
       # A save killed midway leaves a temporary directory; it is never a complete step.
       cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  if not read_only:
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  quiet, logger = _DropReadOnlyNotice(), logging.getLogger("absl")
+  logger.addFilter(quiet)  # a reader's stderr holds only what it has to say
+  try:
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  finally:
+    logger.removeFilter(quiet)
 
 
 def save_state(manager: ocp.CheckpointManager, state, config) -> None:
@@ -372,7 +386,9 @@ def _load_step(manager, step, path, config, use_ema, sharding, backbone_only) ->
                                               if k not in EXIT_MODEL_KEYS}}
   check_time_labels(saved_config, f"checkpoint {path}")
   check_compatible(saved_config, config, f"checkpoint {path}")
-  item = "ema_params" if use_ema and (path / "ema_params").exists() else "params"
+  # An export holds only `params`; a training step without its EMA is damaged (never silently
+  # the raw weights in its place).
+  item = "ema_params" if use_ema and not (isinstance(meta, dict) and meta.get("export")) else "params"
   try:
     with _quiet_tensorstore_teardown():
       tree = _item_tree(manager, step, item)
