@@ -66,3 +66,17 @@ def test_discrete_time_input_is_uvits_one_based_label():
   them at t * N: step index 0 (the least noisy) is label 1, index N - 1 is label N."""
   s = S.make_schedule("linear", 1000)
   np.testing.assert_allclose(S.model_time(s, jnp.array([0, 499, 999])), [1.0, 500.0, 1000.0])
+
+
+def test_checkpoint_from_before_the_time_label_change_is_refused():
+  """A discrete-schedule checkpoint saved without diffusion.time_labels fed the 0-based index:
+  refused with one line naming the fix, never sampled one label off in silence."""
+  import pytest
+  from deediff_jax.train.checkpoint import check_time_labels
+  from deediff_jax.tensor_files import CheckpointError
+  old = {"diffusion": {"schedule": "cosine", "timesteps": 1000}}
+  with pytest.raises(CheckpointError, match="0-based time labels.*retrain") as e:
+    check_time_labels(old, "checkpoint /w/checkpoints/500")
+  assert "\n" not in str(e.value)
+  check_time_labels({"diffusion": {"schedule": "cosine", "timesteps": 1000, "time_labels": "uvit"}}, "x")
+  check_time_labels({"diffusion": {"schedule": "vpsde", "timesteps": 1000}}, "x")  # 999 t: unchanged
