@@ -154,8 +154,7 @@ def test_signal_during_the_save_is_ignored_and_the_save_commits(tmp_path, monkey
   assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
   monkeypatch.setattr(ckpt, "save_state", real_save)
   assert steps_in(tmp_path) == [3]
-  state = trainer.train(make_config(**{"train.stop_at": 3}), tmp_path, progress=False)  # restores intact
-  assert int(state.step) == 3
+  ckpt.load_params(tmp_path, c, step=3)   # committed and intact
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
@@ -268,6 +267,12 @@ def test_enospc_during_a_save_keeps_earlier_checkpoints(tmp_path, capsys, monkey
   assert {k: v for k, v in tree_hashes(wd / "checkpoints").items() if k.split(os.sep)[0] in ("10", "20")} == before
   for step in (10, 20):
     load_params(wd, c, step=step)
+  # A reader meanwhile (as --mode sample beside a running training) takes step 20, without a
+  # warning: the half-written step 30 is a temporary directory, not a step.
+  assert [p for p in os.listdir(wd / "checkpoints") if p.startswith("30.")]
+  capsys.readouterr()
+  assert_bitwise(load_params(wd, c), load_params(wd, c, step=20))
+  assert "warning" not in capsys.readouterr().err
   state = train(make_config(**{"train.keep_checkpoints": 2, "train.stop_at": 30}), wd, progress=False)
   assert int(state.step) == 30 and steps_in(wd) == [20, 30]
   assert not [p for p in os.listdir(wd / "checkpoints") if "tmp" in p]   # the torn save is cleaned up
@@ -371,4 +376,31 @@ def test_params_file_checks(trained, tmp_path, capsys, monkeypatch):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
     for w in words:
       assert w in lines[0], lines[0]
+  assert tree_hashes(trained) == before
+
+
+def test_tune_file_with_unknown_keys_is_one_line(trained, tmp_path, capsys, monkeypatch):
+  pytest.importorskip("deediff_jax.eval.tune")
+  import json
+  tuned = tmp_path / "tuned.json"
+  tuned.write_text(json.dumps({"overrides": {"exit.thresholdd": 0.1}}))
+  before = tree_hashes(trained)
+  code, stderr = invoke(capsys, monkeypatch, cli_args(trained) + SAMPLE + [f"--config.tune.file={tuned}"])
+  lines = said(stderr)
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
+  assert str(tuned) in lines[0] and "'exit.thresholdd'" in lines[0]
+  assert tree_hashes(trained) == before
+
+
+def test_router_of_another_model_is_one_line(trained, tmp_path, capsys, monkeypatch):
+  pytest.importorskip("deediff_jax.caching")
+  router = str(tmp_path / "router.npz")   # for a 5-block model; the tiny one has 3 blocks
+  np.savez(router, prob=np.zeros((3, 10), np.float32), num_blocks=np.asarray(5), sampler=np.asarray("ddim"),
+           steps=np.asarray(3))
+  before = tree_hashes(trained)
+  code, stderr = invoke(capsys, monkeypatch, cli_args(trained) + SAMPLE + [
+      "--config.cache.policy=l2c", f"--config.cache.router={router}", "--config.sample.sampler=ddim"])
+  lines = said(stderr)
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
+  assert router in lines[0] and "blocks" in lines[0]
   assert tree_hashes(trained) == before
