@@ -229,6 +229,7 @@ def base_config() -> ml_collections.ConfigDict:
   s.eta = 0.0                 # DDIM noise (0 = deterministic)
   s.seed = 0                  # initial noise seed (same for early exit and full depth)
   s.use_ema = True            # sample with the EMA parameters
+  s.params_file = ""          # a params file (python -m deediff_jax.export) read instead of the workdir's checkpoint (sample, eval, sweep, tune)
 
   c.sweep = w = ml_collections.ConfigDict()
   w.policies = "uem,static,time_schedule,state_cosine,oracle,none"  # policies to sweep (adadiff models: adadiff replaces uem)
@@ -244,6 +245,18 @@ def base_config() -> ml_collections.ConfigDict:
   w.fid_kind = "classifier"   # classifier | inception | none
   w.inception_weights = ""    # path to pt_inception-2015-12-05-*.pth (or converted .npz)
   w.classifier_steps = 600    # training steps of the classifier-FID feature net
+  w.calibration_seed = 1      # seed of the calibration noise every choice is made on (threshold/schedule calibration, best row per family, tune's pick); sample.seed's noise is held out
+  w.calibration_images = 0    # >0: every row is also measured on this many calibration images (choice_psnr, choice_gflops_ratio: what pareto_budgets picks on)
+
+  c.tune = u = ml_collections.ConfigDict()
+  u.budget = 0.0              # --mode tune: GFLOPs budget as a fraction of full depth at sample.steps (measured at sample.batch_size; admits ratio <= budget)
+  u.min_psnr = 0.0            # --mode tune instead of a budget: the cheapest setting with PSNR vs full >= this (dB)
+  u.file = ""                 # --mode sample|eval: apply the overrides of a tuned.json written by --mode tune
+  u.calibration_images = 200  # images the search measures on (sweep.calibration_seed's noise)
+  u.heldout_images = 0        # images the pick is validated on (sample.seed's noise); 0 = sweep.num_images
+  u.buckets = 4               # timestep buckets of the per-bucket thresholds and the calibrated time schedule
+  u.timing_repeats = 5        # paired, interleaved timings of the pick against full depth (median ratio)
+  u.families = ""            # --mode tune: families searched, comma-separated among learned,time_schedule,static,fewer_steps,static_fewer_steps,l2c (empty = all)
   return c
 
 

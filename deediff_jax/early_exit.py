@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deediff_jax import caching
 from deediff_jax.config import (POLICIES, SCORE_POLICIES, UEM_POLICIES, ConfigError, parse_depth_schedule,
                                 parse_threshold_schedule)
 from deediff_jax.model.deediff import DeeDiffUViT, slice_layer
@@ -219,7 +220,8 @@ def _batch_mean(score, cfg_pairs: bool):
 
 def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy: str,
                        policy_params, time_frac=None, cfg_pairs: bool = False,
-                       aggregate: str = "all", x0_scale=None, guidance_scale=None):
+                       aggregate: str = "all", x0_scale=None, guidance_scale=None,
+                       cache=None, reuse=None):
   """Noise prediction with early exit: (eps [B, H, W, C] float32, stats).
 
   stats: `exit_layer` int32 [B] (1-based block after which each sample exited) and
@@ -227,11 +229,19 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
   (scalar or [B]); `time_frac` in [0, 1] (1 = noisiest, scalar or [B]) is only needed by
   time_schedule and by per-timestep-bucket thresholds. policy="oracle" needs `x0_scale`
   (sigma/alpha of the step) and, with cfg_pairs, the `guidance_scale` its decision uses.
+  Learning-to-Cache (`deediff_jax.caching`): `cache` is the previous evaluation's CacheState and
+  `reuse` bool [N, 2] the sublayers that may reuse; a block runs `caching.block_with_cache`
+  (a reused sublayer is a `lax.cond` branch that computes nothing; an entry the previous
+  evaluation did not reach is computed), and stats gain `cache` (the new state: what this
+  evaluation used, valid for the blocks it ran) and `att_run` / `mlp_run` (sublayers computed).
   """
   cfg = ModelConfig.from_config(cfg)
   check_policy(policy, cfg, aggregate)
   _check_batch(x, cfg_pairs)
   if policy == "oracle":
+    if cache is not None:
+      raise ValueError("cache.policy=l2c does not run with the evaluation-only oracle (it runs every "
+                       "block through the training path); pick another exit policy")
     return oracle_forward(params, cfg, x, t_model, y, context, policy_params=policy_params,
                           x0_scale=x0_scale, cfg_pairs=cfg_pairs, guidance_scale=guidance_scale)
   module = DeeDiffUViT(cfg)
@@ -252,17 +262,26 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
   if aggregate == "mean" and thr is not None:
     thr = jnp.mean(thr)  # one decision for the batch (samplers pass one time for all rows)
 
-  # Each branch runs one block; the skip buffer is only read (by the out-branch).
-  def run_in(i, h, buf):
-    return in_block.apply({"params": slice_layer(in_params, i)}, h)[0]
+  # Each branch runs one block; the skip buffer is only read (by the out-branch). With a cache a
+  # branch returns (h, attention update, MLP update) and reads the previous updates of block i.
+  def apply_block(block, p, i, h, skip, kv):
+    if cache is None:
+      return block.apply({"params": p}, h, skip)[0]
+    ok = reuse[i] & cache["valid"][i]
+    prev = [lax.dynamic_index_in_dim(kv[c], i, 0, keepdims=False) for c in (0, 1)]
+    return caching.block_with_cache(cfg, p, h, skip, ok, prev[0], prev[1])
 
-  def run_mid(i, h, buf):
-    return in_block.apply({"params": mid_params}, h)[0]
+  def run_in(i, h, buf, kv):
+    return apply_block(in_block, slice_layer(in_params, i), i, h, None, kv)
 
-  def run_out(i, h, buf):
+  def run_mid(i, h, buf, kv):
+    return apply_block(in_block, mid_params, i, h, None, kv)
+
+  def run_out(i, h, buf, kv):
     j = i - k - 1
     skip = lax.dynamic_index_in_dim(buf, k - 1 - j, 0, keepdims=False)
-    return out_block.apply({"params": slice_layer(out_params, j)}, h, skip)[0]
+    return apply_block(out_block, slice_layer(out_params, j), i, h, skip, kv)
+
 
   x_in = x.astype(cfg.compute_dtype) if cfg.input_skip else None
 
@@ -309,13 +328,20 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
     return _pair_and(conf, pair_and), armed
 
   def cond_fn(carry):
-    i, _, _, _, exited, _, _ = carry
+    i, _, _, _, exited, _, _, _ = carry
     return (i < n) & ~jnp.all(exited)
 
   def body_fn(carry):
-    i, h, buf, eps, exited, exit_layer, armed = carry
+    i, h, buf, eps, exited, exit_layer, armed, kv = carry
     seg = (i >= k).astype(jnp.int32) + (i > k).astype(jnp.int32)
-    h_new = lax.switch(seg, (run_in, run_mid, run_out), i, h, buf)
+    h_new = lax.switch(seg, (run_in, run_mid, run_out), i, h, buf, kv)
+    if cache is not None:  # store this evaluation's updates of block i (reused or computed)
+      h_new, a, m = h_new
+      kv = (lax.dynamic_update_index_in_dim(kv[0], a.astype(kv[0].dtype), i, 0),
+            lax.dynamic_update_index_in_dim(kv[1], m.astype(kv[1].dtype), i, 0))
+    # In-blocks fill slots 0..k-1; later blocks write the scratch slot k, so no branch is needed
+    # and the update stays in place.
+    buf = lax.dynamic_update_index_in_dim(buf, h_new, jnp.minimum(i, k), 0)
     # In-blocks fill slots 0..k-1; later blocks write the scratch slot k, so no branch is needed
     # and the update stays in place.
     buf = lax.dynamic_update_index_in_dim(buf, h_new, jnp.minimum(i, k), 0)
@@ -325,18 +351,27 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
       mask = newly[:, None, None, None]
       eps = lax.cond(jnp.any(newly), lambda e: jnp.where(mask, head_at(i, h_new), e), lambda e: e, eps)
     exit_layer = jnp.where(newly, i + 1, exit_layer)
-    return i + 1, h_new, buf, eps, exited | newly, exit_layer, armed
+    return i + 1, h_new, buf, eps, exited | newly, exit_layer, armed, kv
 
+  kv0 = None if cache is None else (cache["att"], cache["mlp"])
   carry = (jnp.zeros((), jnp.int32), h0, jnp.zeros((k + 1,) + h0.shape, h0.dtype),
            jnp.zeros(x.shape[:3] + (cfg.in_channels,), jnp.float32), jnp.zeros((b,), bool),
-           jnp.full((b,), n, jnp.int32), jnp.zeros((b,), bool))
-  layers_run, h_last, _, eps, _, exit_layer, _ = lax.while_loop(cond_fn, body_fn, carry)
+           jnp.full((b,), n, jnp.int32), jnp.zeros((b,), bool), kv0)
+  layers_run, h_last, _, eps, _, exit_layer, _, kv = lax.while_loop(cond_fn, body_fn, carry)
   if aggregate == "last":
     # The batch ran to the deepest exit anyway: every sample takes that block's output (same
     # cost as "all", and no sample leaves shallower than the compute already spent).
     eps = head_at(layers_run - 1, h_last).astype(jnp.float32)
     exit_layer = jnp.full((b,), layers_run, jnp.int32)
-  return eps, {"exit_layer": exit_layer, "layers_run": layers_run}
+  stats = {"exit_layer": exit_layer, "layers_run": layers_run}
+  if cache is not None:
+    ran = jnp.arange(n) < layers_run
+    reused = reuse & cache["valid"][:, None] & ran[:, None]          # [N, 2]
+    stats["cache"] = {"att": kv[0], "mlp": kv[1], "valid": ran}
+    stats["att_run"] = layers_run - jnp.sum(reused[:, 0]).astype(jnp.int32)
+    stats["mlp_run"] = layers_run - jnp.sum(reused[:, 1]).astype(jnp.int32)
+  return eps, stats
+
 
 
 # ----------------------------------------------------------------------------- the oracle

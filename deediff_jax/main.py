@@ -1,7 +1,7 @@
 """The command line: flags -> validated config -> mode.
 
   python -m deediff_jax.main --config configs/NAME.py --workdir DIR \
-      [--mode train|sample|sweep|eval] [--config.KEY=VALUE ...]
+      [--mode train|sample|sweep|eval|tune] [--config.KEY=VALUE ...]
 
 `train` (the default) resumes from DIR automatically and ends by sampling. Bad input (flags,
 config, data, checkpoints) is one line on stderr, `error: ...`, and exit code 2; a run that
@@ -18,8 +18,9 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "sweep", "eval")
-_MODE_MODULES = {"sweep": "deediff_jax.eval.sweep", "eval": "deediff_jax.eval.evaluate"}
+MODES = ("train", "sample", "sweep", "eval", "tune")
+_MODE_MODULES = {"sweep": "deediff_jax.eval.sweep", "eval": "deediff_jax.eval.evaluate",
+                 "tune": "deediff_jax.eval.tune"}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py.", lock_config=True)

@@ -64,6 +64,9 @@ def save_grid(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None
 
 
 def _load_params(workdir, config):
+  if str(config.sample.get("params_file", "") or "").strip():  # a flat params file instead of a checkpoint
+    from deediff_jax.train import params_file
+    return params_file.load_for(config)
   from deediff_jax.train.checkpoint import load_params  # the training package owns checkpoints
   return load_params(workdir, config, use_ema=config.sample.use_ema)
 
@@ -88,6 +91,12 @@ def run(config, workdir, params=None) -> dict:
   """Samples `sample.num_images` with the configured sampler/policy; writes files; returns the stats."""
   os.makedirs(workdir, exist_ok=True)
   cfg = ModelConfig.from_config(config.model)
+  # tune.file (--mode tune's tuned.json): its overrides for the early-exit run; full depth stays
+  # the untuned model (its own steps), and the stats carry gflops_ratio against it.
+  full_config, tuned = config, None
+  if "tune" in config and str(config.tune.get("file", "") or "").strip():
+    from deediff_jax.eval.tune import apply_file
+    config, tuned = apply_file(config)
   n = cfg.num_blocks
   if params is None:
     params = _load_params(workdir, config)
@@ -106,8 +115,10 @@ def run(config, workdir, params=None) -> dict:
 
   exit_kw, full_kw = dict(policy=policy, policy_params=policy_params, **kw), dict(plain=True, **kw)
   _warm_up(params, config, rng, num, exit_kw, full_kw)
+  if full_config is not config:
+    _warm_up(params, full_config, rng, num, full_kw)
   images, stats, seconds = _timed(params, config, rng, num, **exit_kw)
-  full_images, _, seconds_full = _timed(params, config, rng, num, **full_kw)
+  full_images, _, seconds_full = _timed(params, full_config, rng, num, **full_kw)
   extra = {}
   if decode is not None:
     extra["latents"] = images.astype(np.float32)
@@ -127,7 +138,7 @@ def run(config, workdir, params=None) -> dict:
   fid_config = deterministic_config(config)
   if fid_config is not config:
     images_det, _ = sampling.sample(params, fid_config, rng, num, policy=policy, policy_params=policy_params, **kw)
-    full_det, _ = sampling.sample(params, fid_config, rng, num, plain=True, **kw)
+    full_det, _ = sampling.sample(params, deterministic_config(full_config), rng, num, plain=True, **kw)
     if decode is not None:
       images_det, full_det = decode(images_det), decode(full_det)
     fid_ = fidelity(full_det, images_det)
@@ -152,6 +163,14 @@ def run(config, workdir, params=None) -> dict:
       "exit_histogram": summary["exit_histogram"],
       "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
   }
+  if tuned is not None:
+    from deediff_jax.eval import flops
+    from deediff_jax.eval.runner import gflops_from_stats
+    factor = 2 if float(s.guidance_scale) != 0.0 else 1
+    full_gflops = flops.full_depth_flops_per_image(cfg, int(full_config.sample.steps), cfg_factor=factor) / 1e9
+    result.update(gflops_ratio=gflops_from_stats(cfg, stats, policy, factor) / full_gflops,
+                  steps_full_depth=int(full_config.sample.steps), tune_file=str(full_config.tune.file),
+                  tune_overrides=tuned["overrides"])
   with open(os.path.join(workdir, "sample_stats.json"), "w") as f:
     json.dump(result, f, indent=2)
   return result

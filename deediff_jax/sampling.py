@@ -132,9 +132,19 @@ def _executable(fn, args):
   return _EXECUTABLES[key]
 
 
-def initial_noise(rng, batch_index: int, shape):
-  """The starting noise of one batch: a function of the seed and the batch index only."""
-  return jax.random.normal(jax.random.fold_in(jax.random.fold_in(rng, batch_index), 0), shape, jnp.float32)
+NOISE_STREAM = 0x1A6E   # fold_in id of the per-image initial noise
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _per_image_noise(rng, indices, image_shape):
+  key = jax.random.fold_in(rng, NOISE_STREAM)
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), image_shape, jnp.float32))(indices)
+
+
+def initial_noise(rng, start: int, shape):
+  """The starting noise of images start .. start + shape[0] - 1: image i's noise is a function of
+  the seed and i only (not of the batch size or the batch it falls in)."""
+  return _per_image_noise(rng, jnp.arange(start, start + shape[0], dtype=jnp.uint32), tuple(shape[1:]))
 
 
 def sample(params, config, rng, num: int, *, policy: Optional[str] = None, policy_params=None,
@@ -144,9 +154,9 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
 
   images: [num, H, W, C] float32 (clipped to [-1, 1] for pixel models; raw for latent models).
   stats (NumPy): `layers_run` [batches, steps], `exit_layer` [steps, num], `batch_sizes` [batches].
-  The policy defaults to `config.exit`; `plain=True` uses the plain full-depth forward. The
-  initial noise and the sampler's noise depend only on `rng` and the batch index, so early exit
-  and full depth start from the same noise. `compile_only=True` compiles the program of every
+  The policy defaults to `config.exit`; `plain=True` uses the plain full-depth forward. Image
+  i's initial noise depends only on `rng` and i (`initial_noise`), the sampler's noise on `rng`
+  and the batch index, so early exit and full depth start from the same noise. `compile_only=True` compiles the program of every
   batch shape (ahead of time, nothing runs) and returns None: a timed call after it compiles
   nothing.
   """
@@ -186,7 +196,7 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
     starts = list({min(st + bs, num) - st: st for st in reversed(starts)}.values())
   for bi, start in enumerate(tqdm(starts, desc="sampling", disable=not progress or compile_only, leave=False)):
     stop = min(start + bs, num)
-    x_init = initial_noise(rng, bi, (stop - start,) + shape)
+    x_init = initial_noise(rng, start, (stop - start,) + shape)
     step_rng = jax.random.fold_in(jax.random.fold_in(rng, bi), 1)
     y = None if labels is None else jnp.asarray(np.asarray(labels)[start:stop], jnp.int32)
     ctx = None if context is None else jnp.asarray(np.asarray(context)[start:stop], jnp.float32)

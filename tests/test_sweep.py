@@ -108,8 +108,14 @@ def swept(tmp_path_factory, digits_caches):
 def test_every_file_and_every_field(swept):
   rows, out_dir = swept["rows"], swept["out_dir"]
   expected = (["sweep.json", "sweep.csv", "sweep.md", "run.json", "pareto_fid.png", "pareto_psnr.png",
-               "exit_heatmap.png", "exit_heatmap_per_bucket.png"] + list(POLICY_FILES))
+               "exit_heatmap.png", "exit_heatmap_per_bucket.png", "per_image_psnr.npz"] + list(POLICY_FILES))
   assert sorted(os.listdir(out_dir)) == sorted(expected)
+  # Each row's per-image PSNR (the held-out images), whose mean is the row's psnr_vs_full.
+  with np.load(os.path.join(out_dir, "per_image_psnr.npz")) as z:
+    assert [str(s) for s in z["setting"]] == [r["setting"] for r in rows]
+    for i, r in enumerate(rows):
+      assert z[f"row_{i:03d}"].shape == (NUM,)
+      assert float(np.mean(z[f"row_{i:03d}"])) == pytest.approx(r["psnr_vs_full"], rel=1e-9)
   # One row per setting: 2 thresholds + 5 depths + 2 schedules + 1 cosine + 2 oracle tolerances
   # + none + 1 fewer-steps row; + 2 calibrated uem rows and 1 calibrated time_schedule.
   settings = S.settings_from_config(swept["config"])

@@ -30,8 +30,9 @@ Across a whole sampling run the ratio and the PSNR are monotone in a only approx
 early exit changes the next step's input), so the result is what was *measured* at the
 returned threshold, never an interpolation: `achieved` in the report is that measurement.
 
-The calibration batch uses its own noise (`calibration_rng`: the sample seed folded with a
-fixed stream id), so the images that are finally evaluated are not the ones it was tuned on.
+The calibration batch uses its own noise (`calibration_rng`: sweep.calibration_seed folded with a
+fixed stream id, independent of sample.seed), so the images that are finally evaluated are not
+the ones it was tuned on.
 
 Per-timestep-bucket thresholds (`exit.calibration_buckets` = K > 1, with target_layer_ratio
 only). One scalar threshold compares the UEM's u across timesteps, and u (an error estimate in
@@ -159,8 +160,11 @@ def schedule_buckets(config) -> int:
 
 
 def calibration_rng(config):
-  """The key of the calibration batch: not the evaluation batch's noise (see the module doc)."""
-  return jax.random.fold_in(jax.random.PRNGKey(int(config.sample.seed)), CALIBRATION_STREAM)
+  """The key of the calibration noise: `sweep.calibration_seed` folded with a fixed stream id, so
+  never the held-out noise of `sample.seed`, and unchanged when sample.seed changes (see the
+  module doc). Every choice (calibration, best row per family, --mode tune) is made on it."""
+  seed = int(config.sweep.get("calibration_seed", 1)) if hasattr(config, "sweep") else 1
+  return jax.random.fold_in(jax.random.PRNGKey(seed), CALIBRATION_STREAM)
 
 
 def conditioning(config, num: int):

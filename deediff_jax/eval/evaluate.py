@@ -22,7 +22,15 @@ from deediff_jax.eval.settings import Setting, setting_from_exit_config
 
 def run(config, workdir: str, *, params=None) -> dict:
   """Evaluates the configured setting; writes DIR/eval.json; returns the row (+ `run`)."""
-  setting = setting_from_exit_config(config)
+  tuned = tune_path = None
+  if "tune" in config and str(config.tune.get("file", "") or "").strip():
+    # tune.file: the tuned setting, against the untuned full model (the config's own steps).
+    from deediff_jax.eval.tune import apply_file, tuned_setting
+    base_steps, tune_path = int(config.sample.steps), str(config.tune.file)
+    config, tuned = apply_file(config)
+    tuned_steps_setting = tuned_setting(config, base_steps)
+    config = runner.with_steps(config, base_steps)
+  setting = setting_from_exit_config(config) if tuned is None else tuned_steps_setting
   # Calibrates the configured policy itself: for a depth policy that is an error, not a switch.
   ctx = runner.start(config, workdir, [setting], params=params, calibration_policy=config.exit.policy)
   if cal_lib.calibrates_schedule(config):
@@ -36,6 +44,8 @@ def run(config, workdir: str, *, params=None) -> dict:
   if setting.calibration is not None:
     info["calibration"] = setting.calibration
   out = dict(row, run=info)
+  if tuned is not None:
+    out.update(tune_file=tune_path, tune_overrides=tuned["overrides"])
   os.makedirs(str(workdir), exist_ok=True)
   report_lib.write_json(os.path.join(str(workdir), "eval.json"), out)
   print(report_lib.header_md(info, title="Early-exit evaluation") + "\n" + report_lib.table_md([row]))

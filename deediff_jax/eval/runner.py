@@ -123,7 +123,11 @@ def check_local(workdir) -> None:
 
 
 def load_checkpoint(config, workdir: str) -> tuple:
-  """(params, step) of the latest checkpoint in `workdir`, EMA weights unless sample.use_ema=False."""
+  """(params, step) of the latest checkpoint in `workdir`, EMA weights unless sample.use_ema=False;
+  with sample.params_file, that file's parameters (train/params_file.py) and step None."""
+  if str(config.sample.get("params_file", "") or "").strip():
+    from deediff_jax.train import params_file
+    return params_file.load_for(config), None
   from deediff_jax.train.checkpoint import latest_step, load_params
   params = load_params(workdir, config, use_ema=bool(config.sample.use_ema))
   return params, latest_step(workdir)
@@ -201,6 +205,7 @@ def evaluate(ctx: Context, setting: Setting) -> tuple[dict, np.ndarray, dict]:
     _warm_up(ctx, fid_config, **{k: v for k, v in kw.items() if k != "pp"})
     images_fid = ctx.decoded(_sample(ctx, fid_config, **kw)[0])
   fidelity = fidelity_lib.fidelity(ctx.images_full_fidelity, images_fid)
+  stats["per_image_psnr"] = fidelity_lib.per_image_psnr(ctx.images_full_fidelity, images_fid)  # bootstrap CIs
   summary = sampling.summarize(stats, n)
   gflops = (flops_lib.full_depth_flops_per_image(ctx.cfg, int(config.sample.steps), cfg_factor=ctx.cfg_factor) / 1e9
             if setting.plain else gflops_from_stats(ctx.cfg, stats, setting.policy, ctx.cfg_factor))

@@ -49,7 +49,15 @@ Files in DIR/sweep/:
   sweep.csv       the scalar fields of the same rows
   sweep.md        a header paragraph (machine, checkpoint step, images, FID kind, baseline) and
                   the table (also printed)
-  run.json        that header's facts as data (machine, baseline, calibration, grids)
+  run.json        that header's facts as data (machine, baseline, calibration, grids, the
+                  held-out protocol's seeds and image counts)
+  per_image_psnr.npz  each row's per-image PSNR vs full ("row_000", ...; "setting"), for paired
+                  bootstrap intervals (eval/bootstrap.py)
+
+With sweep.calibration_images = M > 0 every setting is measured again on M calibration images
+(sweep.calibration_seed's noise; eval/heldout.py) and its row gets the `choice_*` columns:
+benchmarks/pareto_budgets.py picks each family's point at a budget on them and reports the
+held-out columns.
   pareto_fid.png  FID vs GFLOPs per image, one curve per policy (not written for fid_kind=none)
   pareto_psnr.png PSNR vs full depth vs GFLOPs per image (rows at the 100 dB cap, i.e. every
                   image identical up to float rounding, are left out and named in a note)
@@ -76,6 +84,7 @@ from tqdm import tqdm
 # Re-exported (`__all__`) besides what `run` uses: code, tests and the notebook use them as `sweep.X`.
 from deediff_jax.config import SCORE_POLICIES
 from deediff_jax.eval import calibrate as cal_lib
+from deediff_jax.eval import heldout
 from deediff_jax.eval.quality import (CLASSIFIER_STEPS, FID_KIND_NAMES, MAX_REAL_IMAGES, Quality,
                                       RealData, build_quality, real_images)
 from deediff_jax.eval.report import (GRID_IMAGES, IDENTICAL_PSNR, SWEEP_DIR, TABLE_COLUMNS,
@@ -127,14 +136,23 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> list[dic
     rows.append(row)
     images.append(imgs)
     stats.append(st)
+  choice_num = int(config.sweep.get("calibration_images", 0))
+  if choice_num > 0:  # the held-out protocol: every row measured again on calibration noise
+    cctx = heldout.calibration_context(ctx, choice_num)
+    for s, r in zip(tqdm(settings, desc="choice", unit="setting", disable=not progress), rows):
+      r.update(heldout.choice_columns(evaluate(cctx, s)[0], cctx))
   retime_baseline(ctx, rows)
   info = run_info(ctx)
+  info["heldout"] = {"heldout_seed": int(config.sample.seed), "heldout_images": ctx.num,
+                     "calibration_seed": int(config.sweep.get("calibration_seed", 1)),
+                     "calibration_images": choice_num, "batch_size": int(config.sample.batch_size)}
   if calibration is not None:
     info["calibration"] = calibration
   if calibration_per_bucket is not None:
     info["calibration_per_bucket"] = calibration_per_bucket
   out_dir = os.path.join(str(workdir), SWEEP_DIR)
   write_outputs(out_dir, rows, images, stats, ctx, info)
+  heldout.write_per_image_psnr(os.path.join(out_dir, heldout.PER_IMAGE_FILE), rows, stats)
   with open(os.path.join(out_dir, "sweep.md")) as f:
     print(f.read())
   return rows

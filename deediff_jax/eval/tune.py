@@ -1,0 +1,609 @@
+"""`--mode tune`: for this model and this budget, which setting to use, measured.
+
+  python -m deediff_jax.main --config C --workdir DIR --mode tune --config.tune.budget=0.55
+  python -m deediff_jax.main --config C --workdir DIR --mode tune --config.tune.min_psnr=35
+  python -m deediff_jax.main --config C --workdir DIR --mode sample --config.tune.file=DIR/tuned.json
+
+Input: `tune.budget` b, a fraction of the GFLOPs of the plain full-depth sampler at sample.steps
+(GFLOPs measured at sample.batch_size: the layers a batch runs depend on its size; a point is
+admitted when its ratio is <= b, no slack), or `tune.min_psnr` (dB): the cheapest setting whose
+PSNR vs full is at least that.
+
+The search (on `tune.calibration_images` images of the calibration noise, sweep.calibration_seed;
+eval/heldout.py) covers every runnable family, each fitted to the budget (a calibrated family is
+calibrated at a layer-ratio target, measured, and calibrated again lower while its measured GFLOPs
+ratio exceeds b, at most `MAX_FITS` times):
+
+  learned exit      the model's score policy (uem, or adadiff for exit_style=adadiff), threshold
+                    calibrated to the budget, one scalar and one per timestep bucket
+                    (tune.buckets), each with exit.aggregate all and last
+  time_schedule     a depth per timestep bucket calibrated from the oracle's exits
+  static            the deepest fixed depth within the budget
+  fewer steps       the plain full-depth sampler with the most steps within the budget
+  static + fewer    a fixed depth on top of fewer steps (60-90% of the steps)
+  l2c               Learning-to-Cache when cache.router is set and deediff_jax.caching exists
+                    (`_l2c_candidates`: the hook the caching family plugs into)
+
+It picks the best calibration PSNR among admitted points (min_psnr: the lowest GFLOPs among
+points that reach it) and the runner-up (the best admitted point of another family), then
+validates both on `tune.heldout_images` images of the held-out noise (sample.seed): PSNR vs full
+with its bootstrap 95% interval (eval/bootstrap.py), classifier-FID and class accuracy when the
+data have a classifier, the GFLOPs ratio, and the wall-clock speedup over full depth at
+sample.batch_size (one batch; `tune.timing_repeats` paired runs, alternating which goes first,
+after compilation; the median ratio and its min-max).
+
+Writes DIR/tuned.json:
+  {"overrides": {config key: resolved value}, "setting", "gflops_ratio",
+   "heldout": {"psnr", "psnr_ci", "fid", "class_accuracy", "speedup", "speedup_min",
+               "speedup_max", "num_images", "seed"},
+   "runner_up": {"overrides", "setting", "gflops_ratio", "heldout": {...},
+                 "diff": pick - runner-up PSNR, "diff_ci": [lo, hi]},
+   "full": {"fid", "class_accuracy"}, "budget", "min_psnr", "batch_size", "steps",
+   "calibration_images", "heldout_images", "calibration_seed", "heldout_seed"}
+and DIR/tune_candidates.json (every candidate with its calibration measurement); prints one line.
+Overrides are resolved values (a threshold or schedule, never a target to recalibrate); paths
+(a router) are relative to the tuned file. `--config.tune.file=PATH` (`apply_file`) applies them
+to --mode sample|eval and zeroes every calibration target, so nothing is recalibrated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from deediff_jax import sampling
+from deediff_jax.config import SCORE_POLICIES
+from deediff_jax.eval import bootstrap
+from deediff_jax.eval import calibrate as cal_lib
+from deediff_jax.eval import flops as flops_lib
+from deediff_jax.eval import heldout
+from deediff_jax.eval import runner
+from deediff_jax.eval.settings import Setting, setting_from_exit_config
+from deediff_jax.model.uvit import ModelConfig
+
+TUNED_FILE = "tuned.json"
+CANDIDATES_FILE = "tune_candidates.json"
+MAX_FITS = 4                  # calibrations per calibrated family while its GFLOPs exceed the budget
+COMBO_STEP_FRACTIONS = (0.6, 0.7, 0.8, 0.9)
+CALIBRATION_TARGET_KEYS = ("exit.target_layer_ratio", "exit.min_psnr", "exit.max_psnr_drop")
+MIN_PSNR_BISECTIONS = 5
+FAMILIES = ("learned", "time_schedule", "static", "fewer_steps", "static_fewer_steps", "l2c")
+
+
+class TuneError(ValueError):
+  """A tune request that cannot be met or a tuned file that cannot be applied (one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneRequest:
+  """What --mode tune reads from the config, once, at its edge."""
+  budget: float
+  min_psnr: float
+  calibration_images: int
+  heldout_images: int
+  buckets: int
+  timing_repeats: int
+  calibration_seed: int
+  heldout_seed: int
+  batch_size: int
+  steps: int
+  families: tuple = ()
+
+  @classmethod
+  def from_config(cls, config) -> "TuneRequest":
+    t = config.tune
+    budget, min_psnr = float(t.budget), float(t.min_psnr)
+    if (budget > 0) == (min_psnr > 0):
+      raise TuneError("--mode tune needs exactly one of tune.budget (a GFLOPs fraction, e.g. "
+                      "--config.tune.budget=0.55) and tune.min_psnr (dB, e.g. --config.tune.min_psnr=35)")
+    if budget > 1:
+      raise TuneError(f"tune.budget is a fraction of the full-depth GFLOPs in (0, 1], got {budget}")
+    held = int(t.heldout_images) or int(config.sweep.num_images)
+    families = tuple(f.strip() for f in str(t.get("families", "")).split(",") if f.strip())
+    bad = [f for f in families if f not in FAMILIES]
+    if bad:
+      raise TuneError(f"tune.families has {bad[0]!r}; choose among {', '.join(FAMILIES)} (empty: all)")
+    cal = int(t.calibration_images)
+    if cal < 2 or held < 2:
+      raise TuneError(f"tune.calibration_images and the held-out count must be >= 2, got {cal} and {held}")
+    return cls(budget=budget, min_psnr=min_psnr, calibration_images=cal, heldout_images=held,
+               buckets=max(1, min(int(t.buckets), int(config.sample.steps))),
+               timing_repeats=max(1, int(t.timing_repeats)),
+               calibration_seed=int(config.sweep.get("calibration_seed", 1)),
+               heldout_seed=int(config.sample.seed), batch_size=int(config.sample.batch_size),
+               steps=int(config.sample.steps), families=families)
+
+
+@dataclasses.dataclass
+class Candidate:
+  """One point of the search: a setting, the config keys that reproduce it, its measurement."""
+  family: str                 # coarse family: learned, time_schedule, static, fewer_steps, static_fewer_steps, l2c
+  setting: Setting
+  overrides: dict
+  aggregate: str = "all"
+  extra: dict = dataclasses.field(default_factory=dict)   # other config keys the run needs (l2c)
+  psnr: Optional[float] = None                           # on the calibration images
+  gflops_ratio: Optional[float] = None
+  layer_ratio_run: Optional[float] = None
+
+  def label(self) -> str:
+    text = self.setting.label()
+    if self.family == "learned":
+      text += f" aggregate={self.aggregate}"
+    return text
+
+  def record(self) -> dict:
+    return {"family": self.family, "setting": self.label(), "overrides": self.overrides,
+            "calibration_psnr": self.psnr, "calibration_gflops_ratio": self.gflops_ratio,
+            "calibration_layer_ratio_run": self.layer_ratio_run}
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def overrides_of(setting: Setting, aggregate: str, steps: int, min_layers: int) -> dict:
+  """The config keys (resolved values) that make --mode sample run `setting`."""
+  out: dict[str, Any] = {"exit.policy": setting.policy, "sample.steps": int(setting.steps or steps)}
+  if setting.policy in SCORE_POLICIES:
+    if setting.threshold_schedule is not None:
+      out.update({"exit.threshold_schedule": setting.threshold_schedule})
+    else:
+      out.update({"exit.threshold": float(setting.threshold), "exit.threshold_schedule": ""})
+    out["exit.aggregate"] = aggregate
+  elif setting.policy == "static":
+    out["exit.depth"] = int(setting.depth)
+  elif setting.policy == "time_schedule":
+    out["exit.schedule"] = setting.schedule
+  out["exit.min_layers"] = int(min_layers)
+  return out
+
+
+def _set(config, key: str, value, where: str) -> None:
+  node = config
+  *parents, leaf = key.split(".")
+  for p in parents:
+    if p not in node:
+      raise TuneError(f"{where} has unknown config key {key!r}; it was written for another version")
+    node = node[p]
+  if leaf not in node:
+    raise TuneError(f"{where} has unknown config key {key!r}; it was written for another version")
+  default = node[leaf]
+  if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise TuneError(f"{where}: {key}={value!r} does not fit the config ({' '.join(str(e).split())})") from None
+
+
+def apply_overrides(config, overrides: dict, *, where: str = "tune.file", base_dir: str = ""):
+  """A copy of `config` with `overrides` applied and every calibration target zeroed (a tuned
+  setting is resolved: nothing is recalibrated). Keys ending in `.router` are paths relative to
+  `base_dir`. Raises TuneError for a key the config does not have."""
+  from deediff_jax.config import validate
+  out = config.copy_and_resolve_references()
+  for key in CALIBRATION_TARGET_KEYS:
+    _set(out, key, 0.0, where)
+  for key, value in overrides.items():
+    if key.endswith(".router") and value and base_dir and not os.path.isabs(str(value)):
+      value = os.path.normpath(os.path.join(base_dir, str(value)))
+    _set(out, key, value, where)
+  out.tune.file = ""
+  return validate(out)
+
+
+def read_file(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise TuneError(f"tune.file {path!r} does not exist; write it with --mode tune (DIR/{TUNED_FILE})")
+  try:
+    with open(path) as f:
+      tuned = json.load(f)
+  except ValueError as e:
+    raise TuneError(f"tune.file {path} is not JSON ({' '.join(str(e).split())})") from None
+  if not isinstance(tuned, dict) or not isinstance(tuned.get("overrides"), dict):
+    raise TuneError(f"tune.file {path} has no 'overrides' object; write it with --mode tune")
+  return tuned
+
+
+def wanted(config) -> bool:
+  return "tune" in config and bool(str(config.tune.get("file", "") or "").strip())
+
+
+def apply_file(config):
+  """(config with tune.file's overrides applied, the tuned file's contents); see the module doc."""
+  path = str(config.tune.file)
+  tuned = read_file(path)
+  return apply_overrides(config, tuned["overrides"], where=f"tune.file {path}",
+                         base_dir=os.path.dirname(os.path.abspath(path))), tuned
+
+
+def tuned_setting(tuned_config, base_steps: int) -> Setting:
+  """The sweep Setting a tuned config runs (fewer steps: `steps`; policy none: the plain forward)."""
+  s = setting_from_exit_config(tuned_config)
+  steps = int(tuned_config.sample.steps)
+  if steps != int(base_steps):
+    s = dataclasses.replace(s, steps=steps, plain=s.policy == "none")
+  return s
+
+
+# ----------------------------------------------------------------------------- measuring
+
+class _Measure:
+  """Runs candidates on one Context (calibration or held-out), one context per aggregate."""
+
+  def __init__(self, ctx: runner.Context):
+    self.base = ctx
+    self.by_aggregate: dict = {str(ctx.config.exit.aggregate): ctx}
+
+  def ctx_for(self, cand: Candidate) -> runner.Context:
+    if cand.extra:
+      return self._variant(cand.aggregate, cand.extra)
+    if cand.aggregate not in self.by_aggregate:
+      self.by_aggregate[cand.aggregate] = self._variant(cand.aggregate, {})
+    return self.by_aggregate[cand.aggregate]
+
+  def _variant(self, aggregate: str, extra: dict) -> runner.Context:
+    from deediff_jax.eval.fidelity import deterministic_config
+    c = self.base.config.copy_and_resolve_references()
+    c.exit.aggregate = aggregate
+    for key, value in extra.items():
+      _set(c, key, value, "the tune search")
+    return dataclasses.replace(self.base, config=c, fidelity_config=deterministic_config(c)
+                               if self.base.fidelity_config is not self.base.config else c, compiled=set())
+
+  def __call__(self, cand: Candidate) -> tuple:
+    row, images, stats = runner.evaluate(self.ctx_for(cand), cand.setting)
+    return row, images, stats
+
+
+def _measure_calibration(measure: _Measure, cand: Candidate) -> Candidate:
+  row, _, _ = measure(cand)
+  cand.psnr, cand.gflops_ratio, cand.layer_ratio_run = (row["psnr_vs_full"], row["gflops_ratio"],
+                                                        row["layer_ratio_run"])
+  return cand
+
+
+def paired_speedup(params, config, cand: Candidate, cond: dict, rng, repeats: int) -> dict:
+  """Wall clock of the candidate against the plain full-depth sampler at config.sample.steps on
+  one batch of sample.batch_size images: compiled first, then `repeats` pairs, alternating which
+  runs first. Returns the median of full/candidate and its min and max."""
+  from deediff_jax.eval.runner import with_steps
+  num = int(config.sample.batch_size)
+  cond = {k: (None if v is None else (v[:num] if k != "null_context" else v)) for k, v in cond.items()}
+  cfg_c = config.copy_and_resolve_references()
+  cfg_c.exit.aggregate = cand.aggregate
+  for key, value in cand.extra.items():
+    _set(cfg_c, key, value, "the tune timing")
+  cfg_c = with_steps(cfg_c, cand.setting.steps)
+  n = ModelConfig.from_config(config.model).num_blocks
+  if cand.setting.plain:
+    kw_c = dict(plain=True)
+  else:
+    kw_c = dict(policy=cand.setting.policy,
+                policy_params=cand.setting.policy_params(n, int(config.exit.min_layers)))
+  runs = [(config, dict(plain=True)), (cfg_c, kw_c)]
+  for c, kw in runs:
+    sampling.sample(params, c, rng, num, compile_only=True, **kw, **cond)
+    sampling.sample(params, c, rng, num, **kw, **cond)   # one untimed run: caches, allocations
+
+  def timed(c, kw):
+    t0 = time.perf_counter()
+    images, _ = sampling.sample(params, c, rng, num, **kw, **cond)
+    np.asarray(images)
+    return time.perf_counter() - t0
+
+  ratios = []
+  for r in range(repeats):
+    order = runs if r % 2 == 0 else runs[::-1]
+    secs = {id(c): timed(c, kw) for c, kw in order}
+    ratios.append(secs[id(config)] / secs[id(cfg_c)])
+  return {"speedup": float(np.median(ratios)), "speedup_min": float(np.min(ratios)),
+          "speedup_max": float(np.max(ratios)), "timing_batch_size": num, "timing_repeats": repeats}
+
+
+# ----------------------------------------------------------------------------- the search
+
+def _layer_target(cfg: ModelConfig, budget: float, steps: int, policy: str, cfg_factor: int) -> float:
+  """The layer ratio whose predicted GFLOPs ratio (every step running that share of the blocks,
+  with the policy's monitors and one head) is the budget."""
+  full = flops_lib.full_depth_flops_per_image(cfg, steps, cfg_factor=cfg_factor)
+  n = cfg.num_blocks
+
+  def ratio(t):
+    return flops_lib.early_exit_flops_per_image(cfg, t * n, policy=policy, steps=steps,
+                                                cfg_factor=cfg_factor) / full
+  lo, hi = 1.0 / n, 1.0
+  if ratio(lo) > budget:
+    return lo
+  for _ in range(30):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if ratio(mid) <= budget else (lo, mid)
+  return lo
+
+
+def _static_ratio(cfg: ModelConfig, depth: int, steps: int, full_steps: int, cfg_factor: int) -> float:
+  full = flops_lib.full_depth_flops_per_image(cfg, full_steps, cfg_factor=cfg_factor)
+  return flops_lib.early_exit_flops_per_image(cfg, depth, policy="static", steps=steps,
+                                              cfg_factor=cfg_factor) / full
+
+
+def _fit(make: Callable[[float], Optional[Candidate]], measure: Callable[[Candidate], Candidate],
+         budget: float, t0: float, tried: list) -> None:
+  """Calibrates at layer-ratio target t, measures; while over the budget, lowers t by the overshoot."""
+  t = t0
+  for _ in range(MAX_FITS):
+    if t <= 0:
+      return
+    try:
+      cand = make(t)
+    except cal_lib.CalibrationError:
+      return
+    if cand is None:
+      return
+    measure(cand)
+    tried.append(cand)
+    if cand.gflops_ratio <= budget:
+      return
+    t -= (cand.gflops_ratio - budget) + 0.01
+
+
+def _score_policy(cfg: ModelConfig) -> str:
+  return "adadiff" if cfg.exit_style == "adadiff" else ("uem_no_time" if cfg.uem == "token_linear_no_time" else "uem")
+
+
+def _target_config(config, target: float, aggregate: str):
+  c = config.copy_and_resolve_references()
+  c.exit.update(target_layer_ratio=float(target), min_psnr=0.0, max_psnr_drop=0.0, calibrate="policy",
+                aggregate=aggregate, calibration_metric="layer_ratio_run")
+  return c
+
+
+def _l2c_candidates(config, budget: float) -> list:
+  """The caching family (Learning-to-Cache): the hook. It is searched when cache.router is set and
+  deediff_jax.caching exists; a router has a fixed cost, so its one candidate is the configured
+  router at cache.threshold, run with the full-depth policy (none)."""
+  if "cache" not in config or not str(config.cache.get("router", "") or "").strip():
+    return []
+  if importlib.util.find_spec("deediff_jax.caching") is None:
+    return []
+  extra = {"cache.policy": "l2c", "cache.router": os.path.abspath(str(config.cache.router)),
+           "cache.threshold": float(config.cache.threshold)}
+  return [Candidate("l2c", Setting("none"), {"exit.policy": "none", "sample.steps": int(config.sample.steps),
+                                             **extra}, extra=extra)]
+
+
+def search_tasks(config, params, req: TuneRequest, budget: float, cctx: runner.Context,
+                 measure_fn: Callable[[Candidate], Candidate]) -> list:
+  """[(name, task)]: each task appends its candidates (measured on calibration noise) to a list;
+  only the families in tune.families when it is set."""
+  cfg = ModelConfig.from_config(config.model)
+  n, steps = cfg.num_blocks, req.steps
+  cf = 2 if float(config.sample.guidance_scale) != 0.0 else 1
+  min_layers = int(config.exit.min_layers)
+  cal_num = min(req.batch_size, req.calibration_images)
+  rng = cal_lib.calibration_rng(config)
+  tasks = []
+
+  def plain_steps(k):
+    s = Setting("none", steps=k, plain=True)
+    return Candidate("fewer_steps", s, overrides_of(s, "all", steps, min_layers))
+
+  def fewer(tried):
+    k = int(math.floor(budget * steps + 1e-9))
+    for kk in sorted({k, k - 1} & set(range(1, steps))):
+      tried.append(measure_fn(plain_steps(kk)))
+  tasks.append(("fewer_steps", "fewer steps", fewer))
+
+  def deepest(k):
+    ds = [d for d in range(max(1, min_layers), n + 1) if _static_ratio(cfg, d, k, steps, cf) <= budget + 1e-12]
+    return max(ds) if ds else None
+
+  def static(tried):
+    d = deepest(steps)
+    if d is not None and d < n:
+      s = Setting("static", depth=d)
+      tried.append(measure_fn(Candidate("static", s, overrides_of(s, "all", steps, min_layers))))
+  tasks.append(("static", "static", static))
+
+  def combo(tried):
+    ks = sorted({int(round(f * steps)) for f in COMBO_STEP_FRACTIONS} - {steps})
+    for k in ks:
+      if k < 1 or k <= budget * steps:
+        continue
+      d = deepest(k)
+      if d is not None:
+        s = Setting("static", depth=d, steps=k)
+        tried.append(measure_fn(Candidate("static_fewer_steps", s, overrides_of(s, "all", steps, min_layers))))
+  tasks.append(("static_fewer_steps", "static + fewer steps", combo))
+
+  def schedule(tried):
+    def make(t):
+      t = min(1.0, t)
+      sched, report = cal_lib.calibrate_time_schedule(params, config, rng, target=t, buckets=req.buckets,
+                                                      num=cal_num)
+      s = Setting("time_schedule", schedule=",".join(str(v) for v in sched), calibration=report)
+      return Candidate("time_schedule", s, overrides_of(s, "all", steps, min_layers))
+    _fit(make, measure_fn, budget, _layer_target(cfg, budget, steps, "time_schedule", cf), tried)
+  tasks.append(("time_schedule", "time_schedule (calibrated)", schedule))
+
+  if "exit_heads" in params or "ltes" in params:
+    policy = _score_policy(cfg)
+    for aggregate in ("all", "last"):
+      for buckets in sorted({1, req.buckets}):
+        def learned(tried, aggregate=aggregate, buckets=buckets):
+          def make(t):
+            c = _target_config(config, min(1.0, t), aggregate)
+            thr, report = cal_lib.calibrate_threshold(params, c, rng, policy=policy, num=cal_num, buckets=buckets)
+            s = (Setting(policy, threshold_schedule=cal_lib.schedule_text(thr), calibration=report)
+                 if isinstance(thr, (list, tuple)) else Setting(policy, threshold=float(thr), calibration=report))
+            return Candidate("learned", s, overrides_of(s, aggregate, steps, min_layers), aggregate=aggregate)
+          t0 = _layer_target(cfg, budget, steps, policy, cf) - float(config.exit.calibration_tolerance)
+          _fit(make, measure_fn, budget, t0, tried)
+        tasks.append(("learned", f"{policy} {'per bucket' if buckets > 1 else 'scalar'} aggregate={aggregate}",
+                      learned))
+
+  for cand in _l2c_candidates(config, budget):
+    tasks.append(("l2c", "l2c", lambda tried, cand=cand: tried.append(measure_fn(cand))))
+  return [(name, task) for family, name, task in tasks if not req.families or family in req.families]
+
+
+def pick(cands: list, budget: float, min_psnr: float) -> tuple:
+  """(best, runner-up) among measured candidates: the highest calibration PSNR with GFLOPs ratio
+  <= budget (min_psnr: the lowest GFLOPs ratio with PSNR >= min_psnr); the runner-up is the best
+  point of another family (else the next best). (None, None) when nothing qualifies."""
+  if min_psnr > 0:
+    ok = [c for c in cands if c.psnr is not None and c.psnr >= min_psnr]
+    key = lambda c: (-c.gflops_ratio, c.psnr)
+  else:
+    ok = [c for c in cands if heldout.admits(c.gflops_ratio, budget)]
+    key = lambda c: (c.psnr, -c.gflops_ratio)
+  if not ok:
+    return None, None
+  ok = sorted(ok, key=key, reverse=True)
+  best = ok[0]
+  others = [c for c in ok[1:] if c.family != best.family] or ok[1:]
+  return best, (others[0] if others else None)
+
+
+def _search(config, params, req: TuneRequest, budget: float, cmeasure, bar, label: str) -> list:
+  tried: list = []
+  tasks = search_tasks(config, params, req, budget, None, cmeasure)
+  bar.total = (bar.total or 0) + len(tasks)
+  bar.refresh()
+  for name, task in tasks:
+    bar.set_postfix_str(f"{label}{name}")
+    task(tried)
+    bar.update(1)
+  return tried
+
+
+# ----------------------------------------------------------------------------- the mode
+
+def _validate(measure: _Measure, cand: Candidate, ctx: runner.Context) -> tuple:
+  row, _, stats = measure(cand)
+  per_image = np.asarray(stats["per_image_psnr"], np.float64)
+  mean, lo, hi = bootstrap.mean_ci(per_image)
+  out = {"psnr": mean, "psnr_ci": [lo, hi], "fid": row["fid"], "class_accuracy": row["class_accuracy"],
+         "gflops_ratio": row["gflops_ratio"], "layer_ratio_run": row["layer_ratio_run"],
+         "num_images": int(ctx.num), "seed": int(ctx.config.sample.seed)}
+  return out, per_image
+
+
+def _describe(cand: Candidate) -> str:
+  return " ".join(f"--config.{k}={v}" for k, v in cand.overrides.items())
+
+
+def run(config, workdir: str, *, params=None, progress: bool = True) -> dict:
+  """Searches, picks, validates; writes DIR/tuned.json and DIR/tune_candidates.json; returns the tuned dict."""
+  req = TuneRequest.from_config(config)
+  runner.check_local(workdir)
+  cfg = ModelConfig.from_config(config.model)
+  cf = 2 if float(config.sample.guidance_scale) != 0.0 else 1
+  floor = _static_ratio(cfg, int(config.exit.min_layers), 1, req.steps, cf)
+  if req.budget > 0 and req.budget < floor:
+    raise TuneError(f"tune.budget={req.budget:g} is below the cheapest runnable setting ({floor:.4f} of the "
+                    f"full GFLOPs: {int(config.exit.min_layers)} block(s) at 1 step); raise tune.budget")
+  bar = tqdm(total=3, desc="tune", unit="task", disable=not progress)
+  bar.set_postfix_str("held-out full depth and scorer")
+  step = None
+  if params is None:
+    params, step = runner.load_checkpoint(config, workdir)
+  ctx = runner.prepare(config, workdir, num=req.heldout_images, params=params, step=step)
+  bar.update(1)
+  bar.set_postfix_str("calibration full depth")
+  cctx = heldout.calibration_context(ctx, req.calibration_images)
+  cmeasure_ = _Measure(cctx)
+  cmeasure = lambda cand: _measure_calibration(cmeasure_, cand)
+  bar.update(1)
+
+  if req.min_psnr > 0:
+    tried = _search_min_psnr(config, params, req, cmeasure, bar)
+  else:
+    tried = _search(config, params, req, req.budget, cmeasure, bar, "")
+  best, second = pick(tried, req.budget, req.min_psnr)
+  if best is None:
+    bar.close()
+    cheapest = min((c.gflops_ratio for c in tried if c.gflops_ratio is not None), default=float("nan"))
+    if req.min_psnr > 0:
+      top = max((c.psnr for c in tried if c.psnr is not None), default=float("nan"))
+      raise TuneError(f"no setting reaches tune.min_psnr={req.min_psnr:g} dB on the calibration images "
+                      f"(the best reached {top:.1f} dB); lower tune.min_psnr")
+    raise TuneError(f"no runnable setting fits tune.budget={req.budget:g} of the full GFLOPs (the cheapest "
+                    f"candidate needs {cheapest:.3f}); raise tune.budget")
+
+  bar.set_postfix_str("held-out validation")
+  hmeasure = _Measure(ctx)
+  best_h, best_pi = _validate(hmeasure, best, ctx)
+  timing = paired_speedup(params, config, best, ctx.cond, ctx.rng, req.timing_repeats)
+  best_h.update(timing)
+  runner_up = None
+  if second is not None:
+    second_h, second_pi = _validate(hmeasure, second, ctx)
+    second_h.update(paired_speedup(params, config, second, ctx.cond, ctx.rng, req.timing_repeats))
+    diff, lo, hi = bootstrap.paired_diff_ci(best_pi, second_pi)
+    runner_up = {"overrides": second.overrides, "setting": second.label(), "family": second.family,
+                 "gflops_ratio": second_h.pop("gflops_ratio"), "heldout": second_h,
+                 "calibration": {"psnr": second.psnr, "gflops_ratio": second.gflops_ratio},
+                 "diff": diff, "diff_ci": [lo, hi]}
+  bar.update(1)
+  bar.close()
+  tuned = {
+      "overrides": best.overrides, "setting": best.label(), "family": best.family,
+      "gflops_ratio": best_h.pop("gflops_ratio"), "heldout": best_h, "runner_up": runner_up,
+      "calibration": {"psnr": best.psnr, "gflops_ratio": best.gflops_ratio},
+      "full": {"fid": ctx.quality_full.get("fid"), "class_accuracy": ctx.quality_full.get("class_accuracy")},
+      "budget": req.budget or None, "min_psnr": req.min_psnr or None,
+      "batch_size": req.batch_size, "steps": req.steps,
+      "calibration_images": req.calibration_images, "heldout_images": req.heldout_images,
+      "calibration_seed": req.calibration_seed, "heldout_seed": req.heldout_seed,
+  }
+  path = os.path.join(str(workdir), TUNED_FILE)
+  _write_json(path, _relative_paths(tuned, os.path.dirname(os.path.abspath(path))))
+  _write_json(os.path.join(str(workdir), CANDIDATES_FILE), [c.record() for c in tried])
+  h = tuned["heldout"]
+  print(f"tune: use {_describe(best)} ({best.label()}): {tuned['gflops_ratio']:.0%} of the full GFLOPs, "
+        f"{h['speedup']:.2f}x faster at batch {req.batch_size}, PSNR vs full {h['psnr']:.1f} dB "
+        f"[{h['psnr_ci'][0]:.1f}, {h['psnr_ci'][1]:.1f}] on {h['num_images']} held-out images"
+        + (f", classifier-FID {h['fid']:.2f}" if h.get("fid") is not None else "")
+        + (f", accuracy {h['class_accuracy']:.3f}" if h.get("class_accuracy") is not None else "")
+        + f"; written to {path} (apply with --config.tune.file={path})")
+  return tuned
+
+
+def _search_min_psnr(config, params, req: TuneRequest, cmeasure, bar) -> list:
+  """The smallest budget whose best calibration PSNR reaches min_psnr, by bisection on the budget;
+  every candidate measured on the way is returned (pick() then takes the cheapest that reaches it)."""
+  tried: list = []
+  lo, hi = 0.0, 1.0
+  for i in range(MIN_PSNR_BISECTIONS):
+    mid = 0.5 * (lo + hi)
+    got = _search(config, params, req, mid, cmeasure, bar, f"budget {mid:.2f}: ")
+    tried += got
+    best = max((c.psnr for c in got if heldout.admits(c.gflops_ratio, mid)), default=-math.inf)
+    lo, hi = (lo, mid) if best >= req.min_psnr else (mid, hi)
+  return tried
+
+
+def _relative_paths(obj, base_dir: str):
+  if isinstance(obj, dict):
+    return {k: (os.path.relpath(v, base_dir) if k.endswith(".router") and isinstance(v, str) and v
+                else _relative_paths(v, base_dir)) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_relative_paths(v, base_dir) for v in obj]
+  return obj
+
+
+def _write_json(path: str, obj) -> None:
+  from deediff_jax.eval.report import write_json
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  write_json(path, obj)
+
+
+__all__ = ["apply_file", "apply_overrides", "Candidate", "overrides_of", "paired_speedup", "pick", "read_file",
+           "run", "search_tasks", "TuneError", "TuneRequest", "tuned_setting", "wanted", "TUNED_FILE"]
