@@ -16,9 +16,10 @@ POLICIES = ("uem", "uem_no_time", "static", "time_schedule", "state_cosine", "no
 SCORE_POLICIES = ("uem", "uem_no_time", "state_cosine", "adadiff")   # exit on a score vs exit.threshold
 UEM_POLICIES = ("uem", "uem_no_time")                                 # need exit_style=deediff's UEMs
 AGGREGATES = ("all", "mean", "last")
-SAMPLERS = ("ddpm", "ddim", "dpm_solver", "euler_maruyama", "dpm_solver_fast")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver", "euler_maruyama", "dpm_solver_fast", "dpm_solver_2s")
 SCHEDULES = ("linear", "cosine", "stable", "vpsde")
-TRAIN_MODES = ("scratch", "finetune", "frozen_backbone", "uem_only")
+TRAIN_MODES = ("scratch", "finetune", "frozen_backbone", "uem_only", "router")
+CACHE_POLICIES = ("none", "l2c")   # Learning-to-Cache (deediff_jax/caching.py)
 # deediff: the paper's text (a head per block, a per-sample timestep-aware UEM); adadiff: the
 # official AdaDiff code (every exit decodes with the backbone's shared head, a per-pixel
 # confidence module "LTE" on stop-gradient patch tokens).
@@ -179,7 +180,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.cfg_dropout = 0.1    # probability of replacing the condition by the null one
 
   c.train = t = ml_collections.ConfigDict()
-  t.mode = "scratch"          # scratch | finetune | frozen_backbone | uem_only (only UEMs/LTEs learn, from init_from)
+  t.mode = "scratch"          # scratch | finetune | frozen_backbone | uem_only (only UEMs/LTEs learn, from init_from) | router (only a Learning-to-Cache router learns, for sample.sampler/steps; docs/caching.md)
   t.num_steps = 2000          # optimiser steps
   t.batch_size = 128          # global batch (all hosts and devices)
   t.lr = 1e-3                 # peak AdamW learning rate
@@ -220,8 +221,14 @@ def base_config() -> ml_collections.ConfigDict:
   e.calibration_images = 0    # 0: min(sample.batch_size, sample.num_images)
   e.calibration_buckets = 1   # >1: calibrate one threshold per timestep bucket to target_layer_ratio each
 
+  c.cache = ml_collections.ConfigDict()
+  c.cache.policy = "none"     # none | l2c (Learning-to-Cache: sublayers reuse their previous update; sampler dpm_solver_2s or ddim; docs/caching.md)
+  c.cache.router = ""         # l2c: router file (official .pth or ours, .npz from train.mode=router)
+  c.cache.threshold = 0.9     # l2c: a sublayer is recomputed where its router score > threshold, reused otherwise (official: 0.9)
+  c.cache.l1_weight = 0.1     # train.mode=router: lambda of the L1 term, given for a 4x32x32 output (official); scaled by H*W*C/4096
+
   c.sample = s = ml_collections.ConfigDict()
-  s.sampler = "ddim"          # ddpm | ddim | dpm_solver | euler_maruyama | dpm_solver_fast
+  s.sampler = "ddim"          # ddpm | ddim | dpm_solver | euler_maruyama | dpm_solver_fast | dpm_solver_2s (singlestep order 2, even steps = NFE)
   s.steps = 50                # sampler steps (network evaluations per image, before CFG)
   s.num_images = 64           # images written by --mode sample
   s.batch_size = 64           # images per sampling batch
@@ -257,6 +264,8 @@ def base_config() -> ml_collections.ConfigDict:
   u.buckets = 4               # timestep buckets of the per-bucket thresholds and the calibrated time schedule
   u.timing_repeats = 5        # paired, interleaved timings of the pick against full depth (median ratio)
   u.families = ""            # --mode tune: families searched, comma-separated among learned,time_schedule,static,fewer_steps,static_fewer_steps,l2c (empty = all)
+  w.cache_thresholds = "0,0.3,0.5,0.7,0.9,0.95"  # l2c / l2c+exit rows (sweep.policies): cache.threshold values (needs cache.router)
+  w.cache_exits = ""          # l2c+exit rows: ';'-separated exit settings POLICY[:VALUE] (uem:0.1;static:9;time_schedule:5,9,13); empty: config.exit's
   return c
 
 
@@ -307,6 +316,21 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   enum("diffusion.schedule", SCHEDULES)
   enum("diffusion.time_labels", ("uvit",))
   enum("train.mode", TRAIN_MODES)
+  enum("cache.policy", CACHE_POLICIES)
+  if cfg.sample.sampler == "dpm_solver_2s" and cfg.sample.steps % 2:
+    raise ConfigError(f"sample.sampler=dpm_solver_2s takes an even sample.steps (network evaluations, "
+                      f"two per solver step), got {cfg.sample.steps}; use {cfg.sample.steps + 1}")
+  if cfg.cache.policy == "l2c" and cfg.sample.sampler not in ("dpm_solver_2s", "ddim"):
+    raise ConfigError(f"cache.policy=l2c works with sample.sampler dpm_solver_2s or ddim, got "
+                      f"{cfg.sample.sampler}")
+  if cfg.cache.policy == "l2c" and not str(cfg.cache.router).strip():
+    raise ConfigError("cache.policy=l2c needs cache.router=PATH (an official router .pth or one "
+                      "trained with --config.train.mode=router)")
+  if cfg.train.mode == "router" and cfg.sample.sampler not in ("dpm_solver_2s", "ddim"):
+    raise ConfigError(f"train.mode=router trains for sample.sampler dpm_solver_2s or ddim, got "
+                      f"{cfg.sample.sampler}")
+  if cfg.cache.l1_weight < 0:
+    raise ConfigError(f"cache.l1_weight must be >= 0, got {cfg.cache.l1_weight}")
   enum("model.exit_style", EXIT_STYLES)
   enum("loss.uem_target", UEM_TARGETS)
   enum("sweep.fid_kind", FID_KINDS)
@@ -390,7 +414,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if cfg.exit.policy == "time_schedule" and (str(cfg.exit.schedule).strip() or cfg.exit.target_layer_ratio <= 0):
     # An empty schedule is fine when exit.target_layer_ratio calibrates one.
     parse_depth_schedule(cfg.exit.schedule, mc.num_blocks, key="exit.schedule")
-  if cfg.train.mode in ("finetune", "frozen_backbone", "uem_only") and not cfg.train.init_from:
+  if cfg.train.mode in ("finetune", "frozen_backbone", "uem_only", "router") and not cfg.train.init_from:
     raise ConfigError(f"train.mode={cfg.train.mode} needs train.init_from=DIR (a checkpoint "
                       "workdir or converted U-ViT weights)")
   if not cfg.data.latent and (mc.image_size != cfg.data.image_size or mc.in_channels != cfg.data.channels):

@@ -124,6 +124,10 @@ def run(argv: list[str]) -> int:
     import jax
     from deediff_jax.train import sharding
     from deediff_jax.train.trainer import finished, train
+    if config.train.mode == "router":  # Learning-to-Cache: only a router learns (docs/caching.md)
+      from deediff_jax.train.router import train_router
+      train_router(config, str(workdir))
+      return 0
     state = train(config, workdir)
     if finished(config, state) and config.train.sample_at_end:
       # Training ends by sampling; the trainer itself knows nothing of sampling (data flows one way).

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from deediff_jax import caching
 from deediff_jax.config import SAMPLERS, ModelConfig
 from deediff_jax.diffusion import schedule as sched_lib
 from deediff_jax.diffusion.samplers import EpsFn, SamplerError, guide, run_sampler, x0_scale_fn
@@ -67,10 +68,12 @@ def make_eps_fn(params, cfg, policy: str = "none", policy_params=None, y=None, c
     if policy_params is None:
       policy_params = make_policy_params(n)
 
-  def eps_fn(x, t_model, time_frac):
+  def eps_fn(x, t_model, time_frac, cache=None, reuse=None):
     b = x.shape[0]
     xin = jnp.concatenate([x, x], axis=0) if doubled else x
     t = jnp.broadcast_to(jnp.asarray(t_model, jnp.float32), (xin.shape[0],))
+    if plain and cache is not None:
+      raise SamplerError("the plain forward has no cache; Learning-to-Cache runs through the loop")
     if plain:
       eps = module.apply({"params": params}, xin, t, y_in, ctx_in)
       stats = {"exit_layer": jnp.full((xin.shape[0],), n, jnp.int32), "layers_run": jnp.asarray(n, jnp.int32)}
@@ -80,12 +83,17 @@ def make_eps_fn(params, cfg, policy: str = "none", policy_params=None, y=None, c
         if x0_scale_of is None:
           raise SamplerError("exit policy 'oracle' needs x0_scale_of (samplers.x0_scale_fn(schedule))")
         extra = dict(x0_scale=x0_scale_of(time_frac), guidance_scale=guidance_scale if doubled else None)
+      if cache is not None:
+        extra.update(cache=cache, reuse=reuse)
       eps, stats = early_exit_forward(params, cfg, xin, t, y_in, ctx_in, policy=policy,
                                       policy_params=policy_params, time_frac=time_frac,
                                       cfg_pairs=doubled, aggregate=aggregate, **extra)
     if doubled:
       eps = guide(eps, guidance_scale)
-    return eps, {"exit_layer": stats["exit_layer"][:b], "layers_run": stats["layers_run"]}
+    out = {"exit_layer": stats["exit_layer"][:b], "layers_run": stats["layers_run"]}
+    if cache is not None:  # Learning-to-Cache: the new state and the sublayers computed
+      out.update({k: stats[k] for k in ("cache", "att_run", "mlp_run")})
+    return eps, out
   return eps_fn
 
 
@@ -100,15 +108,20 @@ def make_plain_eps_fn(params, cfg, y=None, context=None, guidance_scale=0.0, nul
 
 @functools.lru_cache(maxsize=64)
 def _compiled(cfg: ModelConfig, schedule_name: str, timesteps: int, sampler: str, steps: int,
-              policy: str, aggregate: str, doubled: bool, clip: bool, plain: bool):
-  """One jitted sampler per static setting; thresholds, depths, eta and guidance are traced."""
+              policy: str, aggregate: str, doubled: bool, clip: bool, plain: bool, cached: bool = False):
+  """One jitted sampler per static setting; thresholds, depths, eta, guidance and the cache's
+  reuse schedule are traced."""
   schedule = sched_lib.make_schedule(schedule_name, timesteps)
 
-  def fn(params, x_init, rng, y, context, null_context, policy_params, guidance_scale, eta):
+  def fn(params, x_init, rng, y, context, null_context, policy_params, guidance_scale, eta, reuse=None):
     eps_fn = make_eps_fn(params, cfg, policy, policy_params, y, context,
                          guidance_scale if doubled else 0.0, None, null_context,
                          aggregate=aggregate, plain=plain, x0_scale_of=x0_scale_fn(schedule))
-    x, stats = run_sampler(sampler, eps_fn, schedule, steps, x_init, rng, eta=eta, clip=clip)
+    cache = None
+    if cached:
+      rows = x_init.shape[0] * (2 if doubled else 1)   # CFG: the null rows keep their own cache
+      cache = (caching.init_cache(cfg, rows), reuse)
+    x, stats = run_sampler(sampler, eps_fn, schedule, steps, x_init, rng, eta=eta, clip=clip, cache=cache)
     return x, stats
   return jax.jit(fn)
 
@@ -149,7 +162,8 @@ def initial_noise(rng, start: int, shape):
 
 def sample(params, config, rng, num: int, *, policy: Optional[str] = None, policy_params=None,
            labels=None, context=None, null_context=None, plain: bool = False,
-           aggregate: Optional[str] = None, progress: bool = False, compile_only: bool = False):
+           aggregate: Optional[str] = None, progress: bool = False, compile_only: bool = False,
+           x_init=None, reuse=None):
   """Samples `num` images in batches of `config.sample.batch_size` -> (images, stats).
 
   images: [num, H, W, C] float32 (clipped to [-1, 1] for pixel models; raw for latent models).
@@ -159,6 +173,11 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
   and the batch index, so early exit and full depth start from the same noise. `compile_only=True` compiles the program of every
   batch shape (ahead of time, nothing runs) and returns None: a timed call after it compiles
   nothing.
+
+  `x_init` [num, H, W, C]: the initial noise to start from instead of drawing it (e.g. noise
+  another implementation drew). `reuse`: Learning-to-Cache's reuse schedule (bool [solver_steps,
+  N, 2], `caching.reuse_schedule`); None: from config.cache (on when cache.policy=l2c), False:
+  off. With a cache, stats also hold `att_run` / `mlp_run` [batches, steps] (sublayers computed).
   """
   cfg = ModelConfig.from_config(config.model)
   n = cfg.num_blocks
@@ -186,22 +205,37 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
   if doubled and cfg.context_dim > 0 and null_context is None:
     raise SamplerError("sample.guidance_scale > 0 on a text model needs the null caption's features "
                      "('null_features' in data.context_file); set sample.guidance_scale=0 or add them")
+  if reuse is None:
+    reuse = caching.reuse_from_config(config, n) if caching.enabled(config) and not plain else False
+  cached = reuse is not False and not plain
+  if cached:
+    rows = caching.solver_steps(s.sampler, int(s.steps))
+    reuse = jnp.asarray(reuse, bool)
+    if reuse.shape != (rows, n, 2):
+      raise SamplerError(f"the reuse schedule must be [{rows}, {n}, 2] for {s.sampler} with "
+                         f"{s.steps} steps, got {tuple(reuse.shape)}")
+  if x_init is not None and np.shape(x_init) != (num, cfg.image_size, cfg.image_size, cfg.in_channels):
+    raise SamplerError(f"x_init must be [{num}, {cfg.image_size}, {cfg.image_size}, {cfg.in_channels}] "
+                       f"(NHWC), got {tuple(np.shape(x_init))}")
   fn = _compiled(cfg, config.diffusion.schedule, int(config.diffusion.timesteps), s.sampler,
-                 int(s.steps), "none" if plain else policy, aggregate, doubled, clip, bool(plain))
+                 int(s.steps), "none" if plain else policy, aggregate, doubled, clip, bool(plain), cached)
   shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
   bs = int(s.batch_size)
   starts = list(range(0, num, bs))
-  images, layers_run, exit_layer, sizes = [], [], [], []
+  images, layers_run, exit_layer, sizes, sub_run = [], [], [], [], []
   if compile_only:  # one batch of each distinct size: shapes are all that matter
     starts = list({min(st + bs, num) - st: st for st in reversed(starts)}.values())
   for bi, start in enumerate(tqdm(starts, desc="sampling", disable=not progress or compile_only, leave=False)):
     stop = min(start + bs, num)
-    x_init = initial_noise(rng, start, (stop - start,) + shape)
+    x0 = (initial_noise(rng, start, (stop - start,) + shape) if x_init is None
+          else jnp.asarray(np.asarray(x_init, np.float32)[start:stop]))
     step_rng = jax.random.fold_in(jax.random.fold_in(rng, bi), 1)
     y = None if labels is None else jnp.asarray(np.asarray(labels)[start:stop], jnp.int32)
     ctx = None if context is None else jnp.asarray(np.asarray(context)[start:stop], jnp.float32)
     nctx = None if null_context is None else jnp.asarray(null_context, jnp.float32)
-    args = (params, x_init, step_rng, y, ctx, nctx, policy_params, jnp.float32(scale), jnp.float32(s.eta))
+    args = (params, x0, step_rng, y, ctx, nctx, policy_params, jnp.float32(scale), jnp.float32(s.eta))
+    if cached:
+      args = args + (reuse,)
     program = _executable(fn, args)
     if compile_only:
       continue
@@ -209,6 +243,8 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
     images.append(x)
     layers_run.append(st["layers_run"])
     exit_layer.append(st["exit_layer"])
+    if cached:
+      sub_run.append((st["att_run"], st["mlp_run"]))
     sizes.append(stop - start)
   if compile_only:
     return None
@@ -219,6 +255,9 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
   stats = {"layers_run": np.stack([np.asarray(v) for v in layers_run]),
            "exit_layer": np.concatenate([np.asarray(v) for v in exit_layer], axis=1),
            "batch_sizes": np.asarray(sizes, np.int64)}
+  if cached:
+    stats["att_run"] = np.stack([np.asarray(a) for a, _ in sub_run])
+    stats["mlp_run"] = np.stack([np.asarray(m) for _, m in sub_run])
   return images, stats
 
 

@@ -17,6 +17,15 @@ statistics give the exit heatmap (timestep x layer).
   as in U-ViT's CIFAR-10/CelebA sampler; the last step adds no noise.
 - `dpm_solver_fast`: U-ViT's latent-model evaluation sampler, DPM-Solver++ singlestep in its
   "fast" mode (order 3, lower orders at the end, uniform time steps), see `dpm_solver_fast_grid`.
+- `dpm_solver_2s`: DPM-Solver++ singlestep order 2 (Learning-to-Cache's U-ViT sampler): `steps`
+  network evaluations (NFE, even) in steps / 2 solver steps on t = linspace(1, 1/N, steps/2 + 1),
+  the intermediate time inverse_lambda(lambda_s + h/2), the network at t * N.
+
+`ddim` and `dpm_solver_2s` also take `cache=(state, reuse)` (Learning-to-Cache, see
+`deediff_jax.caching`): the noise predictor is then called as `eps_fn(x, t_model, time_frac,
+cache=state, reuse=reuse_row)`, reports the new state in `stats["cache"]`, and the state rides in
+the scan carry; `reuse` [solver_steps, N, 2] says which sublayers reuse at each step's first
+evaluation (intermediate evaluations reuse nothing).
 
 x0 predictions are clipped to [-1, 1] only for DDPM/DDIM and only when asked (`clip`;
 `deediff_jax.sampling.sample` turns it on for pixel models, off for latent ones).
@@ -86,6 +95,16 @@ def _predict(eps_fn, x, s):
   return eps.astype(x.dtype), dict(st)  # exit_layer, layers_run (+ whatever else eps_fn reports)
 
 
+def _predict_cached(eps_fn, x, t_model, time_frac, state, reuse):
+  """(eps, stats, new cache state); state None: the plain call and None."""
+  if state is None:
+    eps, st = eps_fn(x, t_model, time_frac)
+    return eps.astype(x.dtype), dict(st), None
+  eps, st = eps_fn(x, t_model, time_frac, cache=state, reuse=reuse)
+  st = dict(st)
+  return eps.astype(x.dtype), st, st.pop("cache")
+
+
 def _x0_from_eps(x, eps, alpha, sigma, clip):
   x0 = (x - sigma * eps) / alpha
   if clip:
@@ -96,18 +115,23 @@ def _x0_from_eps(x, eps, alpha, sigma, clip):
 
 # ----------------------------------------------------------------------------- samplers
 
-def ddim(eps_fn: EpsFn, schedule: Schedule, steps: int, x_init, rng=None, *, eta=0.0, clip=False):
-  """DDIM: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z, c = eta sigma_s/sigma_t sqrt(1 - a_t^2/a_s^2)."""
+def ddim(eps_fn: EpsFn, schedule: Schedule, steps: int, x_init, rng=None, *, eta=0.0, clip=False,
+         cache=None):
+  """DDIM: x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z, c = eta sigma_s/sigma_t sqrt(1 - a_t^2/a_s^2).
+  `cache=(state, reuse [steps, N, 2])`: Learning-to-Cache (module doc)."""
+  state0, reuse = (None, None) if cache is None else cache
+
   def step(carry, s):
-    x, _ = carry
+    x, state = carry
     a, sg, an, sn = (_bcast(s[k], x) for k in ("alpha", "sigma", "alpha_next", "sigma_next"))
-    eps, st = _predict(eps_fn, x, s)
+    eps, st, state = _predict_cached(eps_fn, x, s["t_model"], s["time_frac"], state,
+                                     None if reuse is None else reuse[s["index"]])
     x0, eps = _x0_from_eps(x, eps, a, sg, clip)
     c = eta * (sn / sg) * jnp.sqrt(jnp.maximum(1.0 - (a / an) ** 2, 0.0))
     z = jax.random.normal(s["key"], x.shape, x.dtype)
     x = an * x0 + jnp.sqrt(jnp.maximum(sn ** 2 - c ** 2, 0.0)) * eps + c * z
-    return (x, None), st
-  return _scan_steps(step, schedule, steps, x_init, rng)
+    return (x, state), st
+  return _scan_steps(step, schedule, steps, x_init, rng, state0)
 
 
 def ddpm(eps_fn: EpsFn, schedule: Schedule, steps: int, x_init, rng, *, clip=False):
@@ -279,10 +303,107 @@ def dpm_solver_fast(eps_fn: EpsFn, schedule: Schedule, steps: int, x_init, rng=N
   return x, stats
 
 
+# ----------------------------------------------------------------------------- DPM-Solver-2S
+
+def _inverse_lambda(schedule: Schedule, lam: np.ndarray) -> np.ndarray:
+  """Continuous time of half-logSNR `lam` (float64, host): DPM-Solver's NoiseScheduleVP.inverse_lambda."""
+  log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * lam)
+  if schedule.continuous:
+    b0, b1 = schedule.beta_min, schedule.beta_max
+    tmp = 2.0 * (b1 - b0) * np.logaddexp(-2.0 * lam, 0.0)
+    delta = b0 ** 2 + tmp
+    return tmp / (np.sqrt(delta) + b0) / (b1 - b0)
+  n = schedule.num_timesteps
+  table = 0.5 * np.log(np.asarray(schedule.alphas_cumprod, np.float64))
+  knots = np.arange(1, n + 1, dtype=np.float64) / n
+  return np.interp(log_alpha, table[::-1], knots[::-1])
+
+
+def dpm_solver_2s_grid(schedule: Schedule, steps: int) -> dict:
+  """DPM-Solver++ singlestep order 2 on the host in float64, as U-ViT/L2C call it:
+  `DPM_Solver(model_fn, NoiseScheduleVP('discrete', betas), predict_x0=True).sample(x, steps=NFE,
+  eps=1/N, T=1, order=2, method='singlestep')`: K = NFE/2 solver steps on the time-uniform grid
+  t = linspace(1, 1/N, K + 1) (VPSDE: linspace(1, 1e-3, K + 1)); step k goes from s = t[k] to
+  t[k+1] with h = lambda_t - lambda_s and the intermediate time s1 = inverse_lambda(lambda_s + h/2)
+  (r1 = 1/2). With x0_s = x0(x, s):
+    u    = sigma_s1/sigma_s x - alpha_s1 expm1(-h/2) x0_s
+    x_t  = sigma_t/sigma_s x - alpha_t expm1(-h) x0_s - (0.5/r1) alpha_t expm1(-h) (x0(u, s1) - x0_s)
+  The network sees t * N (U-ViT's 1-based labels; VPSDE 999 t). Arrays are [K] per solver step,
+  first (`*_s`) and intermediate (`*_s1`) evaluation.
+  """
+  if steps < 2 or steps % 2:
+    raise SamplerError(f"sample.sampler=dpm_solver_2s takes an even sample.steps >= 2 (network "
+                       f"evaluations, two per solver step), got {steps}")
+  k = steps // 2
+  if schedule.continuous:
+    t = np.linspace(1.0, sched_lib.VPSDE_T_EPS, k + 1, dtype=np.float64)
+  else:
+    t = np.linspace(1.0, 1.0 / schedule.num_timesteps, k + 1, dtype=np.float64)
+  la = _fast_log_alpha(schedule, t)
+  alpha, sigma = np.exp(la), np.sqrt(-np.expm1(2.0 * la))
+  lam = la - np.log(sigma)
+  h = lam[1:] - lam[:-1]
+  r1 = 0.5
+  s1 = _inverse_lambda(schedule, lam[:-1] + r1 * h)
+  la1 = _fast_log_alpha(schedule, s1)
+  a1, sg1 = np.exp(la1), np.sqrt(-np.expm1(2.0 * la1))
+
+  def label(tt):
+    return 999.0 * tt if schedule.continuous else tt * schedule.num_timesteps
+
+  def frac(tt):
+    return tt if schedule.continuous else (label(tt) - 1.0) / (schedule.num_timesteps - 1)
+
+  phi = np.expm1(-h)
+  return {"t": t, "s1": s1, "alpha": alpha, "sigma": sigma, "lam": lam,
+          "t_model_s": label(t[:-1]), "time_frac_s": frac(t[:-1]),
+          "t_model_s1": label(s1), "time_frac_s1": frac(s1),
+          "alpha_s": alpha[:-1], "sigma_s": sigma[:-1], "alpha_s1": a1, "sigma_s1": sg1,
+          "u_x": sg1 / sigma[:-1], "u_0": -a1 * np.expm1(-r1 * h),
+          "x_x": sigma[1:] / sigma[:-1], "x_0": -alpha[1:] * phi * (1.0 - 0.5 / r1),
+          "x_1": -alpha[1:] * phi * (0.5 / r1)}
+
+
+def dpm_solver_2s(eps_fn: EpsFn, schedule: Schedule, steps: int, x_init, rng=None, *, cache=None):
+  """DPM-Solver++ singlestep order 2 (`dpm_solver_2s_grid`): `steps` evaluations (even), one
+  `lax.scan` iteration per solver step; deterministic (`rng` unused). `cache=(state, reuse
+  [steps/2, N, 2])`: Learning-to-Cache: the first evaluation of step k reuses per reuse[k] what the
+  intermediate evaluation of step k-1 produced; the intermediate evaluation reuses nothing.
+  Stats are per evaluation ([steps]: first, intermediate, first, ...)."""
+  del rng
+  g = dpm_solver_2s_grid(schedule, steps)
+  keys = ("t_model_s", "time_frac_s", "t_model_s1", "time_frac_s1", "alpha_s", "sigma_s",
+          "alpha_s1", "sigma_s1", "u_x", "u_0", "x_x", "x_0", "x_1")
+  per_step = {k: jnp.asarray(g[k], jnp.float32) for k in keys}
+  per_step["index"] = jnp.arange(steps // 2)
+  state0, reuse = (None, None) if cache is None else cache
+
+  def step(carry, s):
+    x, state = carry
+    c = lambda k: _bcast(s[k], x).astype(x.dtype)
+    eps, st0, state = _predict_cached(eps_fn, x, s["t_model_s"], s["time_frac_s"], state,
+                                      None if reuse is None else reuse[s["index"]])
+    x0 = (x - c("sigma_s") * eps) / c("alpha_s")
+    u = c("u_x") * x + c("u_0") * x0
+    eps1, st1, state = _predict_cached(eps_fn, u, s["t_model_s1"], s["time_frac_s1"], state,
+                                       None if reuse is None else jnp.zeros_like(reuse[0]))
+    x01 = (u - c("sigma_s1") * eps1) / c("alpha_s1")
+    x = c("x_x") * x + c("x_0") * x0 + c("x_1") * x01
+    return (x, state), jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), st0, st1)
+
+  (x, _), stats = lax.scan(step, (x_init, state0), per_step)
+  stats = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), stats)
+  return x, stats
+
+
 def run_sampler(name: str, eps_fn: EpsFn, schedule: Schedule, steps: int, x_init, rng, *,
-                eta=0.0, clip=False):
+                eta=0.0, clip=False, cache=None):
+  if cache is not None and name not in ("ddim", "dpm_solver_2s"):
+    raise SamplerError(f"cache.policy=l2c works with sample.sampler ddim or dpm_solver_2s, got {name!r}")
   if name == "ddim":
-    return ddim(eps_fn, schedule, steps, x_init, rng, eta=eta, clip=clip)
+    return ddim(eps_fn, schedule, steps, x_init, rng, eta=eta, clip=clip, cache=cache)
+  if name == "dpm_solver_2s":
+    return dpm_solver_2s(eps_fn, schedule, steps, x_init, rng, cache=cache)
   if name == "ddpm":
     return ddpm(eps_fn, schedule, steps, x_init, rng, clip=clip)
   if name == "dpm_solver":
