@@ -222,8 +222,9 @@ def test_missing_item_and_wrong_shapes_are_damage(tmp_path, capsys):
   with ocp.StandardCheckpointer() as saver:
     saver.save(ck / "20" / "ema_params", wrong)
   capsys.readouterr()
-  got = load_params(wd, c)
+  got, step = load_params(wd, c, with_step=True)
   err = capsys.readouterr().err
+  assert step == 10
   assert err.count("\n") == 1 and err.startswith("warning: checkpoint step 30 at ")
   assert "(nor step 20); using step 10 instead" in err and "Traceback" not in err
   assert_bitwise(got, load_params(wd, c, step=10))

@@ -319,8 +319,9 @@ def _item_tree(manager, step: int, item: str):
 
 
 def load_params(workdir, config, use_ema: bool = True, *, step: Optional[int] = None,
-                sharding=None, backbone_only: bool = False) -> dict:
-  """Parameters from a training workdir or an `export_params` directory.
+                sharding=None, backbone_only: bool = False, with_step: bool = False):
+  """Parameters from a training workdir or an `export_params` directory (with `with_step`:
+  (params, the step they come from), which differs from `latest_step` after a fallback).
 
   The EMA weights by default (what sampling wants), the raw ones where there is no EMA
   (exports). The saved config must have the same model architecture as `config`. Returns
@@ -362,7 +363,7 @@ def load_params(workdir, config, use_ema: bool = True, *, step: Optional[int] = 
           others = "".join(f", step {s}" for s, _ in damaged[1:])
           warn(f"checkpoint step {newest} at {checkpoint_dir(workdir) / str(newest)} cannot be restored "
                f"({reason[:160]}){' (nor' + others[1:] + ')' if others else ''}; using step {candidate} instead")
-        return params
+        return (params, candidate) if with_step else params
       if damaged and not vanished:
         raise _no_intact(workdir, damaged)
     finally:
