@@ -65,6 +65,7 @@ class RouterFile(NamedTuple):
   scores: np.ndarray          # float32 [num_routers, 2 * num_blocks], sigmoid(prob)
   sampler: Optional[str]      # our format records it; official files do not (None)
   steps: Optional[int]        # sampler steps (NFE for dpm_solver_2s) it was trained for
+  prob: Optional[np.ndarray] = None   # the logits as stored
 
 
 def sigmoid32(prob) -> np.ndarray:
@@ -86,7 +87,7 @@ def read_router(path) -> RouterFile:
       raise CacheError(f"{path}: 'prob' must be [num_routers, 2*num_blocks], got shape {prob.shape}")
     sampler = str(sd["sampler"]) if "sampler" in sd else None
     steps = int(sd["steps"]) if "steps" in sd else None
-    return RouterFile(sigmoid32(prob), sampler, steps)
+    return RouterFile(sigmoid32(prob), sampler, steps, prob)
   rows = {}
   for name, value in sd.items():
     head, _, tail = name.partition(".")
@@ -101,7 +102,7 @@ def read_router(path) -> RouterFile:
   if len(sizes) != 1 or len(next(iter(sizes))) != 1:
     raise CacheError(f"{path}: every '{{k}}.prob' must be one vector of the same length, got {sorted(sizes)}")
   prob = np.stack([rows[k] for k in range(len(rows))])
-  return RouterFile(sigmoid32(prob), None, None)
+  return RouterFile(sigmoid32(prob), None, None, prob)
 
 
 def load_router(path) -> np.ndarray:

@@ -135,6 +135,10 @@ def test_reuse_schedule_matches_official_load_ranking(tmp_path):
   by_hand = caching.reuse_schedule(scores, 0.5, 4)
   np.testing.assert_array_equal(by_hand[1], [[False, True], [False, True], [False, True]])
   assert by_hand[2].all() and not by_hand[3].any() and not by_hand[0].any()
+  # The public names and the converter CLI: the official file as our npz, same decisions.
+  from deediff_jax.convert import l2c
+  assert l2c.main([path, str(tmp_path / "conv.npz"), "--steps", str(nfe)]) == 0
+  np.testing.assert_array_equal(l2c.load_router(tmp_path / "conv.npz"), scores)
   # Our npz round-trips and needs no torch; the wrong step count or size is one line.
   caching.save_router(tmp_path / "r.npz", probs, sampler="dpm_solver_2s", steps=nfe, num_blocks=n)
   r = caching.read_router(tmp_path / "r.npz")
