@@ -257,11 +257,13 @@ def skip_in(cfg: ModelConfig, p, h, skip):
 
 def block_with_cache(cfg: ModelConfig, p, h, skip, reuse, prev_att, prev_mlp):
   """One block whose sublayers may reuse: (h_out, a, m). `reuse` bool [2] (traced scalars): a
-  reused sublayer's branch of `lax.cond` adds `prev_att` / `prev_mlp` and computes nothing."""
+  reused sublayer's branch of `lax.cond` adds `prev_att` / `prev_mlp` and computes nothing.
+  `prev_att` / `prev_mlp` may be thunks, so that reading the cache happens only in that branch."""
+  get = lambda v: v() if callable(v) else v
   h = skip_in(cfg, p, h, skip)
-  a = lax.cond(reuse[0], lambda h: prev_att.astype(h.dtype), lambda h: attn_update(cfg, p, h), h)
+  a = lax.cond(reuse[0], lambda h: get(prev_att).astype(h.dtype), lambda h: attn_update(cfg, p, h), h)
   h = h + a
-  m = lax.cond(reuse[1], lambda h: prev_mlp.astype(h.dtype), lambda h: mlp_update(cfg, p, h), h)
+  m = lax.cond(reuse[1], lambda h: get(prev_mlp).astype(h.dtype), lambda h: mlp_update(cfg, p, h), h)
   return h + m, a, m
 
 

@@ -268,7 +268,9 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
     if cache is None:
       return block.apply({"params": p}, h, skip)[0]
     ok = reuse[i] & cache["valid"][i]
-    prev = [lax.dynamic_index_in_dim(kv[c], i, 0, keepdims=False) for c in (0, 1)]
+    # Read the previous evaluation's updates from the input state (loop-invariant) and write this
+    # evaluation's into fresh buffers in the carry: no buffer is read and written in one iteration.
+    prev = [lambda c=c: lax.dynamic_index_in_dim(cache[c], i, 0, keepdims=False) for c in ("att", "mlp")]
     return caching.block_with_cache(cfg, p, h, skip, ok, prev[0], prev[1])
 
   def run_in(i, h, buf, kv):
@@ -353,7 +355,7 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
     exit_layer = jnp.where(newly, i + 1, exit_layer)
     return i + 1, h_new, buf, eps, exited | newly, exit_layer, armed, kv
 
-  kv0 = None if cache is None else (cache["att"], cache["mlp"])
+  kv0 = None if cache is None else (jnp.zeros_like(cache["att"]), jnp.zeros_like(cache["mlp"]))
   carry = (jnp.zeros((), jnp.int32), h0, jnp.zeros((k + 1,) + h0.shape, h0.dtype),
            jnp.zeros(x.shape[:3] + (cfg.in_channels,), jnp.float32), jnp.zeros((b,), bool),
            jnp.full((b,), n, jnp.int32), jnp.zeros((b,), bool), kv0)
