@@ -14,6 +14,7 @@ import numpy as np
 
 from deediff_jax import sampling
 from deediff_jax.config import SCORE_POLICIES, parse_floats
+from deediff_jax.eval import cache_rows
 from deediff_jax.eval import calibrate as cal_lib
 from deediff_jax.eval import fidelity as fidelity_lib
 from deediff_jax.eval import flops as flops_lib
@@ -75,8 +76,14 @@ class Context:
     return self.cond["labels"]
 
 
+def _reuse(config, setting: Optional[Setting], n: int):
+  """Learning-to-Cache rows: their reuse schedule; every other row: no cache (False)."""
+  return cache_rows.reuse_for(config, None if setting is None else setting.cache_threshold, n)
+
+
 def _sample(ctx: Context, config, *, plain=False, setting: Optional[Setting] = None, pp=None):
-  kw = dict(plain=True) if plain else dict(policy=setting.policy, policy_params=pp)
+  kw = (dict(plain=True) if plain else
+        dict(policy=setting.policy, policy_params=pp, reuse=_reuse(config, setting, ctx.cfg.num_blocks)))
   return sampling.sample(ctx.params, config, ctx.rng, ctx.num, **kw, **ctx.cond)
 
 
@@ -86,13 +93,16 @@ def _warm_up(ctx: Context, config, *, plain=False, setting: Optional[Setting] = 
   thr_len = (len(parse_floats(setting.threshold_schedule, "threshold_schedule"))
              if setting is not None and setting.threshold_schedule is not None else 0)
   key = (config.sample.sampler, int(config.sample.steps), "plain" if plain else setting.policy,
-         len(schedule_depths(setting.schedule)) if setting is not None and setting.schedule else 0, thr_len)
+         len(schedule_depths(setting.schedule)) if setting is not None and setting.schedule else 0, thr_len,
+         setting is not None and setting.cache_threshold is not None)
   if key in ctx.compiled:
     return
   n = ctx.cfg.num_blocks
   kw = (dict(plain=True) if plain else
         dict(policy=setting.policy, policy_params=cheap_params(setting, n, int(config.exit.min_layers))))
   # Ahead of time: every batch shape of the run is compiled and nothing is sampled.
+  if not plain:
+    kw["reuse"] = _reuse(config, setting, n)
   sampling.sample(ctx.params, config, ctx.rng, ctx.num, compile_only=True, **kw, **ctx.cond)
   ctx.compiled.add(key)
 
@@ -209,9 +219,11 @@ def evaluate(ctx: Context, setting: Setting) -> tuple[dict, np.ndarray, dict]:
   summary = sampling.summarize(stats, n)
   gflops = (flops_lib.full_depth_flops_per_image(ctx.cfg, int(config.sample.steps), cfg_factor=ctx.cfg_factor) / 1e9
             if setting.plain else gflops_from_stats(ctx.cfg, stats, setting.policy, ctx.cfg_factor))
+  if "att_run" in stats:  # Learning-to-Cache: the reused sublayers ran nothing
+    gflops = cache_rows.gflops_per_image(ctx.cfg, stats, setting.policy, ctx.cfg_factor)
   quality = ctx.quality.score(images, ctx.labels)
   row = {
-      "policy": setting.policy, "setting": setting.label(),
+      "policy": setting.family, "setting": setting.label(),
       "threshold": setting.threshold, "threshold_schedule": setting.threshold_schedule,
       "depth": setting.depth, "schedule": setting.schedule,
       "calibrated": setting.calibration is not None, "runnable": setting.runnable,

@@ -12,7 +12,9 @@ from typing import Optional
 from deediff_jax.config import (POLICIES, SCORE_POLICIES, UEM_POLICIES, parse_depth_schedule, parse_floats,
                                 parse_threshold_schedule)
 from deediff_jax.early_exit import make_policy_params, policy_params_for
+from deediff_jax.eval import cache_rows
 from deediff_jax.eval import calibrate as cal_lib
+from deediff_jax.eval.cache_rows import CACHE_ROWS
 from deediff_jax.model.uvit import ModelConfig
 
 DEFAULT_POLICIES = "uem,static,time_schedule,state_cosine,oracle,none"   # base_config's sweep.policies
@@ -39,6 +41,14 @@ class Setting:
   calibration: Optional[dict] = None     # the calibration report, for a calibrated threshold
   steps: Optional[int] = None            # sampler steps when not sample.steps (fewer-steps rows)
   plain: bool = False                    # the plain full-depth forward (fewer-steps rows)
+  cache_threshold: Optional[float] = None  # Learning-to-Cache rows (eval/cache_rows.py): cache.threshold
+
+  @property
+  def family(self) -> str:
+    """The row's curve: the exit policy, or l2c / l2c+exit for Learning-to-Cache rows."""
+    if self.cache_threshold is None:
+      return self.policy
+    return "l2c" if self.policy == "none" else "l2c+exit"
 
   @property
   def runnable(self) -> bool:
@@ -60,6 +70,9 @@ class Setting:
       text = f"time_schedule {self.schedule}"
     else:
       text = self.policy
+    if self.cache_threshold is not None:
+      text = (f"l2c {self.cache_threshold:g}" if self.policy == "none"
+              else f"{text} + l2c {self.cache_threshold:g}")
     if self.calibration is not None:
       text += " (calibrated)"
     if self.steps is not None:
@@ -109,6 +122,9 @@ def parse_policies(config, cfg: ModelConfig) -> list[str]:
   for name in (s.strip() for s in text.split(",")):
     if not name:
       continue
+    if name in CACHE_ROWS:  # Learning-to-Cache rows, not exit policies (eval/cache_rows.py)
+      names += [name] if name not in names else []
+      continue
     if name not in POLICIES:
       raise SweepError(f"sweep.policies has unknown policy {name!r}; choose among {', '.join(POLICIES)}")
     if name not in names:
@@ -133,6 +149,9 @@ def settings_from_config(config, num_blocks: Optional[int] = None) -> list[Setti
   w = config.sweep
   out: list[Setting] = []
   for policy in parse_policies(config, cfg):
+    if policy in CACHE_ROWS:
+      out += cache_settings(config, policy)
+      continue
     if policy in SCORE_POLICIES or policy == "oracle":
       key, example = THRESHOLD_KEYS[policy]
       values = parse_floats(w[key.split(".")[1]], key)
@@ -155,6 +174,32 @@ def settings_from_config(config, num_blocks: Optional[int] = None) -> list[Setti
       out.append(Setting("none"))
       out += fewer_steps_settings(config, n)
   return out
+
+
+def cache_settings(config, family: str) -> list[Setting]:
+  """The l2c / l2c+exit rows (eval/cache_rows.py): sweep.cache_thresholds, alone or on top of each
+  exit setting of sweep.cache_exits (empty: config.exit's)."""
+  cache_rows.check(config)
+  thresholds = cache_rows.thresholds(config)
+  if family == "l2c":
+    return [Setting("none", cache_threshold=v) for v in thresholds]
+  cfg = ModelConfig.from_config(config.model)
+  exits = []
+  for name, value in cache_rows.exit_specs(config) or [(None, None)]:
+    if name is None:
+      exits.append(setting_from_exit_config(config))
+    elif name not in POLICIES:
+      raise SweepError(f"sweep.cache_exits has unknown policy {name!r}; choose among {', '.join(POLICIES)}")
+    elif name in SCORE_POLICIES or name == "oracle":
+      exits.append(Setting(name, threshold=parse_floats(value or "", "sweep.cache_exits")[0]))
+    elif name == "static":
+      exits.append(Setting(name, depth=parse_depth_schedule(value or "", cfg.num_blocks, key="sweep.cache_exits")[0]))
+    elif name == "time_schedule":
+      exits.append(Setting(name, schedule=",".join(
+          str(v) for v in parse_depth_schedule(value or "", cfg.num_blocks, key="sweep.cache_exits"))))
+    else:
+      exits.append(Setting(name))
+  return [dataclasses.replace(e, cache_threshold=v) for e in exits for v in thresholds]
 
 
 def fewer_steps_settings(config, num_blocks: int) -> list[Setting]:
