@@ -171,6 +171,16 @@ def run(config, workdir, params=None) -> dict:
     result.update(gflops_ratio=gflops_from_stats(cfg, stats, policy, factor) / full_gflops,
                   steps_full_depth=int(full_config.sample.steps), tune_file=str(full_config.tune.file),
                   tune_overrides=tuned["overrides"])
+  if "att_run" in stats:  # Learning-to-Cache (docs/caching.md): what was reused, and the GFLOPs
+    from deediff_jax.eval import cache_rows, flops
+    factor = 2 if float(s.guidance_scale) != 0.0 else 1
+    lr = np.asarray(stats["layers_run"], np.float64)
+    result["cache"] = {
+        "policy": "l2c", "router": str(config.cache.router), "threshold": float(config.cache.threshold),
+        "attention_reused_fraction": float(1 - np.sum(stats["att_run"]) / np.sum(lr)),
+        "mlp_reused_fraction": float(1 - np.sum(stats["mlp_run"]) / np.sum(lr)),
+        "gflops_per_image": cache_rows.gflops_per_image(cfg, stats, policy, factor),
+        "gflops_full_depth": flops.full_depth_flops_per_image(cfg, int(s.steps), cfg_factor=factor) / 1e9}
   with open(os.path.join(workdir, "sample_stats.json"), "w") as f:
     json.dump(result, f, indent=2)
   return result
