@@ -12,9 +12,8 @@ from typing import Any
 
 import ml_collections
 
-POLICIES = ("uem", "uem_no_time", "static", "time_schedule", "state_cosine", "none", "adadiff", "oracle")
-SCORE_POLICIES = ("uem", "uem_no_time", "state_cosine", "adadiff")   # exit on a score vs exit.threshold
-UEM_POLICIES = ("uem", "uem_no_time")                                 # need exit_style=deediff's UEMs
+from deediff_jax import policies   # the exit policies (exit.policy): their registry
+
 AGGREGATES = ("all", "mean", "last")
 SAMPLERS = ("ddpm", "ddim", "dpm_solver", "euler_maruyama", "dpm_solver_fast", "dpm_solver_2s")
 SCHEDULES = ("linear", "cosine", "stable", "vpsde")
@@ -297,6 +296,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key, value in given.items():
     if key not in schema:
       close = [k for k in schema if k.split(".")[-1] == key.split(".")[-1]]
+      close.sort(key=lambda k: k.startswith("cache."))  # cache.threshold repeats exit.threshold's name
       hint = f" (did you mean {close[0]}?)" if close else ""
       raise ConfigError(f"unknown config key '{key}'{hint}; see deediff_jax/config.py for the schema")
     if not _type_ok(schema[key], value):
@@ -310,7 +310,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if v not in allowed:
       raise ConfigError(f"config key '{key}' is {v!r}; choose one of {', '.join(allowed)}")
 
-  enum("exit.policy", POLICIES)
+  enum("exit.policy", policies.names())
   enum("exit.aggregate", AGGREGATES)
   enum("sample.sampler", SAMPLERS)
   enum("diffusion.schedule", SCHEDULES)
@@ -383,7 +383,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if cfg.sample.guidance_scale != 0 and mc.num_classes == 0 and mc.context_dim == 0:
     raise ConfigError("sample.guidance_scale needs a conditional model (model.num_classes or "
                       "model.context_dim); set --config.sample.guidance_scale=0")
-  if cfg.exit.threshold < 0 and cfg.exit.policy != "state_cosine":  # cosines may be negative
+  policy = policies.get(cfg.exit.policy)
+  if cfg.exit.threshold < 0 and not policy.negative_thresholds:  # cosines may be negative
     raise ConfigError(f"exit.threshold must be >= 0 for exit.policy={cfg.exit.policy}, got {cfg.exit.threshold}")
   if str(cfg.exit.threshold_schedule).strip():
     parse_threshold_schedule(cfg.exit.threshold_schedule, cfg.exit.policy)
@@ -399,19 +400,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f"{mc.num_blocks} blocks), got {cfg.exit.min_layers}")
   if not 0 <= cfg.exit.depth <= mc.num_blocks:
     raise ConfigError(f"exit.depth must be in [0, {mc.num_blocks}] (0 = all), got {cfg.exit.depth}")
-  if cfg.exit.policy in UEM_POLICIES and mc.exit_style == "adadiff":
-    raise ConfigError(f"exit.policy '{cfg.exit.policy}' needs the UEMs of model.exit_style=deediff; this "
-                      "model is adadiff: use --config.exit.policy=adadiff")
-  if cfg.exit.policy == "adadiff" and mc.exit_style != "adadiff":
-    raise ConfigError("exit.policy 'adadiff' needs model.exit_style=adadiff (per-pixel confidence modules); "
-                      "use exit.policy=uem for a deediff model")
+  problem = policy.model_problem(mc)
+  if problem:
+    raise ConfigError(f"config key 'exit.policy': {problem}")
   if cfg.loss.uem_target != "eps" and mc.exit_style == "adadiff":
     raise ConfigError("loss.uem_target applies to exit_style=deediff; adadiff uses the official "
                       "confidence target, so leave loss.uem_target=eps")
-  if cfg.exit.policy == "uem_no_time" and mc.uem != "token_linear_no_time":
-    raise ConfigError("exit.policy 'uem_no_time' needs a model trained with "
-                      "model.uem=token_linear_no_time")
-  if cfg.exit.policy == "time_schedule" and (str(cfg.exit.schedule).strip() or cfg.exit.target_layer_ratio <= 0):
+  if policy.value == "schedule" and (str(cfg.exit.schedule).strip() or cfg.exit.target_layer_ratio <= 0):
     # An empty schedule is fine when exit.target_layer_ratio calibrates one.
     parse_depth_schedule(cfg.exit.schedule, mc.num_blocks, key="exit.schedule")
   if cfg.train.mode in ("finetune", "frozen_backbone", "uem_only", "router") and not cfg.train.init_from:
@@ -439,12 +434,13 @@ def parse_depth_schedule(text: str, num_blocks: int, key: str = "exit.schedule")
   return depths
 
 
-def parse_threshold_schedule(text: str, policy: str = "uem", key: str = "exit.threshold_schedule") -> list[float]:
-  """'0.05,0.1,0.2' -> [0.05, 0.1, 0.2]: a score-policy threshold per timestep bucket, noisiest first."""
+def parse_threshold_schedule(text: str, policy: str = "", key: str = "exit.threshold_schedule") -> list[float]:
+  """'0.05,0.1,0.2' -> [0.05, 0.1, 0.2]: a score-policy threshold per timestep bucket, noisiest first
+  (negative values only for a policy that allows them)."""
   values = parse_floats(text, key)
   if not values:
     raise ConfigError(f"config key '{key}' is empty; give thresholds per timestep bucket like '0.05,0.1,0.2'")
-  if policy != "state_cosine" and min(values) < 0:
+  if min(values) < 0 and not (policy and policies.get(policy).negative_thresholds):
     raise ConfigError(f"config key '{key}': thresholds must be >= 0 (u is in (0, 1)), got {min(values)}")
   return values
 

@@ -15,27 +15,16 @@ confident for the first time takes that layer's head output, and the head is onl
 (`lax.cond`) when at least one sample newly exits. The loop stops as soon as every sample has
 exited, so unreached blocks cost nothing.
 
-Exit policies share one interface: a static name and `policy_params`, a pytree of *traced*
-arrays (threshold, depth, schedule, min_layers), so sweeping thresholds or depths reuses one
-compiled program. The threshold may also be an array with one value per timestep bucket
-(bucketed like time_schedule), e.g. for a calibrated per-bucket threshold schedule:
-
-  uem / uem_no_time  exit when u_i < threshold (DeeDiff; the UEM kind is the model's own)
-  static             exit after exactly `depth` blocks
-  time_schedule      ASE-style: a depth per timestep bucket (first entry = noisiest bucket)
-  state_cosine       CALM-style: exit when cos(h_i, h_{i-1}) > threshold (never at layer 1)
-  adadiff            the official AdaDiff rule (model.exit_style=adadiff): exit when the mean of the
-                     per-pixel confidence map exceeds threshold; among the in-blocks the first
-                     confident block only arms a patience flag and the next confident one exits;
-                     the mid- and out-blocks exit at once. aggregate="mean" is exactly the official
-                     batch rule; aggregate="all" decides per image (the official evaluation
-                     samples one image per batch, so "all" reproduces its decisions). With
-                     classifier-free guidance the conditional and null rows decide separately
-                     (each half on its own mean under "mean"), as the official code's two
-                     separate network calls do
-  oracle             evaluation only: runs every block and takes each sample's first layer whose x0
-                     is within `threshold` (RMS, x0 units) of the final layer's x0 (needs x0_scale)
-  none               full depth (through the same loop)
+Exit policies share one interface: a policy object from the registry in `deediff_jax/policies/`
+(one module per family; each declares its rule, its score, its value and what it needs:
+docs/policies.md) and `policy_params`, a pytree of *traced* arrays (threshold, depth, schedule,
+min_layers, patience), so sweeping thresholds or depths reuses one compiled program. The
+threshold may also be an array with one value per timestep bucket (bucketed like a depth
+schedule), e.g. for a calibrated per-bucket threshold schedule. After each block the loop hands
+the policy a `LayerView` (the block index, its threshold and lazily computed scores: the UEM's
+u, the AdaDiff confidence, the hidden-state cosine); `exit_reference` hands it a
+`ReferenceView` of every layer at once. A policy that `runs_every_block` (the oracle) decides
+from every layer's output instead (`oracle_forward`).
 
 Batch semantics (docs/design.md, "Exit semantics for a batch"): each sample keeps the first layer at which it was confident;
 aggregate="all" runs until every sample has exited, aggregate="mean" exits the whole batch at
@@ -57,8 +46,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from deediff_jax import caching
-from deediff_jax.config import (POLICIES, SCORE_POLICIES, UEM_POLICIES, ConfigError, parse_depth_schedule,
-                                parse_threshold_schedule)
+from deediff_jax import policies
+from deediff_jax.config import parse_depth_schedule, parse_threshold_schedule
 from deediff_jax.model.deediff import DeeDiffUViT, slice_layer
 from deediff_jax.model.exits import LTE, UEM
 from deediff_jax.model.uvit import Block, Head, ModelConfig
@@ -92,14 +81,13 @@ def policy_params_for(policy: str, num_blocks: int, *, threshold=None, depth=Non
                       min_layers: int = 1, patience: bool = True) -> dict:
   """The one path from a policy's setting to its traced parameters (every mode uses it): each
   policy reads only its own value; exit.min_layers applies to every policy."""
-  if policy not in POLICIES:
-    raise ConfigError(f"unknown exit policy {policy!r}; choose one of {', '.join(POLICIES)}")
+  value = policies.get(policy).value
   kw = {}
-  if policy in SCORE_POLICIES or policy == "oracle":
+  if value == "threshold":
     kw["threshold"] = 0.0 if threshold is None else threshold
-  elif policy == "static":
+  elif value == "depth":
     kw["depth"] = int(depth or 0)
-  elif policy == "time_schedule":
+  elif value == "schedule":
     kw["schedule"] = schedule
   return make_policy_params(num_blocks, min_layers=min_layers, patience=patience, **kw)
 
@@ -108,37 +96,34 @@ def policy_from_config(config, num_blocks: int, policy: Optional[str] = None):
   """`config.exit` -> (policy_name, policy_params); `policy` overrides exit.policy.
 
   A non-empty exit.threshold_schedule (one threshold per timestep bucket) replaces exit.threshold
-  for the score policies. Raises ConfigError on an unknown policy or a bad exit.schedule.
+  for the score policies. Raises a ValueError on an unknown policy or a bad exit.schedule.
   """
   e = config.exit
   policy = e.policy if policy is None else policy
-  if policy not in POLICIES:
-    raise ConfigError(f"config key 'exit.policy' is {policy!r}; choose one of {', '.join(POLICIES)}")
+  pol = policies.get(policy)
   schedule = None
-  if policy == "time_schedule":
+  if pol.value == "schedule":
     schedule = parse_depth_schedule(e.schedule, num_blocks, key="exit.schedule")
   threshold = float(e.threshold)
-  if policy in SCORE_POLICIES and str(e.get("threshold_schedule", "")).strip():
+  if pol.is_score and str(e.get("threshold_schedule", "")).strip():
     threshold = parse_threshold_schedule(e.threshold_schedule, policy)
   return policy, policy_params_for(policy, num_blocks, threshold=threshold, depth=int(e.depth),
                                    schedule=schedule, min_layers=int(e.min_layers),
                                    patience=bool(e.get("patience", True)))
 
 
-def check_policy(policy: str, cfg: ModelConfig, aggregate: str = "all"):
-  if policy not in POLICIES:
-    raise ValueError(f"unknown exit policy {policy!r}; choose one of {', '.join(POLICIES)}")
+def check_policy(policy: str, cfg: ModelConfig, aggregate: str = "all") -> policies.ExitPolicy:
+  """The registered policy, checked against the model and the aggregate (ValueError otherwise)."""
+  pol = policies.get(policy)
   if aggregate not in AGGREGATES:
     raise ValueError(f"unknown exit aggregate {aggregate!r}; choose one of {', '.join(AGGREGATES)}")
-  if policy == "uem_no_time" and cfg.uem != "token_linear_no_time":
-    raise ValueError("exit policy 'uem_no_time' needs a model built with model.uem=token_linear_no_time")
-  if policy in UEM_POLICIES and cfg.exit_style != "deediff":
-    raise ValueError(f"exit policy {policy!r} needs model.exit_style=deediff (UEMs); use policy 'adadiff'")
-  if policy == "adadiff" and cfg.exit_style != "adadiff":
-    raise ValueError("exit policy 'adadiff' needs model.exit_style=adadiff (confidence modules)")
+  problem = pol.model_problem(ModelConfig.from_config(cfg))
+  if problem:
+    raise ValueError(problem)
+  return pol
 
 
-def _by_bucket(values, time_frac, batch: int, what: str):
+def by_bucket(values, time_frac, batch: int, what: str):
   """values[bucket] per sample, with K = len(values) equal timestep buckets and bucket 0 the
   noisiest: bucket = floor((1 - time_frac) * K), clipped to [0, K-1]."""
   if time_frac is None:
@@ -150,8 +135,8 @@ def _by_bucket(values, time_frac, batch: int, what: str):
 
 
 def _schedule_depth(policy_params, time_frac, batch: int):
-  """Per-sample depth of the time_schedule policy."""
-  return _by_bucket(policy_params["schedule"], time_frac, batch, "exit policy 'time_schedule'")
+  """Per-sample depth of a policy whose value is a depth schedule."""
+  return by_bucket(policy_params["schedule"], time_frac, batch, "a depth schedule")
 
 
 def _threshold(policy_params, time_frac, batch: int):
@@ -159,7 +144,7 @@ def _threshold(policy_params, time_frac, batch: int):
   thr = policy_params["threshold"]
   if thr.ndim == 0:
     return thr
-  return _by_bucket(thr, time_frac, batch, "a per-timestep-bucket threshold")
+  return by_bucket(thr, time_frac, batch, "a per-timestep-bucket threshold")
 
 
 def patch_cosine(cfg: ModelConfig, a, b):
@@ -209,13 +194,28 @@ def confidence_scores(cfg: ModelConfig, lte_params, h):
   return jnp.mean(conf, axis=(1, 2, 3))
 
 
-def _batch_mean(score, cfg_pairs: bool):
-  """aggregate="mean": the batch mean, or with CFG pairs each half's own mean (per row)."""
-  if not cfg_pairs:
-    return jnp.broadcast_to(jnp.mean(score), score.shape)
-  half = score.shape[0] // 2
-  means = jnp.stack([jnp.mean(score[:half]), jnp.mean(score[half:])])
-  return jnp.repeat(means, half)
+class LayerView:
+  """What a policy's `confident` sees after one block of the loop (see ExitPolicy.confident)."""
+
+  def __init__(self, *, i, n, k, b, aggregate, cfg_pairs, pp, thr, sched_depth, armed, scores):
+    self.i, self.layer, self.n, self.k, self.b = i, i + 1, n, k, b
+    self.aggregate, self.cfg_pairs, self.pp = aggregate, cfg_pairs, pp
+    self.thr, self.sched_depth, self.armed = thr, sched_depth, armed
+    self._scores = scores
+
+  def score(self, kind: str):
+    """The score `kind` ("uem", "confidence" or "cosine") of this block, computed on demand."""
+    if kind not in self._scores:
+      raise ValueError(f"unknown exit score {kind!r}; choose one of {', '.join(self._scores)}")
+    return self._scores[kind]()
+
+
+class ReferenceView(LayerView):
+  """What a policy's `reference_confident` sees: every layer at once (scores [N, B])."""
+
+  def __init__(self, *, layers, **kw):
+    super().__init__(i=layers - 1, **kw)
+    self.layers = layers
 
 
 def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy: str,
@@ -227,8 +227,9 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
   stats: `exit_layer` int32 [B] (1-based block after which each sample exited) and
   `layers_run` int32 scalar (blocks actually executed). `t_model` is the network's time input
   (scalar or [B]); `time_frac` in [0, 1] (1 = noisiest, scalar or [B]) is only needed by
-  time_schedule and by per-timestep-bucket thresholds. policy="oracle" needs `x0_scale`
+  depth schedules and by per-timestep-bucket thresholds. A policy that `needs_x0_scale` (the oracle) needs `x0_scale`
   (sigma/alpha of the step) and, with cfg_pairs, the `guidance_scale` its decision uses.
+
   Learning-to-Cache (`deediff_jax.caching`): `cache` is the previous evaluation's CacheState and
   `reuse` bool [N, 2] the sublayers that may reuse; a block runs `caching.block_with_cache`
   (a reused sublayer is a `lax.cond` branch that computes nothing; an entry the previous
@@ -236,14 +237,15 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
   evaluation used, valid for the blocks it ran) and `att_run` / `mlp_run` (sublayers computed).
   """
   cfg = ModelConfig.from_config(cfg)
-  check_policy(policy, cfg, aggregate)
+  pol = check_policy(policy, cfg, aggregate)
   _check_batch(x, cfg_pairs)
-  if policy == "oracle":
+  if pol.runs_every_block:
     if cache is not None:
       raise ValueError("cache.policy=l2c does not run with the evaluation-only oracle (it runs every "
                        "block through the training path); pick another exit policy")
     return oracle_forward(params, cfg, x, t_model, y, context, policy_params=policy_params,
-                          x0_scale=x0_scale, cfg_pairs=cfg_pairs, guidance_scale=guidance_scale)
+                          x0_scale=x0_scale, cfg_pairs=cfg_pairs, guidance_scale=guidance_scale,
+                          policy=policy)
   module = DeeDiffUViT(cfg)
   n, k = cfg.num_blocks, cfg.num_segment_blocks
   b = x.shape[0]
@@ -255,10 +257,8 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
   mid_params, last_head = params["mid_block"], params["head"]
   shared_head = cfg.exit_style == "adadiff"  # every exit decodes with the backbone's head
   exit_heads = None if shared_head else params["exit_heads"]
-  uem_params = params["uems"] if policy in UEM_POLICIES else None
-  lte_params = params["ltes"] if policy == "adadiff" else None
-  sched_depth = _schedule_depth(pp, time_frac, b) if policy == "time_schedule" else None
-  thr = _threshold(pp, time_frac, b) if policy in SCORE_POLICIES else None
+  sched_depth = _schedule_depth(pp, time_frac, b) if pol.value == "schedule" else None
+  thr = _threshold(pp, time_frac, b) if pol.is_score else None
   if aggregate == "mean" and thr is not None:
     thr = jnp.mean(thr)  # one decision for the batch (samplers pass one time for all rows)
 
@@ -284,7 +284,6 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
     skip = lax.dynamic_index_in_dim(buf, k - 1 - j, 0, keepdims=False)
     return apply_block(out_block, slice_layer(out_params, j), i, h, skip, kv)
 
-
   x_in = x.astype(cfg.compute_dtype) if cfg.input_skip else None
 
   def head_at(i, h):
@@ -297,37 +296,16 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
     return lax.cond(i < n - 1, exit_head, final_head, h)
 
   def confident(i, h_new, h_old, armed):
-    """(confident now [B], patience flags [B])."""
+    """(confident now [B], patience flags [B]): the policy's rule, then the rules of every policy."""
     layer = i + 1
-    pair_and = cfg_pairs
-    if policy in UEM_POLICIES:
-      u = uem_scores(cfg, slice_layer(uem_params, i), h_new, temb)
-      score = jnp.mean(u) if aggregate == "mean" else u
-      conf = jnp.broadcast_to(score < thr, (b,))
-    elif policy == "adadiff":
-      c = confidence_scores(cfg, slice_layer(lte_params, i), h_new)
-      if aggregate == "mean":
-        c = _batch_mean(c, cfg_pairs)
-      # Rows never wait for their CFG partner: the official code makes two separate network
-      # calls (conditional, null), each exiting on its own confidence.
-      pair_and = False
-      over = c > thr
-      # Patience among the in-blocks: the first confident in-block arms, the next one exits.
-      in_block = (i < k) & pp["patience"]
-      conf = jnp.where(in_block, over & armed, over)
-      armed = armed | (over & in_block)
-    elif policy == "state_cosine":
-      cos = patch_cosine(cfg, h_new, h_old)
-      score = jnp.mean(cos) if aggregate == "mean" else cos
-      conf = jnp.broadcast_to(score > thr, (b,)) & (layer > 1)
-    elif policy == "static":
-      conf = jnp.broadcast_to(layer >= pp["depth"], (b,))
-    elif policy == "time_schedule":
-      conf = layer >= sched_depth
-    else:  # none
-      conf = jnp.zeros((b,), bool)
+    scores = {"uem": lambda: uem_scores(cfg, slice_layer(params["uems"], i), h_new, temb),
+              "confidence": lambda: confidence_scores(cfg, slice_layer(params["ltes"], i), h_new),
+              "cosine": lambda: patch_cosine(cfg, h_new, h_old)}
+    conf, armed = pol.confident(LayerView(i=i, n=n, k=k, b=b, aggregate=aggregate, cfg_pairs=cfg_pairs,
+                                          pp=pp, thr=thr, sched_depth=sched_depth, armed=armed,
+                                          scores=scores))
     conf = (conf & (layer >= pp["min_layers"])) | (layer >= n)
-    return _pair_and(conf, pair_and), armed
+    return _pair_and(conf, cfg_pairs and pol.pairs_decide_together), armed
 
   def cond_fn(carry):
     i, _, _, _, exited, _, _, _ = carry
@@ -341,9 +319,6 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
       h_new, a, m = h_new
       kv = (lax.dynamic_update_index_in_dim(kv[0], a.astype(kv[0].dtype), i, 0),
             lax.dynamic_update_index_in_dim(kv[1], m.astype(kv[1].dtype), i, 0))
-    # In-blocks fill slots 0..k-1; later blocks write the scratch slot k, so no branch is needed
-    # and the update stays in place.
-    buf = lax.dynamic_update_index_in_dim(buf, h_new, jnp.minimum(i, k), 0)
     # In-blocks fill slots 0..k-1; later blocks write the scratch slot k, so no branch is needed
     # and the update stays in place.
     buf = lax.dynamic_update_index_in_dim(buf, h_new, jnp.minimum(i, k), 0)
@@ -375,32 +350,17 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
   return eps, stats
 
 
-
 # ----------------------------------------------------------------------------- the oracle
 
-def oracle_exits(eps_all, x0_scale, tolerance, min_layers=1):
-  """First layer (0-based) per sample whose x0 is within `tolerance` RMS of the last layer's.
-
-  eps_all [N, B, H, W, C]; x0 = (x - sigma eps) / alpha, so the x0 distance of two predictions
-  from the same x is (sigma / alpha) |eps_i - eps_N|. x0_scale: sigma/alpha, scalar or [B].
-  """
-  n, b = eps_all.shape[:2]
-  scale = jnp.broadcast_to(jnp.asarray(x0_scale, jnp.float32), (b,))
-  rms = jnp.sqrt(jnp.mean(jnp.square(eps_all - eps_all[-1:]), axis=(2, 3, 4))) * scale[None]   # [N, B]
-  layers = jnp.arange(1, n + 1)[:, None]
-  conf = ((rms <= tolerance) & (layers >= min_layers)) | (layers == n)
-  return jnp.argmax(conf, axis=0)
-
-
 def oracle_forward(params, cfg, x, t_model, y=None, context=None, *, policy_params, x0_scale,
-                   cfg_pairs: bool = False, guidance_scale=None):
+                   cfg_pairs: bool = False, guidance_scale=None, policy: str):
   """policy="oracle": every block runs; each sample takes its first layer within tolerance.
 
   `layers_run` is what an exit loop *would* run (the deepest exit), not what ran: the oracle
   saves nothing and only shows the ceiling of any exit policy on this model.
   """
   if x0_scale is None:
-    raise ValueError("exit policy 'oracle' needs x0_scale (sigma/alpha of the step); sample through "
+    raise ValueError(f"exit policy {policy!r} needs x0_scale (sigma/alpha of the step); sample through "
                      "deediff_jax.diffusion.samplers, which passes it")
   cfg = ModelConfig.from_config(cfg)
   module = DeeDiffUViT(cfg)
@@ -409,12 +369,12 @@ def oracle_forward(params, cfg, x, t_model, y=None, context=None, *, policy_para
   decide = eps_all
   if cfg_pairs:
     if guidance_scale is None:
-      raise ValueError("exit policy 'oracle' with cfg_pairs needs guidance_scale")
+      raise ValueError(f"exit policy {policy!r} with cfg_pairs needs guidance_scale")
     half = b // 2
     s = jnp.asarray(guidance_scale, jnp.float32)
     decide = (1.0 + s) * eps_all[:, :half] - s * eps_all[:, half:]
   scale = jnp.broadcast_to(jnp.asarray(x0_scale, jnp.float32), (b,))[:decide.shape[1]]
-  first = oracle_exits(decide, scale, policy_params["threshold"], policy_params["min_layers"])
+  first = policies.get(policy).first_exits(decide, scale, policy_params)
   if cfg_pairs:
     first = jnp.concatenate([first, first])
   eps = eps_all[first, jnp.arange(b)]
@@ -433,7 +393,7 @@ def exit_reference(params, cfg, x, t_model, y=None, context=None, *, policy: str
   what the loop would have run (the deepest exit).
   """
   cfg = ModelConfig.from_config(cfg)
-  check_policy(policy, cfg, aggregate)
+  pol = check_policy(policy, cfg, aggregate)
   _check_batch(x, cfg_pairs)
   module = DeeDiffUViT(cfg)
   variables = {"params": params}
@@ -442,38 +402,23 @@ def exit_reference(params, cfg, x, t_model, y=None, context=None, *, policy: str
   eps_all, u_all = module.apply(variables, x, t_model, y, context, method=DeeDiffUViT.all_exits)
   layers = jnp.arange(1, n + 1)[:, None]                                # [N, 1]
   thr = None
-  if policy in SCORE_POLICIES:
+  if pol.is_score:
     thr = _threshold(pp, time_frac, b)
     thr = jnp.mean(thr) if aggregate == "mean" else thr
-  pair_and = cfg_pairs
-  if policy in UEM_POLICIES:
-    score = jnp.mean(u_all, axis=1, keepdims=True) if aggregate == "mean" else u_all
-    conf = score < thr
-  elif policy == "adadiff":
-    score = jnp.mean(u_all, axis=(2, 3, 4))                             # [N, B] per-sample confidence
-    if aggregate == "mean":
-      halves = jnp.split(score, 2, axis=1) if cfg_pairs else [score]
-      score = jnp.concatenate([jnp.broadcast_to(jnp.mean(h, 1, keepdims=True), h.shape) for h in halves], 1)
-    pair_and = False  # CFG rows decide alone (the official two network calls)
-    over = score > thr
-    k = cfg.num_segment_blocks
-    # Patience: an in-block exits only if an earlier in-block was already confident.
-    seen_before = jnp.cumsum(over[:k].astype(jnp.int32), axis=0) - over[:k].astype(jnp.int32)
-    patient = jnp.concatenate([over[:k] & (seen_before > 0), over[k:]], axis=0)
-    conf = jnp.where(pp["patience"], patient, over)
-  elif policy == "state_cosine":
+  sched_depth = _schedule_depth(pp, time_frac, b) if pol.value == "schedule" else None
+
+  def cosines():
     h0, _ = module.apply(variables, x, t_model, y, context, method=DeeDiffUViT.embed)
     hs = module.apply(variables, h0, method=DeeDiffUViT.hidden_states)  # [N, B, T, D]
     prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
-    cos = jnp.stack([patch_cosine(cfg, hs[l], prev[l]) for l in range(n)])
-    score = jnp.mean(cos, axis=1, keepdims=True) if aggregate == "mean" else cos
-    conf = (score > thr) & (layers > 1)
-  elif policy == "static":
-    conf = layers >= pp["depth"]
-  elif policy == "time_schedule":
-    conf = layers >= _schedule_depth(pp, time_frac, b)[None]
-  else:
-    conf = jnp.zeros((n, b), bool)
+    return jnp.stack([patch_cosine(cfg, hs[l], prev[l]) for l in range(n)])
+
+  # all_exits returns each layer's u (deediff) or confidence map (adadiff) in the same slot.
+  scores = {"uem": lambda: u_all, "confidence": lambda: jnp.mean(u_all, axis=(2, 3, 4)), "cosine": cosines}
+  conf = pol.reference_confident(ReferenceView(layers=layers, n=n, k=cfg.num_segment_blocks, b=b,
+                                               aggregate=aggregate, cfg_pairs=cfg_pairs, pp=pp, thr=thr,
+                                               sched_depth=sched_depth, armed=None, scores=scores))
+  pair_and = cfg_pairs and pol.pairs_decide_together
   conf = jnp.broadcast_to(conf, (n, b))
   conf = (conf & (layers >= pp["min_layers"])) | (layers == n)
   if pair_and:

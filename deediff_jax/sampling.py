@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deediff_jax import caching
+from deediff_jax import policies
 from deediff_jax.config import SAMPLERS, ModelConfig
 from deediff_jax.diffusion import schedule as sched_lib
 from deediff_jax.diffusion.samplers import EpsFn, SamplerError, guide, run_sampler, x0_scale_fn
@@ -79,9 +80,9 @@ def make_eps_fn(params, cfg, policy: str = "none", policy_params=None, y=None, c
       stats = {"exit_layer": jnp.full((xin.shape[0],), n, jnp.int32), "layers_run": jnp.asarray(n, jnp.int32)}
     else:
       extra = {}
-      if policy == "oracle":
+      if policies.get(policy).needs_x0_scale:
         if x0_scale_of is None:
-          raise SamplerError("exit policy 'oracle' needs x0_scale_of (samplers.x0_scale_fn(schedule))")
+          raise SamplerError(f"exit policy {policy!r} needs x0_scale_of (samplers.x0_scale_fn(schedule))")
         extra = dict(x0_scale=x0_scale_of(time_frac), guidance_scale=guidance_scale if doubled else None)
       if cache is not None:
         extra.update(cache=cache, reuse=reuse)
@@ -218,7 +219,8 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
     raise SamplerError(f"x_init must be [{num}, {cfg.image_size}, {cfg.image_size}, {cfg.in_channels}] "
                        f"(NHWC), got {tuple(np.shape(x_init))}")
   fn = _compiled(cfg, config.diffusion.schedule, int(config.diffusion.timesteps), s.sampler,
-                 int(s.steps), "none" if plain else policy, aggregate, doubled, clip, bool(plain), cached)
+                 int(s.steps), "none" if plain else policy, aggregate, doubled, clip, bool(plain),
+                 *((True,) if cached else ()))   # the uncached program keeps its lru_cache key
   shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
   bs = int(s.batch_size)
   starts = list(range(0, num, bs))

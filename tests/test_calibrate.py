@@ -18,7 +18,7 @@ from deediff_jax import sampling
 from deediff_jax.config import base_config
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion.schedule import make_schedule
-from deediff_jax.early_exit import _by_bucket, make_policy_params, policy_from_config
+from deediff_jax.early_exit import by_bucket, make_policy_params, policy_from_config
 from deediff_jax.eval import calibrate as C
 from deediff_jax.eval import fidelity as F
 from deediff_jax.model import build, init_params
@@ -196,7 +196,7 @@ def test_step_buckets_match_the_policy_bucketing(schedule, steps, k):
   c.sample.steps = steps
   frac = samplers.grid_arrays(make_schedule(schedule, 1000), steps)["time_frac"][:-1]
   # early_exit's own bucketing of a [K] threshold, step by step (values[b] = b).
-  want = [int(_by_bucket(jnp.arange(k), f, 1, "test")[0]) for f in frac]
+  want = [int(by_bucket(jnp.arange(k), f, 1, "test")[0]) for f in frac]
   got = C.step_buckets(c, k)
   assert got.tolist() == want
   assert got[0] == 0 and got[-1] == k - 1 and set(got.tolist()) == set(range(k))

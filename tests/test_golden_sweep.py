@@ -23,7 +23,8 @@ from deediff_jax.config import base_config, validate
 from deediff_jax.eval import sweep
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
-GOLDEN_JSON = os.path.join(GOLDEN_DIR, "sweep_golden.json")
+# DEEDIFF_GOLDEN_JSON: compare with (or regenerate) another file, e.g. a baseline of a working tree.
+GOLDEN_JSON = os.environ.get("DEEDIFF_GOLDEN_JSON") or os.path.join(GOLDEN_DIR, "sweep_golden.json")
 TIMING_KEYS = ("seconds", "seconds_full", "speedup")
 REGEN = os.environ.get("DEEDIFF_REGEN_GOLDEN", "")
 

@@ -13,6 +13,7 @@ from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion.schedule import make_schedule
 from deediff_jax.eval import calibrate as cal
 from deediff_jax.model import build, init_params
+from deediff_jax.policies.oracle import oracle_exits
 
 N = 5          # depth 4 -> 5 blocks
 
@@ -171,7 +172,7 @@ def test_oracle_exits_on_hand_made_arrays():
   layers[1] += 10.0
   eps_all = jnp.asarray(layers.transpose(1, 0, 2)[:, :, None, :, None])   # [N, B, 1, 2, 1]
   scale = jnp.array([1.0, 1.0, 0.1])
-  first = lambda tol, m=1, s=scale: np.asarray(ee.oracle_exits(eps_all, s, tol, m)).tolist()
+  first = lambda tol, m=1, s=scale: np.asarray(oracle_exits(eps_all, s, tol, m)).tolist()
   # tolerance 1.2: sqrt(2) = 1.41 is out (its mean |.| of 1 would be in) -> 0-based 2; .5 -> 0;
   # 0.1 * 3 = .3 -> 0.
   assert first(1.2) == [2, 0, 0]

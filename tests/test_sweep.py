@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deediff_jax import sampling
+from deediff_jax import policies, sampling
 from deediff_jax.config import base_config, validate
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion.schedule import make_schedule
@@ -143,9 +143,7 @@ def test_every_file_and_every_field(swept):
     # Class accuracy is a fraction of the 16 requested labels.
     assert r["class_accuracy"] * NUM == pytest.approx(round(r["class_accuracy"] * NUM))
     assert len(r["layers_run_per_step"]) == r["steps"]
-  keys = {r["policy"]: ("threshold" if r["policy"] in S.SCORE_POLICIES + ("oracle",) else
-                        "depth" if r["policy"] == "static" else
-                        "schedule" if r["policy"] == "time_schedule" else None) for r in rows}
+  keys = {r["policy"]: policies.get(r["policy"]).value for r in rows}   # the key each row fills
   for r in rows:
     if r["threshold_schedule"] is not None:    # the per-bucket row: a schedule instead of one threshold
       assert r["threshold"] is None and r["policy"] == "uem" and r["calibrated"]
@@ -397,7 +395,7 @@ def test_settings_and_defaults():
   with pytest.raises(S.SweepError, match="sweep.policies has unknown policy 'bogus'"):
     S.settings_from_config(c)
   c.sweep.policies = "uem_no_time"
-  with pytest.raises(S.SweepError, match="needs a model trained with model.uem=token_linear_no_time"):
+  with pytest.raises(S.SweepError, match="needs a model built with model.uem=token_linear_no_time"):
     S.settings_from_config(c)
   c.sweep.update(policies="static", depths="2,9")
   with pytest.raises(Exception, match=r"sweep.depths': depth 9 is outside \[1, 5\]"):

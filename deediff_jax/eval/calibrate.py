@@ -69,12 +69,12 @@ from deediff_jax import sampling
 from deediff_jax.data.eval_context import load_eval_context
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion import schedule as sched_lib
-from deediff_jax.early_exit import _by_bucket, make_policy_params
+from deediff_jax import policies
+from deediff_jax.early_exit import by_bucket, make_policy_params
 from deediff_jax.eval import fidelity as fidelity_lib
 from deediff_jax.eval.decode import decoder_for
 from deediff_jax.model.uvit import ModelConfig
 
-CALIBRATABLE = ("uem", "uem_no_time", "state_cosine", "adadiff")
 METRICS = ("layer_ratio_run", "layer_ratio_per_sample")
 CALIBRATION_STREAM = 0xCA1B      # fold_in id of the calibration batch's noise
 PSNR_8BIT = 10.0 * math.log10(4.0 / ((2.0 / 255.0) ** 2 / 12.0))
@@ -92,6 +92,16 @@ class CalibrationError(ValueError):
 def _get(config, key, default):
   """config.exit.KEY, or the default for keys a config file may not have yet."""
   return config.exit.get(key, default) if hasattr(config.exit, "get") else default
+
+
+def calibratable() -> tuple:
+  """The policies whose threshold calibration can pick (`ExitPolicy.calibratable`)."""
+  return tuple(p.name for p in policies.registered() if p.calibratable)
+
+
+def schedule_policy() -> str:
+  """The policy a calibrated depth schedule is for (`calibrate_time_schedule`)."""
+  return policies.first(value="schedule").name
 
 
 def psnr_floor(config) -> Optional[float]:
@@ -120,7 +130,7 @@ def calibrates_schedule(config) -> bool:
   if float(_get(config, "target_layer_ratio", 0.0)) <= 0:
     return False
   e = config.exit
-  return e.policy == "time_schedule" or (e.policy in CALIBRATABLE and psnr_floor(config) is None
+  return e.policy == schedule_policy() or (e.policy in calibratable() and psnr_floor(config) is None
                                          and str(_get(config, "calibrate", "time_schedule")) == "time_schedule")
 
 
@@ -147,7 +157,7 @@ def calibrated_schedule(params, config, *, num: Optional[int] = None) -> tuple:
                                              target=float(config.exit.target_layer_ratio),
                                              buckets=schedule_buckets(config), num=num)
   print(describe(report))
-  if config.exit.policy != "time_schedule":
+  if config.exit.policy != schedule_policy():
     print(switch_note(config.exit.policy))
   return ",".join(str(v) for v in schedule), report
 
@@ -179,13 +189,9 @@ def conditioning(config, num: int):
 
 
 def threshold_of(policy: str, a: float) -> float:
-  """Aggressiveness a in [0, 1] -> the policy's threshold (see the module doc). adadiff exits
-  when its confidence (in (0, 1)) exceeds the threshold: a = 0 is 1 (never), a = 1 is 0."""
-  if policy == "state_cosine":
-    return float(1.0 - 2.0 * a)
-  if policy == "adadiff":
-    return float(1.0 - a)
-  return float(a)
+  """Aggressiveness a in [0, 1] -> the policy's threshold (`ExitPolicy.threshold_of`): a = 0
+  never exits, a = 1 exits as early as exit.min_layers allows."""
+  return policies.get(policy).threshold_of(a)
 
 
 def calibration_size(config) -> int:
@@ -201,9 +207,10 @@ def check_request(config, policy: Optional[str] = None) -> tuple:
   """
   e = config.exit
   policy = e.policy if policy is None else policy
-  if policy not in CALIBRATABLE:
+  if policy not in calibratable():
+    names = calibratable()
     raise CalibrationError(f"calibration picks a threshold, but exit.policy is {policy!r}; use "
-                           f"--config.exit.policy=uem (or {', '.join(CALIBRATABLE[1:])})")
+                           f"--config.exit.policy={names[0]} (or {', '.join(names[1:])})")
   target = float(_get(config, "target_layer_ratio", 0.0))
   floor = psnr_floor(config)
   if target > 0 and floor is not None:
@@ -239,7 +246,7 @@ def step_buckets(config, k: int) -> np.ndarray:
   per-bucket threshold, applied to every step's time_frac at once (values[b] = b)."""
   schedule = sched_lib.from_config(config.diffusion)
   frac = samplers.grid_arrays(schedule, int(config.sample.steps))["time_frac"][:-1]
-  return np.asarray(_by_bucket(jnp.arange(k), frac, frac.shape[0], "step_buckets"), np.int64)
+  return np.asarray(by_bucket(jnp.arange(k), frac, frac.shape[0], "step_buckets"), np.int64)
 
 
 def bucket_ratios(summary: dict, n_blocks: int, buckets: np.ndarray, k: int, metric: str) -> list:
@@ -292,7 +299,7 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
       thr = [threshold_of(policy, float(v)) for v in a]
     else:
       thr = threshold_of(policy, a)
-    pp = make_policy_params(n_blocks, threshold=thr, min_layers=int(e.min_layers))
+    pp = make_policy_params(n_blocks, threshold=thr, min_layers=int(e.min_layers), patience=bool(e.patience))
     images, stats = sampling.sample(params, run_config, rng, num, policy=policy, policy_params=pp, **cond)
     summary = sampling.summarize(stats, n_blocks)
     rec = {"threshold": thr, "layer_ratio_run": summary["layer_ratio_run"],
@@ -590,7 +597,8 @@ def calibrate_time_schedule(params, config, rng, *, target: float, buckets: int,
   def probe(log_tol: float) -> dict:
     tolerance = float(math.exp(log_tol))
     pp = make_policy_params(n_blocks, threshold=tolerance, min_layers=int(config.exit.min_layers))
-    _, stats = sampling.sample(params, config, rng, num, policy="oracle", policy_params=pp, **cond)
+    _, stats = sampling.sample(params, config, rng, num, policy=policies.first(runs_every_block=True).name,
+                               policy_params=pp, **cond)
     sched = schedule_from_exits(stats["exit_layer"], steps_bucket, buckets, quantile)
     rec = {"tolerance": tolerance, "schedule": sched,
            "layer_ratio": schedule_ratio(sched, steps_bucket, n_blocks),
@@ -612,7 +620,7 @@ def calibrate_time_schedule(params, config, rng, *, target: float, buckets: int,
       lo = mid
     else:
       hi = mid
-  report = {"method": "oracle_time_schedule", "policy": "time_schedule", "buckets": buckets,
+  report = {"method": "oracle_time_schedule", "policy": schedule_policy(), "buckets": buckets,
             "quantile": quantile, "target": target, "tolerance": tol,
             "schedule": ",".join(str(v) for v in best["schedule"]),
             "achieved": {"layer_ratio_run": best["layer_ratio"], "layer_ratio_per_sample": best["layer_ratio"],
@@ -628,12 +636,12 @@ def maybe_calibrate(params, config) -> Optional[dict]:
   for exit.policy=time_schedule the oracle-calibrated .schedule) and returns the report."""
   if not wanted(config):
     return None
-  if config.exit.policy == "time_schedule" and float(_get(config, "target_layer_ratio", 0.0)) <= 0:
+  if config.exit.policy == schedule_policy() and float(_get(config, "target_layer_ratio", 0.0)) <= 0:
     raise CalibrationError("exit.policy=time_schedule calibrates to exit.target_layer_ratio only; set "
                            "--config.exit.target_layer_ratio=0.55 instead of a PSNR floor")
   if calibrates_schedule(config):
     schedule, report = calibrated_schedule(params, config)
-    config.exit.policy = "time_schedule"
+    config.exit.policy = schedule_policy()
     config.exit.schedule = schedule
     return report
   if guided(config):

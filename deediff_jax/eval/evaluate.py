@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from deediff_jax import policies
 from deediff_jax.eval import calibrate as cal_lib
 from deediff_jax.eval import report as report_lib
 from deediff_jax.eval import runner
@@ -35,7 +36,7 @@ def run(config, workdir: str, *, params=None) -> dict:
   ctx = runner.start(config, workdir, [setting], params=params, calibration_policy=config.exit.policy)
   if cal_lib.calibrates_schedule(config):
     schedule, report = cal_lib.calibrated_schedule(ctx.params, config, num=min(int(config.sample.batch_size), ctx.num))
-    setting = Setting("time_schedule", schedule=schedule, calibration=report)
+    setting = Setting(policies.first(value="schedule").name, schedule=schedule, calibration=report)
   elif cal_lib.wanted(config):
     setting = runner.calibrated_setting(ctx, policy=config.exit.policy)
   row, _, _ = runner.evaluate(ctx, setting)

@@ -41,18 +41,13 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from deediff_jax import policies
 from deediff_jax.model.uvit import ModelConfig
 
 # FLOPs per element of the elementwise pieces, matched to XLA's f32 lowering (see module doc).
 ELEMENTWISE = {
     "layer_norm": 7, "layer_norm_row": 5, "softmax": 4, "gelu": 64, "sigmoid": 3, "silu": 4,
 }
-# Exit policies whose confidence test runs a module after every block (see early_exit.py).
-UEM_POLICIES = ("uem", "uem_no_time")
-# The oracle runs every block but is costed at the depth it would stop at (a ceiling, not a
-# runnable saving), with no monitor: what any policy could reach at best.
-NO_MONITOR_POLICIES = ("static", "time_schedule", "none", "oracle")
-POLICIES = UEM_POLICIES + ("state_cosine", "adadiff") + NO_MONITOR_POLICIES
 
 
 class FlopsError(ValueError):
@@ -197,17 +192,21 @@ def lte_flops(cfg, *, matmul_only: bool = False) -> int:
   return c.total
 
 
+# An exit policy's per-block test (its `monitor`, deediff_jax/policies/) -> its FLOPs per image.
+MONITORS = {"uem": lambda cfg, matmul_only: uem_flops(cfg, matmul_only=matmul_only),
+            "lte": lambda cfg, matmul_only: lte_flops(cfg, matmul_only=matmul_only),
+            "cosine": lambda cfg, matmul_only: cosine_flops(cfg, matmul_only=matmul_only)}
+
+
 def monitor_flops(cfg, policy: str, *, matmul_only: bool = False) -> int:
-  """What an exit policy computes after each block it runs, per image."""
-  if policy in UEM_POLICIES:
-    return uem_flops(cfg, matmul_only=matmul_only)
-  if policy == "adadiff":
-    return lte_flops(cfg, matmul_only=matmul_only)
-  if policy == "state_cosine":
-    return cosine_flops(cfg, matmul_only=matmul_only)
-  if policy in NO_MONITOR_POLICIES:
-    return 0
-  raise FlopsError(f"unknown exit policy {policy!r}; choose one of {', '.join(POLICIES)}")
+  """What an exit policy computes after each block it runs, per image: its declared monitor
+  (none for the depth rules and for the oracle, which is costed at the depth it would stop at,
+  a ceiling rather than a runnable saving)."""
+  try:
+    monitor = policies.get(policy).monitor
+  except policies.UnknownPolicy as e:
+    raise FlopsError(str(e)) from None
+  return 0 if monitor is None else MONITORS[monitor](cfg, matmul_only)
 
 
 def block_uses_skip(cfg, index: int) -> bool:

@@ -15,7 +15,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from deediff_jax.config import SCORE_POLICIES, UEM_POLICIES
+from deediff_jax import policies
 from deediff_jax.data.eval_context import load_eval_captions
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion import schedule as sched_lib
@@ -133,9 +133,11 @@ def chosen_index(rows, config) -> int:
   calibrated = [i for i, r in enumerate(rows) if r["calibrated"]]
   if calibrated:
     return calibrated[0]
-  want = config.exit.policy if config.exit.policy in SCORE_POLICIES else "uem"
-  for policies in ((want,), UEM_POLICIES, SCORE_POLICIES):
-    idx = [i for i, r in enumerate(rows) if r["policy"] in policies and r["threshold"] is not None]
+  score = tuple(p.name for p in policies.registered() if p.is_score)
+  learned = tuple(n for n in score if policies.get(n).learned)
+  want = config.exit.policy if config.exit.policy in score else score[0]
+  for names in ((want,), learned, score):
+    idx = [i for i, r in enumerate(rows) if r["policy"] in names and r["threshold"] is not None]
     if idx:
       exact = [i for i in idx if math.isclose(rows[i]["threshold"], float(config.exit.threshold),
                                                 rel_tol=1e-9, abs_tol=1e-12)]
@@ -143,7 +145,8 @@ def chosen_index(rows, config) -> int:
         return exact[0]
       idx.sort(key=lambda i: rows[i]["threshold"])
       return idx[len(idx) // 2]
-  not_none = [i for i, r in enumerate(rows) if r["policy"] != "none"]
+  not_none = [i for i, r in enumerate(rows)   # l2c rows are not exit policies (eval/cache_rows.py)
+              if r["policy"] not in policies.names() or not policies.get(r["policy"]).full_depth]
   return not_none[0] if not_none else 0
 
 

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 
 from deediff_jax import sampling
-from deediff_jax.config import SCORE_POLICIES, parse_floats
+from deediff_jax import policies
+from deediff_jax.config import parse_floats
 from deediff_jax.eval import cache_rows
 from deediff_jax.eval import calibrate as cal_lib
 from deediff_jax.eval import fidelity as fidelity_lib
@@ -99,7 +100,8 @@ def _warm_up(ctx: Context, config, *, plain=False, setting: Optional[Setting] = 
     return
   n = ctx.cfg.num_blocks
   kw = (dict(plain=True) if plain else
-        dict(policy=setting.policy, policy_params=cheap_params(setting, n, int(config.exit.min_layers))))
+        dict(policy=setting.policy, policy_params=cheap_params(setting, n, int(config.exit.min_layers),
+                                                              bool(config.exit.patience))))
   # Ahead of time: every batch shape of the run is compiled and nothing is sampled.
   if not plain:
     kw["reuse"] = _reuse(config, setting, n)
@@ -185,7 +187,7 @@ def retime_baseline(ctx: Context, rows) -> None:
 
 
 def check_params_for(settings, params) -> None:
-  if any(s.policy != "none" for s in settings) and not ({"exit_heads", "ltes"} & set(params)):
+  if any(s.exit_policy.needs_exits for s in settings) and not ({"exit_heads", "ltes"} & set(params)):
     raise SweepError("this checkpoint has no exit heads/UEMs (a bare backbone); train them first "
                      "(--config.train.mode=frozen_backbone) or use --config.sweep.policies=none")
 
@@ -204,7 +206,7 @@ def evaluate(ctx: Context, setting: Setting) -> tuple[dict, np.ndarray, dict]:
   n = ctx.cfg.num_blocks
   config = with_steps(ctx.config, setting.steps)
   min_layers = int(config.exit.min_layers)
-  pp = setting.policy_params(n, min_layers)
+  pp = setting.policy_params(n, min_layers, bool(config.exit.patience))
   kw = dict(plain=True) if setting.plain else dict(setting=setting, pp=pp)
   images, stats, seconds = _timed(ctx, config, **kw)
   images = ctx.decoded(images)
@@ -249,9 +251,12 @@ def evaluate(ctx: Context, setting: Setting) -> tuple[dict, np.ndarray, dict]:
 
 
 def _calibration_policy(config) -> str:
-  if config.exit.policy in SCORE_POLICIES:
+  """exit.policy when it is calibratable, else the first learned calibratable policy the model runs."""
+  if policies.get(config.exit.policy).calibratable:
     return config.exit.policy
-  return "adadiff" if config.model.get("exit_style", "deediff") == "adadiff" else "uem"
+  cfg = ModelConfig.from_config(config.model)
+  return next(p.name for p in policies.registered()
+              if p.calibratable and p.learned and p.model_problem(cfg) is None)
 
 
 def calibrated_setting(ctx: Context, policy: Optional[str] = None, buckets: Optional[int] = None) -> Setting:

@@ -82,7 +82,7 @@ import os
 from tqdm import tqdm
 
 # Re-exported (`__all__`) besides what `run` uses: code, tests and the notebook use them as `sweep.X`.
-from deediff_jax.config import SCORE_POLICIES
+from deediff_jax import policies
 from deediff_jax.eval import calibrate as cal_lib
 from deediff_jax.eval import heldout
 from deediff_jax.eval.quality import (CLASSIFIER_STEPS, FID_KIND_NAMES, MAX_REAL_IMAGES, Quality,
@@ -94,7 +94,7 @@ from deediff_jax.eval.report import (GRID_IMAGES, IDENTICAL_PSNR, SWEEP_DIR, TAB
 from deediff_jax.eval.runner import (ROW_KEYS, Context, calibrated_setting, check_local,
                                      check_params_for, evaluate, gflops_from_stats, load_checkpoint,
                                      prepare, retime_baseline, start, with_steps)
-from deediff_jax.eval.settings import (CHEAP_THRESHOLD, DEFAULT_POLICIES, THRESHOLD_KEYS,
+from deediff_jax.eval.settings import (DEFAULT_POLICIES,
                                        Setting, SweepError, default_time_schedules, fewer_steps_settings,
                                        parse_policies, setting_from_exit_config, settings_from_config)
 from deediff_jax.model.uvit import ModelConfig
@@ -118,15 +118,16 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> list[dic
     last = max((i for i, s in enumerate(settings) if s.policy == cs.policy), default=len(settings) - 1)
     settings[last + 1:last + 1] = extra
     target = float(config.exit.target_layer_ratio)
-    if target > 0 and any(s.policy == "time_schedule" for s in settings):
+    scheduled = policies.first(value="schedule").name   # what calibrate_time_schedule makes
+    if target > 0 and any(s.policy == scheduled for s in settings):
       k = cal_lib.buckets_of(config) if cal_lib.buckets_of(config) > 1 else cal_lib.DEFAULT_SCHEDULE_BUCKETS
       k = min(k, int(config.sample.steps))
       sched, report = cal_lib.calibrate_time_schedule(
           ctx.params, config, cal_lib.calibration_rng(config), target=target, buckets=k,
           num=min(int(config.sample.batch_size), ctx.num))
       print(cal_lib.describe(report))
-      last = max(i for i, s in enumerate(settings) if s.policy == "time_schedule")
-      settings.insert(last + 1, Setting("time_schedule", schedule=",".join(str(v) for v in sched),
+      last = max(i for i, s in enumerate(settings) if s.policy == scheduled)
+      settings.insert(last + 1, Setting(scheduled, schedule=",".join(str(v) for v in sched),
                                         calibration=report))
   rows, images, stats = [], [], []
   bar = tqdm(settings, desc="sweep", unit="setting", disable=not progress)
@@ -159,11 +160,11 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> list[dic
 
 
 __all__ = ["build_quality", "calibrated_setting", "caption_accuracy", "caption_table_md",
-           "CHEAP_THRESHOLD", "check_local", "check_params_for", "chosen_index", "CLASSIFIER_STEPS",
+           "check_local", "check_params_for", "chosen_index", "CLASSIFIER_STEPS",
            "Context", "DEFAULT_POLICIES", "default_time_schedules", "evaluate", "fewer_steps_settings",
            "FID_KIND_NAMES", "gflops_from_stats", "GRID_IMAGES", "header_md", "IDENTICAL_PSNR",
            "load_checkpoint", "machine_info", "matched_indices", "MAX_REAL_IMAGES", "parse_policies",
            "prepare", "Quality", "real_images", "RealData", "retime_baseline", "ROW_KEYS", "run",
-           "run_info", "SCORE_POLICIES", "Setting", "setting_from_exit_config", "settings_from_config",
-           "start", "SWEEP_DIR", "SweepError", "TABLE_COLUMNS", "table_md", "THRESHOLD_KEYS",
+           "run_info", "Setting", "setting_from_exit_config", "settings_from_config",
+           "start", "SWEEP_DIR", "SweepError", "TABLE_COLUMNS", "table_md",
            "time_labels", "with_steps", "write_csv", "write_grid", "write_json", "write_outputs"]
