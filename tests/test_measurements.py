@@ -20,10 +20,10 @@ COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration",
                   "/jax/compilation_cache/cache_retrieval_time_sec")
 
 
-def _config(num_images=4, **exit_kw):
+def _config(num_images=4, exit_style="deediff", **exit_kw):
   # One batch of 4 unless a test needs a partial last batch (each batch size is its own program).
   c = base_config()
-  c.model.update(embed_dim=32, depth=2, num_heads=2)       # 8x8x1, 10 classes, 3 blocks
+  c.model.update(embed_dim=32, depth=2, num_heads=2, exit_style=exit_style)   # 8x8x1, 10 classes, 3 blocks
   c.sample.update(sampler="ddim", steps=2, num_images=num_images, batch_size=4, guidance_scale=0.0)
   # Class accuracy is not what these tests measure: a 20-step digits classifier (the default 600
   # steps took most of an eval or sweep call here, once per workdir).
@@ -73,6 +73,24 @@ def test_sample_eval_and_sweep_measure_the_same_layer_ratio(tmp_path, params):
       "sweep": sweep.run(c, str(tmp_path / "w"), params=params, progress=False)[0]["layer_ratio_run"],
   }
   assert got["sample"] == got["eval"] == got["sweep"] == pytest.approx(2 / 3), got
+
+
+def test_adadiff_patience_off_is_the_same_in_every_mode(tmp_path):
+  # exit.patience=False used to reach --mode sample only: the sweep, eval and calibration built
+  # their policy values without it, so an in-block exit still waited for a second confident block.
+  # Threshold 0: every confidence (a sigmoid) passes, so without patience every sample exits
+  # after block 1 of 3; with patience the first in-block only arms and the mid-block exits (2/3).
+  c = _config(exit_style="adadiff", policy="adadiff", threshold=0.0, patience=False)
+  c.sweep.update(policies="adadiff", confidence_thresholds="0")
+  p = jax.jit(lambda r: init_params(build(c.model), r))(jax.random.PRNGKey(0))
+  got = {
+      "sample": sample_mode.run(c, str(tmp_path / "s"), params=p)["layer_ratio_run"],
+      "eval": eval_mode.run(c, str(tmp_path / "e"), params=p)["layer_ratio_run"],
+      "sweep": sweep.run(c, str(tmp_path / "w"), params=p, progress=False)[0]["layer_ratio_run"],
+  }
+  assert got["sample"] == got["eval"] == got["sweep"] == pytest.approx(1 / 3), got
+  c.exit.patience = True
+  assert sample_mode.run(c, str(tmp_path / "p"), params=p)["layer_ratio_run"] == pytest.approx(2 / 3)
 
 
 def test_sample_stats_and_sweep_name_the_same_fidelity_sampler(tmp_path, params):
