@@ -23,7 +23,7 @@ _OWNED = []
 FILE_SECONDS = {
     "test_model.py": 80, "test_train.py": 59, "test_main.py": 56, "test_checkpoint.py": 55,
     "test_latent_pipeline.py": 51, "test_distributed.py": 50, "test_notebook.py": 49,
-    "test_sweep.py": 45, "test_convert.py": 44, "test_early_exit.py": 42,
+    "test_sweep.py": 45, "test_cache.py": 45, "test_convert.py": 44, "test_early_exit.py": 42,
     "test_measurements.py": 34, "test_samplers.py": 30, "test_benchmarks.py": 26,
     "test_inception.py": 23, "test_adadiff.py": 23, "test_sample.py": 18, "test_flops.py": 18,
     "test_calibrate.py": 12, "test_launch.py": 11, "test_encode_text.py": 10,
