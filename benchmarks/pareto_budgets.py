@@ -1,7 +1,7 @@
 """Who wins at which compute: the best PSNR vs full of each policy family within GFLOPs budgets.
 
   python benchmarks/pareto_budgets.py benchmarks/results/mnist13_joint/sweep.json \
-      [more sweep.json files of the same backbone ...] [--budgets 0.4,0.55,0.7] [--markdown]
+      [more sweep.json files of the same backbone ...] [--budgets 0.4,0.55,0.7] [--markdown] [--json -|PATH]
 
 Families: every learned exit (uem / uem_no_time / adadiff, one family per sweep file, since each
 file is one trained model), and the fixed alternatives a user would pick instead: static,
@@ -12,12 +12,28 @@ its rows with gflops_ratio <= b + slack (default 0.03, "about b"), and the verdi
 "exits that pay" target: the best learned exit is within 0.5 dB of the best fixed alternative.
 Then, at <= 60% of the GFLOPs, whether a learned row keeps classifier-FID within 10% and class
 accuracy within 2 points of full depth.
+
+`--json -` (stdout) or `--json PATH` gives the held-out verdict instead, with no slack (a budget b
+admits a row when its GFLOPs ratio is <= b; GFLOPs as measured at the sweep's sample.batch_size):
+  {"heldout": bool, "full": {"num_images", "fid", "class_accuracy"},
+   "budgets": [{"budget", "learned": {"setting", "psnr", "gflops_ratio", ...}, "fixed": {...},
+                "diff", "diff_ci": [lo, hi]}]}
+"learned" is the best runnable row with a learned component (a learned exit uem / uem_no_time /
+adadiff, a Learning-to-Cache router, or both), "fixed" the best of fewer steps, static,
+time_schedule (calibrated included), state_cosine and their combinations with fewer steps. When
+the sweep ran with sweep.calibration_images > 0 ("heldout": true), each is chosen on its
+calibration columns (`choice_gflops_ratio` <= b, the highest `choice_psnr`) and reported with its
+held-out columns (psnr_vs_full, gflops_ratio, fid, class_accuracy); otherwise it is chosen and
+reported on the same rows ("heldout": false). `diff` is the held-out PSNR difference learned -
+fixed and `diff_ci` its paired bootstrap 95% interval over images (deediff_jax/eval/bootstrap.py)
+from the sweep's per_image_psnr.npz (null without that file).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 
 LEARNED = ("uem", "uem_no_time", "adadiff")
 FIXED = ("static", "time_schedule", "state_cosine", "fewer steps", "static + fewer steps")
@@ -40,8 +56,8 @@ def load(paths: list[str]) -> tuple[list[dict], dict]:
       part = json.load(f)
     steps_full = max(r["steps"] for r in part)
     tag = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    for r in part:
-      r = dict(r, _steps_full=steps_full, _file=tag)
+    for i, r in enumerate(part):
+      r = dict(r, _steps_full=steps_full, _file=tag, _index=i, _dir=os.path.dirname(os.path.abspath(path)))
       r["_family"] = family(r)
       if r["_family"] in LEARNED:
         r["_family"] = f"{r['_family']} ({tag})"
@@ -100,13 +116,96 @@ def report(rows: list[dict], full: dict, budgets: list[float], slack: float) -> 
   return "\n".join(lines) + "\n"
 
 
+CACHE_FAMILIES = ("l2c", "l2c+exit")
+
+
+def _learned(r: dict) -> bool:
+  """A runnable row with a learned component: a learned exit, a cache router, or both."""
+  if r.get("runnable") is False:
+    return False
+  cached = r.get("family") in CACHE_FAMILIES or r.get("cache_threshold") is not None
+  return cached or r["_family"].split(" (")[0].split(" + ")[0] in LEARNED
+
+
+def _fixed(r: dict) -> bool:
+  if r.get("runnable") is False or r.get("family") in CACHE_FAMILIES or r.get("cache_threshold") is not None:
+    return False
+  fam = r["_family"]
+  return fam in FIXED or (fam.endswith(" + fewer steps") and fam[: -len(" + fewer steps")] in FIXED)
+
+
+def _choose(rows: list, budget: float, heldout: bool):
+  key_psnr, key_ratio = ("choice_psnr", "choice_gflops_ratio") if heldout else ("psnr_vs_full", "gflops_ratio")
+  ok = [r for r in rows if r.get(key_psnr) is not None and r.get(key_ratio) is not None
+        and r[key_ratio] <= budget]
+  return max(ok, key=lambda r: (r[key_psnr], -r[key_ratio])) if ok else None
+
+
+_PER_IMAGE: dict = {}
+
+
+def _per_image(r: dict):
+  path = os.path.join(r["_dir"], "per_image_psnr.npz")
+  if path not in _PER_IMAGE:
+    _PER_IMAGE[path] = None
+    if os.path.isfile(path):
+      import numpy as np
+      with np.load(path, allow_pickle=False) as z:
+        _PER_IMAGE[path] = {int(k[4:]): np.asarray(z[k], np.float64) for k in z.files if k.startswith("row_")}
+  table = _PER_IMAGE[path]
+  return None if table is None else table.get(r["_index"])
+
+
+def _point(r: dict) -> dict:
+  out = {"setting": r["setting"], "psnr": r["psnr_vs_full"], "gflops_ratio": r["gflops_ratio"],
+         "fid": r.get("fid"), "class_accuracy": r.get("class_accuracy"), "file": r["_file"]}
+  if r.get("choice_psnr") is not None:
+    out.update(choice_psnr=r["choice_psnr"], choice_gflops_ratio=r["choice_gflops_ratio"])
+  return out
+
+
+def json_report(rows: list[dict], full: dict, budgets: list[float]) -> dict:
+  """The held-out verdict per budget (the module doc); no slack."""
+  scored = [r for r in rows if r["_family"] != "full depth" and r.get("psnr_vs_full") is not None]
+  heldout = bool(scored) and all(r.get("choice_psnr") is not None for r in scored)
+  out = {"heldout": heldout,
+         "full": {"num_images": full.get("num_images"), "fid": full.get("fid"),
+                  "class_accuracy": full.get("class_accuracy")},
+         "budgets": []}
+  for b in budgets:
+    learned = _choose([r for r in scored if _learned(r)], b, heldout)
+    fixed = _choose([r for r in scored if _fixed(r)], b, heldout)
+    entry = {"budget": b, "learned": None if learned is None else _point(learned),
+             "fixed": None if fixed is None else _point(fixed), "diff": None, "diff_ci": None}
+    if learned is not None and fixed is not None:
+      entry["diff"] = learned["psnr_vs_full"] - fixed["psnr_vs_full"]
+      a, c = _per_image(learned), _per_image(fixed)
+      if a is not None and c is not None and a.shape == c.shape:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        from deediff_jax.eval.bootstrap import paired_diff_ci
+        diff, lo, hi = paired_diff_ci(a, c)
+        entry["diff"], entry["diff_ci"] = diff, [lo, hi]
+    out["budgets"].append(entry)
+  return out
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("sweeps", nargs="+")
   ap.add_argument("--budgets", default="0.4,0.55,0.7")
   ap.add_argument("--slack", type=float, default=0.03)
+  ap.add_argument("--json", default=None, metavar="PATH",
+                  help="the held-out verdict as JSON (no slack) to PATH, or '-' for stdout only")
   args = ap.parse_args(argv)
   rows, full = load(args.sweeps)
+  if args.json is not None:
+    data = json_report(rows, full, [float(b) for b in args.budgets.split(",")])
+    text = json.dumps(data, indent=2) + "\n"
+    if args.json == "-":
+      sys.stdout.write(text)
+      return 0
+    with open(args.json, "w") as f:
+      f.write(text)
   print(report(rows, full, [float(b) for b in args.budgets.split(",")], args.slack), end="")
   return 0
 

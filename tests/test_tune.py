@@ -23,8 +23,8 @@ def _config(**tune_keys):
   c = base_config()                       # digits-shaped: 8x8x1, 10 classes
   c.model.update(embed_dim=32, depth=4, num_heads=2)
   c.sample.update(steps=4, batch_size=4, num_images=4)
-  c.sweep.update(num_images=4, fid_kind="none")
-  c.tune.update(calibration_images=4, heldout_images=4, buckets=2, timing_repeats=1, **tune_keys)
+  c.sweep.update(num_images=4, fid_kind="none", classifier_steps=20)   # a quick classifier: same code path
+  c.tune.update(**{"calibration_images": 4, "heldout_images": 4, "buckets": 2, "timing_repeats": 1, **tune_keys})
   return validate(c)
 
 
@@ -89,7 +89,7 @@ def test_an_impossible_budget_is_one_line_exit_2(tmp_path):
 # ----------------------------------------------------------------------------- --mode tune
 
 def _tuned(tmp_path, params, name, seed):
-  c = _config(budget=0.6, families="fewer_steps,static,static_fewer_steps,learned")
+  c = _config(budget=0.6, families="fewer_steps,static,learned", buckets=1)
   c.sample.seed = seed
   workdir = str(tmp_path / name)
   out = tune.run(c, workdir, params=params, progress=False)
@@ -185,3 +185,37 @@ def test_export_writes_a_params_file_sampling_reads(tmp_path, params):
   with np.load(tmp_path / "direct" / "samples.npz") as x, np.load(tmp_path / "file" / "samples.npz") as y:
     assert np.array_equal(x["images"], y["images"])
   assert from_file["psnr_vs_full"] == direct["psnr_vs_full"]
+
+
+# ----------------------------------------------------------------------------- pareto_budgets --json
+
+def test_pareto_budgets_json_chooses_on_calibration_and_reports_held_out(tmp_path, capsys):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("pareto_budgets", os.path.join(
+      os.path.dirname(__file__), "..", "benchmarks", "pareto_budgets.py"))
+  pb = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(pb)
+
+  def row(policy, setting, ratio, psnr, choice_ratio, choice_psnr, steps=10):
+    return {"policy": policy, "setting": setting, "runnable": True, "gflops_ratio": ratio, "psnr_vs_full": psnr,
+            "choice_gflops_ratio": choice_ratio, "choice_psnr": choice_psnr, "steps": steps, "num_images": 5,
+            "fid": 3.0, "class_accuracy": 0.9}
+  rows = [row("none", "none", 1.0, 100.0, 1.0, 100.0),
+          row("uem", "uem 0.2", 0.50, 33.0, 0.49, 30.0), row("uem", "uem 0.3", 0.39, 34.0, 0.41, 35.0),
+          row("static", "static 5", 0.45, 31.0, 0.45, 31.0), row("none", "none @ 4 steps", 0.4, 29.0, 0.4, 29.0, 4)]
+  rows[0]["psnr_vs_full"] = None
+  path = tmp_path / "sweep.json"
+  path.write_text(json.dumps(rows))
+  per_image = {f"row_{i:03d}": np.array([30.0, 31.0, 32.0, 29.0, 33.0]) + i for i in range(1, len(rows))}
+  np.savez(tmp_path / "per_image_psnr.npz", setting=np.array([r["setting"] for r in rows]), **per_image)
+  assert pb.main([str(path), "--budgets", "0.4,0.5", "--json", "-"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["heldout"] is True and out["full"] == {"num_images": 5, "fid": 3.0, "class_accuracy": 0.9}
+  b40, b50 = out["budgets"]
+  # At 0.40 "uem 0.3" is out (its calibration ratio 0.41 > 0.40, no slack) and "uem 0.2" too.
+  assert b40["learned"] is None and b40["fixed"]["setting"] == "none @ 4 steps" and b40["diff_ci"] is None
+  # At 0.50 the choice is made on calibration PSNR (uem 0.3: 35 dB) and reported held-out (34 dB).
+  assert b50["learned"]["setting"] == "uem 0.3" and b50["learned"]["psnr"] == 34.0
+  assert b50["fixed"]["setting"] == "static 5"
+  diff, lo, hi = bootstrap.paired_diff_ci(per_image["row_002"], per_image["row_003"])
+  assert b50["diff"] == pytest.approx(diff) and b50["diff_ci"] == [pytest.approx(lo), pytest.approx(hi)]

@@ -59,7 +59,6 @@ import numpy as np
 from tqdm import tqdm
 
 from deediff_jax import sampling
-from deediff_jax.config import SCORE_POLICIES
 from deediff_jax.eval import bootstrap
 from deediff_jax.eval import calibrate as cal_lib
 from deediff_jax.eval import flops as flops_lib
@@ -75,6 +74,15 @@ COMBO_STEP_FRACTIONS = (0.6, 0.7, 0.8, 0.9)
 CALIBRATION_TARGET_KEYS = ("exit.target_layer_ratio", "exit.min_psnr", "exit.max_psnr_drop")
 MIN_PSNR_BISECTIONS = 5
 FAMILIES = ("learned", "time_schedule", "static", "fewer_steps", "static_fewer_steps", "l2c")
+
+
+def _threshold_policy(policy: str) -> bool:
+  """True for a policy set by a threshold (the policy registry's `value` when it exists)."""
+  try:
+    from deediff_jax import policies
+    return policies.get(policy).value == "threshold" and policy != "oracle"
+  except (ImportError, AttributeError, ValueError, KeyError):
+    return policy in ("uem", "uem_no_time", "state_cosine", "adadiff")
 
 
 class TuneError(ValueError):
@@ -150,7 +158,7 @@ class Candidate:
 def overrides_of(setting: Setting, aggregate: str, steps: int, min_layers: int) -> dict:
   """The config keys (resolved values) that make --mode sample run `setting`."""
   out: dict[str, Any] = {"exit.policy": setting.policy, "sample.steps": int(setting.steps or steps)}
-  if setting.policy in SCORE_POLICIES:
+  if _threshold_policy(setting.policy):
     if setting.threshold_schedule is not None:
       out.update({"exit.threshold_schedule": setting.threshold_schedule})
     else:
@@ -364,18 +372,25 @@ def _target_config(config, target: float, aggregate: str):
   return c
 
 
-def _l2c_candidates(config, budget: float) -> list:
-  """The caching family (Learning-to-Cache): the hook. It is searched when cache.router is set and
-  deediff_jax.caching exists; a router has a fixed cost, so its one candidate is the configured
-  router at cache.threshold, run with the full-depth policy (none)."""
+def _l2c_candidates(config, steps: int, min_layers: int) -> list:
+  """The caching family (Learning-to-Cache), searched when cache.router is set and
+  deediff_jax.caching exists: one full-depth candidate per sweep.cache_thresholds value (else
+  cache.threshold), each a fixed cost, measured like the sweep's l2c rows (`Setting.cache_threshold`
+  where the Setting has it; the config keys in `extra` otherwise)."""
   if "cache" not in config or not str(config.cache.get("router", "") or "").strip():
     return []
   if importlib.util.find_spec("deediff_jax.caching") is None:
     return []
-  extra = {"cache.policy": "l2c", "cache.router": os.path.abspath(str(config.cache.router)),
-           "cache.threshold": float(config.cache.threshold)}
-  return [Candidate("l2c", Setting("none"), {"exit.policy": "none", "sample.steps": int(config.sample.steps),
-                                             **extra}, extra=extra)]
+  router = os.path.abspath(str(config.cache.router))
+  text = str(config.sweep.get("cache_thresholds", "") or "") or str(config.cache.get("threshold", 0.9))
+  has_field = "cache_threshold" in {f.name for f in dataclasses.fields(Setting)}
+  out = []
+  for t in dict.fromkeys(float(v) for v in text.split(",") if v.strip()):
+    extra = {"cache.policy": "l2c", "cache.router": router, "cache.threshold": t}
+    s = Setting("none", cache_threshold=t) if has_field else Setting("none")
+    out.append(Candidate("l2c", s, {"exit.policy": "none", "sample.steps": int(steps),
+                                    "exit.min_layers": int(min_layers), **extra}, extra=extra))
+  return out
 
 
 def search_tasks(config, params, req: TuneRequest, budget: float, cctx: runner.Context,
@@ -448,7 +463,7 @@ def search_tasks(config, params, req: TuneRequest, budget: float, cctx: runner.C
         tasks.append(("learned", f"{policy} {'per bucket' if buckets > 1 else 'scalar'} aggregate={aggregate}",
                       learned))
 
-  for cand in _l2c_candidates(config, budget):
+  for cand in _l2c_candidates(config, steps, min_layers):
     tasks.append(("l2c", "l2c", lambda tried, cand=cand: tried.append(measure_fn(cand))))
   return [(name, task) for family, name, task in tasks if not req.families or family in req.families]
 
