@@ -282,7 +282,7 @@ def start(config, workdir: str, settings, *, params=None,
           calibration_policy: Optional[str] = None) -> Context:
   """Cheap checks first (a calibration request, the workdir, exits in the checkpoint), then
   `prepare`: a bad request fails before any sampling."""
-  if cal_lib.wanted(config) and calibration_policy != "time_schedule":  # schedules: calibrate_time_schedule
+  if cal_lib.wanted(config) and calibration_policy != cal_lib.schedule_policy():  # calibrate_time_schedule
     cal_lib.check_request(config, calibration_policy or _calibration_policy(config))
   check_local(workdir)
   step = None
