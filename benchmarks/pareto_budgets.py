@@ -194,6 +194,7 @@ def main(argv=None) -> int:
   ap.add_argument("sweeps", nargs="+")
   ap.add_argument("--budgets", default="0.4,0.55,0.7")
   ap.add_argument("--slack", type=float, default=0.03)
+  ap.add_argument("--markdown", action="store_true", help="the text output (Markdown; the default)")
   ap.add_argument("--json", default=None, metavar="PATH",
                   help="the held-out verdict as JSON (no slack) to PATH, or '-' for stdout only")
   args = ap.parse_args(argv)

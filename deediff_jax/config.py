@@ -258,6 +258,7 @@ def base_config() -> ml_collections.ConfigDict:
   u.budget = 0.0              # --mode tune: GFLOPs budget as a fraction of full depth at sample.steps (measured at sample.batch_size; admits ratio <= budget)
   u.min_psnr = 0.0            # --mode tune instead of a budget: the cheapest setting with PSNR vs full >= this (dB)
   u.file = ""                 # --mode sample|eval: apply the overrides of a tuned.json written by --mode tune
+  u.out = ""                  # --mode tune: where to write tuned.json (empty = DIR/tuned.json); its router path is relative to it
   u.calibration_images = 200  # images the search measures on (sweep.calibration_seed's noise)
   u.heldout_images = 0        # images the pick is validated on (sample.seed's noise); 0 = sweep.num_images
   u.buckets = 4               # timestep buckets of the per-bucket thresholds and the calibrated time schedule

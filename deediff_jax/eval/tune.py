@@ -32,7 +32,8 @@ data have a classifier, the GFLOPs ratio, and the wall-clock speedup over full d
 sample.batch_size (one batch; `tune.timing_repeats` paired runs, alternating which goes first,
 after compilation; the median ratio and its min-max).
 
-Writes DIR/tuned.json:
+Writes DIR/tuned.json (or `tune.out`: write it where it will be kept, since the router path in it is
+relative to the file):
   {"overrides": {config key: resolved value}, "setting", "gflops_ratio",
    "heldout": {"psnr", "psnr_ci", "fid", "class_accuracy", "speedup", "speedup_min",
                "speedup_max", "num_images", "seed"},
@@ -295,6 +296,9 @@ def paired_speedup(params, config, cand: Candidate, cond: dict, rng, repeats: in
   else:
     kw_c = dict(policy=cand.setting.policy,
                 policy_params=cand.setting.policy_params(n, int(config.exit.min_layers)))
+    if getattr(cand.setting, "cache_threshold", None) is not None:   # Learning-to-Cache: its reuse schedule
+      from deediff_jax.eval import cache_rows
+      kw_c["reuse"] = cache_rows.reuse_for(cfg_c, cand.setting.cache_threshold, n)
   runs = [(config, dict(plain=True)), (cfg_c, kw_c)]
   for c, kw in runs:
     sampling.sample(params, c, rng, num, compile_only=True, **kw, **cond)
@@ -386,10 +390,12 @@ def _l2c_candidates(config, steps: int, min_layers: int) -> list:
   has_field = "cache_threshold" in {f.name for f in dataclasses.fields(Setting)}
   out = []
   for t in dict.fromkeys(float(v) for v in text.split(",") if v.strip()):
-    extra = {"cache.policy": "l2c", "cache.router": router, "cache.threshold": t}
+    keys = {"cache.policy": "l2c", "cache.router": router, "cache.threshold": t}
+    # The sweep's l2c row (runner: the reuse schedule of Setting.cache_threshold); else the config keys.
     s = Setting("none", cache_threshold=t) if has_field else Setting("none")
     out.append(Candidate("l2c", s, {"exit.policy": "none", "sample.steps": int(steps),
-                                    "exit.min_layers": int(min_layers), **extra}, extra=extra))
+                                    "exit.min_layers": int(min_layers), **keys},
+                         extra={"cache.router": router} if has_field else keys))
   return out
 
 
@@ -578,7 +584,7 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> dict:
       "calibration_images": req.calibration_images, "heldout_images": req.heldout_images,
       "calibration_seed": req.calibration_seed, "heldout_seed": req.heldout_seed,
   }
-  path = os.path.join(str(workdir), TUNED_FILE)
+  path = str(config.tune.get("out", "") or "") or os.path.join(str(workdir), TUNED_FILE)
   _write_json(path, _relative_paths(tuned, os.path.dirname(os.path.abspath(path))))
   _write_json(os.path.join(str(workdir), CANDIDATES_FILE), [c.record() for c in tried])
   h = tuned["heldout"]
