@@ -123,12 +123,14 @@ def _learned(r: dict) -> bool:
   """A runnable row with a learned component: a learned exit, a cache router, or both."""
   if r.get("runnable") is False:
     return False
-  cached = r.get("family") in CACHE_FAMILIES or r.get("cache_threshold") is not None
+  cached = (r.get("policy") in CACHE_FAMILIES or r.get("family") in CACHE_FAMILIES
+            or r.get("cache_threshold") is not None)
   return cached or r["_family"].split(" (")[0].split(" + ")[0] in LEARNED
 
 
 def _fixed(r: dict) -> bool:
-  if r.get("runnable") is False or r.get("family") in CACHE_FAMILIES or r.get("cache_threshold") is not None:
+  if (r.get("runnable") is False or r.get("policy") in CACHE_FAMILIES or r.get("family") in CACHE_FAMILIES
+      or r.get("cache_threshold") is not None):
     return False
   fam = r["_family"]
   return fam in FIXED or (fam.endswith(" + fewer steps") and fam[: -len(" + fewer steps")] in FIXED)
