@@ -133,6 +133,39 @@ class ModelConfig:
     return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
 
 
+@dataclasses.dataclass(frozen=True)
+class ExitSpec:
+  """Typed, frozen view of `config.exit` for one run: read once at the edge (`from_config`), then
+  passed to the core (`early_exit.exit_params` turns it into the traced policy values).
+  `policy` is a registered exit policy (deediff_jax/policies/); the schedules are parsed."""
+  policy: str
+  threshold: float = 0.0
+  threshold_schedule: Any = None     # a tuple of thresholds per timestep bucket (noisiest first), or None
+  depth: int = 0                     # 0 = all blocks
+  schedule: Any = None               # a tuple of depths per timestep bucket (noisiest first), or None
+  aggregate: str = "all"
+  min_layers: int = 1
+  patience: bool = True
+
+  @classmethod
+  def from_config(cls, config, num_blocks: int, policy: str | None = None) -> "ExitSpec":
+    """config.exit -> ExitSpec; `policy` overrides exit.policy. Raises ConfigError (one line)."""
+    e = config.exit
+    policy = e.policy if policy is None else policy
+    try:
+      pol = policies.get(policy)
+    except policies.UnknownPolicy as err:
+      raise ConfigError(f"config key 'exit.policy': {err}") from None
+    schedule = (tuple(parse_depth_schedule(e.schedule, num_blocks, key="exit.schedule"))
+                if pol.value == "schedule" else None)
+    threshold_schedule = None
+    if pol.is_score and str(e.threshold_schedule).strip():
+      threshold_schedule = tuple(parse_threshold_schedule(e.threshold_schedule, policy))
+    return cls(policy=policy, threshold=float(e.threshold), threshold_schedule=threshold_schedule,
+               depth=int(e.depth), schedule=schedule, aggregate=str(e.aggregate),
+               min_layers=int(e.min_layers), patience=bool(e.patience))
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 

@@ -39,7 +39,6 @@ partner are both confident, so the guided prediction combines two outputs of the
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +46,7 @@ from jax import lax
 
 from deediff_jax import caching
 from deediff_jax import policies
-from deediff_jax.config import parse_depth_schedule, parse_threshold_schedule
+from deediff_jax.config import ExitSpec
 from deediff_jax.model.deediff import DeeDiffUViT, slice_layer
 from deediff_jax.model.exits import LTE, UEM
 from deediff_jax.model.uvit import Block, Head, ModelConfig
@@ -92,24 +91,13 @@ def policy_params_for(policy: str, num_blocks: int, *, threshold=None, depth=Non
   return make_policy_params(num_blocks, min_layers=min_layers, patience=patience, **kw)
 
 
-def policy_from_config(config, num_blocks: int, policy: Optional[str] = None):
-  """`config.exit` -> (policy_name, policy_params); `policy` overrides exit.policy.
-
-  A non-empty exit.threshold_schedule (one threshold per timestep bucket) replaces exit.threshold
-  for the score policies. Raises a ValueError on an unknown policy or a bad exit.schedule.
-  """
-  e = config.exit
-  policy = e.policy if policy is None else policy
-  pol = policies.get(policy)
-  schedule = None
-  if pol.value == "schedule":
-    schedule = parse_depth_schedule(e.schedule, num_blocks, key="exit.schedule")
-  threshold = float(e.threshold)
-  if pol.is_score and str(e.get("threshold_schedule", "")).strip():
-    threshold = parse_threshold_schedule(e.threshold_schedule, policy)
-  return policy, policy_params_for(policy, num_blocks, threshold=threshold, depth=int(e.depth),
-                                   schedule=schedule, min_layers=int(e.min_layers),
-                                   patience=bool(e.get("patience", True)))
+def exit_params(spec: ExitSpec, num_blocks: int) -> tuple:
+  """An `ExitSpec` (config.exit, read at the edge) -> (policy name, policy_params). A threshold
+  schedule (one threshold per timestep bucket) replaces the scalar threshold of a score policy."""
+  threshold = list(spec.threshold_schedule) if spec.threshold_schedule is not None else spec.threshold
+  return spec.policy, policy_params_for(spec.policy, num_blocks, threshold=threshold, depth=spec.depth,
+                                        schedule=list(spec.schedule) if spec.schedule else None,
+                                        min_layers=spec.min_layers, patience=spec.patience)
 
 
 def check_policy(policy: str, cfg: ModelConfig, aggregate: str = "all") -> policies.ExitPolicy:

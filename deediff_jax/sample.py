@@ -27,7 +27,8 @@ import numpy as np
 
 from deediff_jax import sampling
 from deediff_jax.data.eval_context import load_eval_captions, load_eval_context  # noqa: F401 (API)
-from deediff_jax.early_exit import policy_from_config
+from deediff_jax.config import ExitSpec
+from deediff_jax.early_exit import exit_params
 from deediff_jax.eval import plots
 from deediff_jax.eval.decode import decoder_for
 from deediff_jax.eval.fidelity import deterministic_config, fidelity
@@ -103,7 +104,7 @@ def run(config, workdir, params=None) -> dict:
   from deediff_jax.eval.calibrate import maybe_calibrate  # eval imports sampling; keep it one-way at import
   calibration = maybe_calibrate(params, config)  # sets config.exit.threshold when asked; prints one line
   num = int(config.sample.num_images)
-  policy, policy_params = policy_from_config(config, n)
+  policy, policy_params = exit_params(ExitSpec.from_config(config, n), n)
   labels = context = null_context = None
   if cfg.num_classes > 0:
     labels = np.arange(num) % cfg.num_classes

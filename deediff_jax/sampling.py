@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from deediff_jax import caching
 from deediff_jax import policies
-from deediff_jax.config import SAMPLERS, ModelConfig
+from deediff_jax.config import SAMPLERS, ExitSpec, ModelConfig
 from deediff_jax.diffusion import schedule as sched_lib
 from deediff_jax.diffusion.samplers import EpsFn, SamplerError, guide, run_sampler, x0_scale_fn
-from deediff_jax.early_exit import check_policy, early_exit_forward, make_policy_params, policy_from_config
+from deediff_jax.early_exit import check_policy, early_exit_forward, exit_params, make_policy_params
 from deediff_jax.model.deediff import DeeDiffUViT
 
 
@@ -183,7 +183,7 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
   cfg = ModelConfig.from_config(config.model)
   n = cfg.num_blocks
   if policy is None or policy_params is None:
-    policy, cfg_params = policy_from_config(config, n, policy)
+    policy, cfg_params = exit_params(ExitSpec.from_config(config, n, policy), n)
     policy_params = cfg_params if policy_params is None else policy_params
   aggregate = config.exit.aggregate if aggregate is None else aggregate
   if not plain:

@@ -18,7 +18,8 @@ from deediff_jax import sampling
 from deediff_jax.config import base_config
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion.schedule import make_schedule
-from deediff_jax.early_exit import by_bucket, make_policy_params, policy_from_config
+from deediff_jax.config import ExitSpec
+from deediff_jax.early_exit import by_bucket, exit_params, make_policy_params
 from deediff_jax.eval import calibrate as C
 from deediff_jax.eval import fidelity as F
 from deediff_jax.model import build, init_params
@@ -249,7 +250,7 @@ def test_per_bucket_target_is_hit_and_carried_by_threshold_schedule(model, capsy
   out = capsys.readouterr().out
   assert out.startswith(f"calibrated exit.threshold_schedule={thresholds[0]:.4g},{thresholds[1]:.4g} (uem)")
   assert "in each of 2 timestep buckets (measured 0.600/0.600, noisiest first)" in out
-  policy, pp = policy_from_config(c2, N)
+  policy, pp = exit_params(ExitSpec.from_config(c2, N), N)
   assert np.asarray(pp["threshold"]).tolist() == pytest.approx(report2["threshold"])
   labels, _, _ = C.conditioning(c2, 8)
   _, st = sampling.sample(model, c2, C.calibration_rng(c2), 8, policy=policy, policy_params=pp, labels=labels)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from deediff_jax import early_exit as ee
-from deediff_jax.config import ConfigError, base_config
+from deediff_jax.config import ConfigError, ExitSpec, base_config
 from deediff_jax.model import build, init_params
 from deediff_jax.model.deediff import DeeDiffUViT
 from deediff_jax.model.exits import UEM
@@ -295,13 +295,15 @@ def test_text_context_model_with_uem_no_time():
   np.testing.assert_allclose(np.asarray(eps), _pick(eps_all, expected), atol=TOL)
 
 
-def test_policy_from_config_and_errors(setup):
+def test_exit_spec_and_errors(setup):
   s = setup
   n = s["cfg"].num_blocks
   c = base_config()
   c.model.update(embed_dim=32, depth=4, num_heads=2)
   c.exit.update(policy="time_schedule", schedule="2,3,5", min_layers=2, threshold=0.25)
-  name, pp = ee.policy_from_config(c, n)
+  spec = ExitSpec.from_config(c, n)
+  assert spec.schedule == (2, 3, 5) and spec.min_layers == 2
+  name, pp = ee.exit_params(spec, n)
   assert name == "time_schedule"
   np.testing.assert_array_equal(np.asarray(pp["schedule"]), [2, 3, 5])
   # Each policy reads only its own value: a time_schedule carries no threshold.
@@ -309,7 +311,7 @@ def test_policy_from_config_and_errors(setup):
   assert int(pp["depth"]) == n  # depth 0 means all blocks
   c.exit.schedule = "2,9"
   with pytest.raises(ConfigError, match="depth 9 is outside"):
-    ee.policy_from_config(c, n)
+    ExitSpec.from_config(c, n)
   with pytest.raises(ValueError, match="uem_no_time' needs a model built with model.uem=token_linear_no_time"):
     ee.early_exit_forward(s["params"], s["cfg"], s["x"], s["t"], s["y"], policy="uem_no_time",
                           policy_params=ee.make_policy_params(n))

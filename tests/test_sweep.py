@@ -414,10 +414,11 @@ def test_settings_and_defaults():
   assert s.threshold is None and s.threshold_schedule == "0.2,0.1,0.05"
   assert s.label() == "uem per bucket 0.2/0.1/0.05"
   np.testing.assert_allclose(np.asarray(s.policy_params(N)["threshold"]), [0.2, 0.1, 0.05], rtol=1e-6)
-  from deediff_jax.early_exit import policy_from_config
-  _, pp = policy_from_config(c, N)
+  from deediff_jax.config import ExitSpec
+  from deediff_jax.early_exit import exit_params
+  _, pp = exit_params(ExitSpec.from_config(c, N), N)
   np.testing.assert_allclose(np.asarray(pp["threshold"]), [0.2, 0.1, 0.05], rtol=1e-6)
-  _, pp = policy_from_config(c, N, policy="static")       # the depth policies ignore it
+  _, pp = exit_params(ExitSpec.from_config(c, N, policy="static"), N)       # the depth policies ignore it
   assert np.asarray(pp["threshold"]).shape == ()
 
 
