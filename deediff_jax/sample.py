@@ -6,8 +6,10 @@ Writes into the workdir:
   samples.npz        `images` float32 [-1, 1] NHWC and `labels` (-1 where there is none); latent
                      models with data.autoencoder: `images` decoded, the raw samples in `latents`
   sample_stats.json  policy, threshold, sampler, steps, layers_total, layer_ratio_run,
-                     layer_ratio_per_sample, seconds, seconds_full_depth, speedup, plus the
-                     per-step arrays (layers run, mean exit layer, exit histogram) for the heatmap
+                     layer_ratio_per_sample, seconds, seconds_full, speedup, psnr_vs_full,
+                     psnr_worst5, psnr_p5, mse_vs_full, mse_worst5, mse_p95 (the sweep rows' names),
+                     plus the per-step arrays (layers run, mean exit layer, exit histogram) for the
+                     heatmap; seconds_full_depth and psnr_vs_full_worst5pct are kept as aliases
 
 Both paths are compiled before they are timed, use the same seed (so the same initial noise),
 and are timed in the same process: `seconds_full_depth` is the plain scan forward (no while
@@ -31,6 +33,7 @@ from deediff_jax.config import ExitSpec
 from deediff_jax.early_exit import exit_params
 from deediff_jax.eval import plots
 from deediff_jax.eval.decode import decoder_for
+from deediff_jax.eval.fidelity import KEYS as FIDELITY_KEYS
 from deediff_jax.eval.fidelity import deterministic_config, fidelity
 from deediff_jax.model.uvit import ModelConfig
 
@@ -148,17 +151,18 @@ def run(config, workdir, params=None) -> dict:
   fidelity_sampler = fid_config.sample.sampler + (" eta=0" if fid_config.sample.sampler == "ddim" else "")
   result = {
       "policy": policy, "threshold": float(e.threshold),
-      "threshold_schedule": str(e.get("threshold_schedule", "")), "aggregate": e.aggregate,
+      "threshold_schedule": str(e.threshold_schedule), "aggregate": e.aggregate,
       "depth": int(e.depth) if e.depth > 0 else n, "schedule": e.schedule, "min_layers": int(e.min_layers),
       "sampler": s.sampler, "steps": int(s.steps), "eta": float(s.eta),
       "guidance_scale": float(s.guidance_scale), "num_images": num, "batch_size": int(s.batch_size),
       "seed": int(s.seed), "use_ema": bool(s.use_ema), "layers_total": n,
       "layer_ratio_run": summary["layer_ratio_run"],
       "layer_ratio_per_sample": summary["layer_ratio_per_sample"],
-      "seconds": seconds, "seconds_full_depth": seconds_full,
-      "speedup": seconds_full / seconds,
-      "psnr_vs_full": fid_["psnr_vs_full"], "psnr_vs_full_worst5pct": fid_["psnr_worst5"],
-      "mse_vs_full": fid_["mse_vs_full"], "fidelity_sampler": fidelity_sampler, "calibration": calibration,
+      "seconds": seconds, "seconds_full": seconds_full, "speedup": seconds_full / seconds,
+      **{k: fid_[k] for k in FIDELITY_KEYS},    # the sweep rows' names for the same measures
+      "fidelity_sampler": fidelity_sampler, "calibration": calibration,
+      # Older names of the same measures (stable keys): seconds_full, psnr_worst5.
+      "seconds_full_depth": seconds_full, "psnr_vs_full_worst5pct": fid_["psnr_worst5"],
       "layers_run_per_step": summary["layers_run_per_step"],
       "mean_exit_layer_per_step": summary["mean_exit_layer_per_step"],
       "exit_histogram": summary["exit_histogram"],

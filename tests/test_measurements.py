@@ -101,6 +101,13 @@ def test_sample_stats_and_sweep_name_the_same_fidelity_sampler(tmp_path, params)
   row = sweep.run(c, str(tmp_path / "w"), params=params, progress=False)[0]
   assert stats["fidelity_sampler"] == row["fidelity_sampler"] == "ddim eta=0"
   assert stats["psnr_vs_full"] == pytest.approx(row["psnr_vs_full"], rel=1e-6)
+  # One set of names: every measure the sweep row has under a name, sample_stats has under it too.
+  for key in ("seconds", "seconds_full", "speedup", "psnr_vs_full", "psnr_worst5", "psnr_p5", "mse_vs_full",
+              "mse_worst5", "mse_p95", "layer_ratio_run", "layer_ratio_per_sample", "policy", "sampler", "steps",
+              "aggregate", "min_layers", "guidance_scale", "num_images", "fidelity_sampler"):
+    assert key in stats and key in row, key
+  assert stats["seconds_full_depth"] == stats["seconds_full"]                  # the old names stay
+  assert stats["psnr_vs_full_worst5pct"] == stats["psnr_worst5"]
   assert json.loads((tmp_path / "s" / "sample_stats.json").read_text())["fidelity_sampler"] == "ddim eta=0"
 
 
