@@ -38,21 +38,11 @@ from deediff_jax.eval.fidelity import deterministic_config, fidelity
 from deediff_jax.model.uvit import ModelConfig
 
 
-def _displayable(images: np.ndarray) -> np.ndarray:
-  """Pixels pass through; latents show their first 3 channels, each rescaled to [-1, 1]."""
-  if images.shape[-1] in (1, 3):
-    return images
-  x = images[..., :3]
-  lo = x.min(axis=(0, 1, 2), keepdims=True)
-  hi = x.max(axis=(0, 1, 2), keepdims=True)
-  return (x - lo) / np.maximum(hi - lo, 1e-8) * 2.0 - 1.0
-
-
 def save_grid(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
               num_classes: int = 0, pad: int = 1, captions: Optional[list] = None) -> str:
   """Writes a PNG grid (row r holds class r's images when labelled, or one row per caption with
   the caption written beside it); tiny images are upscaled."""
-  x = _displayable(np.asarray(images))
+  x = plots.displayable(images)
   n, h = x.shape[0], x.shape[1]
   if captions is not None:
     return plots.caption_grid(x, captions, path, padding=pad, scale=max(1, 32 // h))

@@ -260,6 +260,18 @@ def _tick(v) -> str:
   return f"{v:g}" if isinstance(v, (float, np.floating)) else str(v)
 
 
+def displayable(images) -> np.ndarray:
+  """Images for a PNG grid: [-1, 1] pixels as they are; latents (other channel counts, or values
+  outside [-1, 1]) -> their first 3 (or 1) channels, each min-max scaled to [-1, 1]."""
+  x = np.asarray(images, np.float32)
+  if x.shape[-1] in (1, 3) and not np.any(np.abs(x) > 1.0 + 1e-6):
+    return x
+  x = x[..., :3] if x.shape[-1] >= 3 else x[..., :1]
+  lo = x.min(axis=(0, 1, 2), keepdims=True)
+  hi = x.max(axis=(0, 1, 2), keepdims=True)
+  return (x - lo) / np.maximum(hi - lo, 1e-8) * 2.0 - 1.0
+
+
 def _to_uint8(images: np.ndarray) -> np.ndarray:
   """[-1, 1] floats -> uint8 via round((x + 1) / 2 * 255), clipped."""
   return np.clip(np.round((images.astype(np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -163,22 +163,11 @@ def matched_indices(rows, ref: int) -> dict:
   return out
 
 
-def _displayable(images: np.ndarray) -> np.ndarray:
-  """Images for a PNG grid: [-1, 1] pixels as they are; latents -> 3 (or 1) channels min-max scaled."""
-  x = np.asarray(images, np.float32)
-  if x.shape[-1] in (1, 3) and not np.any(np.abs(x) > 1.0 + 1e-6):
-    return x
-  x = x[..., :3] if x.shape[-1] >= 3 else x[..., :1]
-  lo = x.min(axis=(0, 1, 2), keepdims=True)
-  hi = x.max(axis=(0, 1, 2), keepdims=True)
-  return (x - lo) / np.maximum(hi - lo, 1e-8) * 2.0 - 1.0
-
-
 def write_grid(path: str, images: np.ndarray, num_classes: int, captions: Optional[list] = None) -> str:
   scale = max(1, min(4, round(32 / images.shape[1])))
   if captions is not None:  # text models: one row per caption, the prompt beside its images
-    return plots.caption_grid(_displayable(images), captions, path, scale=scale)
-  x = _displayable(images[:GRID_IMAGES])
+    return plots.caption_grid(plots.displayable(images), captions, path, scale=scale)
+  x = plots.displayable(images[:GRID_IMAGES])
   if num_classes > 0:
     ncol = min(num_classes, x.shape[0])
     return plots.image_grid(x, path, nrow=ncol, col_labels=[str(c) for c in range(ncol)], scale=scale)
