@@ -94,8 +94,11 @@ def run(config, workdir, params=None) -> dict:
   n = cfg.num_blocks
   if params is None:
     params = _load_params(workdir, config)
-  from deediff_jax.eval.calibrate import maybe_calibrate  # eval imports sampling; keep it one-way at import
-  calibration = maybe_calibrate(params, config)  # sets config.exit.threshold when asked; prints one line
+  from deediff_jax.eval.calibrate import calibrated  # eval imports sampling; keep it one-way at import
+  # A new config with the calibrated exit values when asked (prints one line); the caller's stays.
+  exit_config, calibration = calibrated(params, config)
+  full_config = exit_config if full_config is config else full_config
+  config = exit_config
   num = int(config.sample.num_images)
   policy, policy_params = exit_params(ExitSpec.from_config(config, n), n)
   labels = context = null_context = None

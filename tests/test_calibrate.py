@@ -97,7 +97,9 @@ def test_target_ratio_calibrates_a_time_schedule_by_default(model, capsys):
   c = _config()
   c.exit.target_layer_ratio = 0.6
   assert C.calibrates_schedule(c)
-  report = C.maybe_calibrate(model, c)
+  out_config, report = C.calibrated(model, c)
+  assert c.exit.policy == "uem" and c.exit.schedule == ""              # the given config stays
+  c = out_config
   assert report["method"] == "oracle_time_schedule" and c.exit.policy == "time_schedule"
   assert c.exit.schedule == report["schedule"] and c.exit.threshold == 0.1
   assert len(report["schedule"].split(",")) == C.schedule_buckets(c) == min(C.DEFAULT_SCHEDULE_BUCKETS,
@@ -112,12 +114,12 @@ def test_target_ratio_calibrates_a_time_schedule_by_default(model, capsys):
   assert not C.calibrates_schedule(policy)
 
 
-def test_maybe_calibrate_sets_the_threshold_and_prints(model, capsys):
+def test_calibrated_returns_a_config_with_the_threshold_and_prints(model, capsys):
   c = _config()
-  assert C.maybe_calibrate(model, c) is None and c.exit.threshold == 0.1   # not asked: untouched
+  assert C.calibrated(model, c) == (c, None)                           # not asked: the same config
   c.exit.update(target_layer_ratio=0.6, calibrate="policy")
-  report = C.maybe_calibrate(model, c)
-  assert c.exit.threshold == report["threshold"]
+  out_config, report = C.calibrated(model, c)
+  assert c.exit.threshold == 0.1 and out_config.exit.threshold == report["threshold"]
   out = capsys.readouterr().out
   assert out.startswith(f"calibrated exit.threshold={report['threshold']:.6g} (uem): layer_ratio_run 0.600")
   assert "target layer_ratio_run 0.6 ± 0.02" in out
@@ -216,7 +218,7 @@ def test_guided_holds_each_bucket_to_the_schedule_share(model, monkeypatch, caps
     seen.update(target=target, buckets=buckets)
     return [N, 3], {"schedule": f"{N},3"}
   monkeypatch.setattr(C, "calibrate_time_schedule", fake_schedule)
-  report = C.maybe_calibrate(model, c)
+  c, report = C.calibrated(model, c)
   assert seen == {"target": 0.8, "buckets": 2}
   thresholds = report["threshold"]
   assert thresholds[0] == 0.0 and U[2] < thresholds[1] <= U[1]
@@ -240,11 +242,11 @@ def test_per_bucket_target_is_hit_and_carried_by_threshold_schedule(model, capsy
   assert report["achieved"]["layer_ratio_run"] == pytest.approx(0.6, abs=1e-12)
   for p in report["probes"]:                # hand-computed: each bucket exits at its own layer
     assert p["per_bucket"] == [pytest.approx(_exit_layer(t) / N, abs=1e-12) for t in p["threshold"]]
-  # maybe_calibrate writes exit.threshold_schedule (not exit.threshold), and sampling with that
+  # calibrated writes exit.threshold_schedule (not exit.threshold), and sampling with that
   # config reproduces the measured ratio.
   c2 = _config()
   c2.exit.update(target_layer_ratio=0.6, calibration_buckets=2, calibrate="policy")
-  report2 = C.maybe_calibrate(model, c2)
+  c2, report2 = C.calibrated(model, c2)
   assert c2.exit.threshold == 0.1 and c2.exit.threshold_schedule == C.schedule_text(report2["threshold"])
   assert [float(v) for v in c2.exit.threshold_schedule.split(",")] == report2["threshold"]
   out = capsys.readouterr().out

@@ -49,10 +49,12 @@ and the report says the target is not met there. The result is a `threshold_sche
 ("t_0,...,t_{K-1}", noisiest first: the `exit.threshold_schedule` key), not `exit.threshold`.
 
 API: `calibrate_threshold(params, config, rng) -> (threshold, report)` (threshold: a float, or a
-list of K floats with calibration_buckets = K > 1), `wanted(config)`, `maybe_calibrate(params,
-config)` (calibrates when asked, sets config.exit.threshold or .threshold_schedule -- or, for
-exit.target_layer_ratio with the default exit.calibrate=time_schedule, switches exit.policy to a
-time_schedule calibrated from the oracle's exits --, prints one line, returns the report or None), `calibration_rng(config)`, `step_buckets(config, k)`.
+list of K floats with calibration_buckets = K > 1), `wanted(config)`, `calibrated(params,
+config) -> (config, report)` (calibrates when asked and returns a new config with
+exit.threshold or .threshold_schedule set -- or, for exit.target_layer_ratio with the default
+exit.calibrate=time_schedule, exit.policy switched to a time_schedule calibrated from the
+oracle's exits --, prints one line; the given config is never changed), `calibration_rng(config)`,
+`step_buckets(config, k)`.
 """
 from __future__ import annotations
 
@@ -152,7 +154,7 @@ def switch_note(policy: str) -> str:
 def calibrated_schedule(params, config, *, num: Optional[int] = None) -> tuple:
   """The time_schedule that exit.target_layer_ratio asks for (`calibrates_schedule`) -> (schedule
   text, report); prints what was chosen, and why, when it replaces a score policy's threshold.
-  One path for --mode sample (`maybe_calibrate`) and --mode eval."""
+  One path for --mode sample (`calibrated`) and --mode eval."""
   schedule, report = calibrate_time_schedule(params, config, calibration_rng(config),
                                              target=float(config.exit.target_layer_ratio),
                                              buckets=schedule_buckets(config), num=num)
@@ -631,29 +633,32 @@ def calibrate_time_schedule(params, config, rng, *, target: float, buckets: int,
   return best["schedule"], report
 
 
-def maybe_calibrate(params, config) -> Optional[dict]:
-  """If the config asks for it, calibrates, sets config.exit.threshold (or .threshold_schedule;
-  for exit.policy=time_schedule the oracle-calibrated .schedule) and returns the report."""
+def calibrated(params, config) -> tuple:
+  """(config, report): when the config asks for a calibration, a NEW config whose exit.threshold
+  (or .threshold_schedule; for a depth schedule, exit.policy and the oracle-calibrated
+  .schedule) holds the calibrated value, and the report; else (config, None). `config` itself is
+  never changed."""
   if not wanted(config):
-    return None
+    return config, None
   if config.exit.policy == schedule_policy() and float(_get(config, "target_layer_ratio", 0.0)) <= 0:
     raise CalibrationError("exit.policy=time_schedule calibrates to exit.target_layer_ratio only; set "
                            "--config.exit.target_layer_ratio=0.55 instead of a PSNR floor")
+  out = config.copy_and_resolve_references()
   if calibrates_schedule(config):
     schedule, report = calibrated_schedule(params, config)
-    config.exit.policy = schedule_policy()
-    config.exit.schedule = schedule
-    return report
+    out.exit.policy = schedule_policy()
+    out.exit.schedule = schedule
+    return out, report
   if guided(config):
     threshold, report = calibrate_guided(params, config, calibration_rng(config))
   else:
     threshold, report = calibrate_threshold(params, config, calibration_rng(config))
   if isinstance(threshold, (list, tuple)):
-    config.exit.threshold_schedule = schedule_text(threshold)
+    out.exit.threshold_schedule = schedule_text(threshold)
   else:
-    config.exit.threshold = float(threshold)
+    out.exit.threshold = float(threshold)
   print(describe(report))
-  return report
+  return out, report
 
 
 def schedule_text(thresholds) -> str:
@@ -697,5 +702,5 @@ def describe(report: dict) -> str:
 
 __all__ = ["CalibrationError", "calibrate_guided", "calibrated_schedule", "guided", "calibrates_schedule", "schedule_buckets", "switch_note", "PSNR_8BIT", "bucket_ratios", "buckets_of", "calibrate_threshold",
            "calibrate_time_schedule", "schedule_from_exits", "schedule_ratio",
-           "calibration_rng", "check_request", "conditioning", "describe", "maybe_calibrate", "psnr_floor",
+           "calibration_rng", "check_request", "conditioning", "describe", "calibrated", "psnr_floor",
            "schedule_text", "step_buckets", "wanted"]
