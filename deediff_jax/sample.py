@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from deediff_jax import sampling
-from deediff_jax.data.eval_context import load_eval_captions, load_eval_context  # noqa: F401 (API)
+from deediff_jax.data.eval_context import conditioning, load_eval_captions
 from deediff_jax.config import ExitSpec
 from deediff_jax.early_exit import exit_params
 from deediff_jax.eval import plots
@@ -101,11 +101,7 @@ def run(config, workdir, params=None) -> dict:
   config = exit_config
   num = int(config.sample.num_images)
   policy, policy_params = exit_params(ExitSpec.from_config(config, n), n)
-  labels = context = null_context = None
-  if cfg.num_classes > 0:
-    labels = np.arange(num) % cfg.num_classes
-  if cfg.context_dim > 0:
-    context, labels, null_context = load_eval_context(config, num)
+  labels, context, null_context = conditioning(config, num)
   kw = dict(labels=labels, context=context, null_context=null_context)
   rng = jax.random.PRNGKey(int(config.sample.seed))
   decode = decoder_for(config)  # latent models with data.autoencoder: decoded, untimed, after sampling

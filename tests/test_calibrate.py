@@ -19,6 +19,7 @@ from deediff_jax.config import base_config
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion.schedule import make_schedule
 from deediff_jax.config import ExitSpec
+from deediff_jax.data.eval_context import conditioning
 from deediff_jax.early_exit import by_bucket, exit_params, make_policy_params
 from deediff_jax.eval import calibrate as C
 from deediff_jax.eval import fidelity as F
@@ -63,7 +64,7 @@ def _exit_layer(threshold):
 
 def _ratio_of(params, config, threshold):
   pp = make_policy_params(N, threshold=threshold)
-  labels, _, _ = C.conditioning(config, 8)
+  labels, _, _ = conditioning(config, 8)
   _, st = sampling.sample(params, config, C.calibration_rng(config), 8, policy="uem",
                           policy_params=pp, labels=labels)
   return sampling.summarize(st, N)
@@ -161,7 +162,7 @@ def test_psnr_floor_picks_the_shallowest_exit_above_the_floor(model):
   c = _config(sampler="ddpm")
   det = F.deterministic_config(c)
   rng = C.calibration_rng(c)
-  labels, _, _ = C.conditioning(c, 8)
+  labels, _, _ = conditioning(c, 8)
   full, _ = sampling.sample(model, det, rng, 8, plain=True, labels=labels)
   # With u fixed per block, a uem threshold is the static depth of its exit layer.
   psnr = {}
@@ -254,7 +255,7 @@ def test_per_bucket_target_is_hit_and_carried_by_threshold_schedule(model, capsy
   assert "in each of 2 timestep buckets (measured 0.600/0.600, noisiest first)" in out
   policy, pp = exit_params(ExitSpec.from_config(c2, N), N)
   assert np.asarray(pp["threshold"]).tolist() == pytest.approx(report2["threshold"])
-  labels, _, _ = C.conditioning(c2, 8)
+  labels, _, _ = conditioning(c2, 8)
   _, st = sampling.sample(model, c2, C.calibration_rng(c2), 8, policy=policy, policy_params=pp, labels=labels)
   assert sampling.summarize(st, N)["layer_ratio_run"] == pytest.approx(0.6, abs=1e-12)
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from deediff_jax import sample as sample_mode
+from deediff_jax.data.eval_context import load_eval_context
 from deediff_jax.config import base_config, validate
 from deediff_jax.model import build, init_params
 
@@ -128,9 +129,9 @@ def test_text_model_errors(tmp_path):
   path = str(tmp_path / "bad.npz")
   np.savez(path, features=np.zeros((2, 3, 6), np.float32))
   with pytest.raises(ValueError, match="has no 'eval_features' array"):
-    sample_mode.load_eval_context(_text_config(path), 4)
+    load_eval_context(_text_config(path), 4)
   with pytest.raises(ValueError, match="set data.context_file=FILE.npz"):
-    sample_mode.load_eval_context(_text_config(""), 4)
+    load_eval_context(_text_config(""), 4)
   path = str(tmp_path / "nonull.npz")
   np.savez(path, eval_features=np.zeros((2, 3, 6), np.float32))
   c = _text_config(path)

@@ -17,6 +17,19 @@ class EvalContextError(ValueError):
 NULL_CONTEXT_KEYS = ("null_features", "null_feature", "null_context")
 
 
+def conditioning(config, num: int):
+  """(labels, context, null_context) for `num` evaluation images: the one conditioning builder of
+  --mode sample, the sweep, eval and calibration (labels cycle through the classes; text models
+  take the held-out captions of data.context_file)."""
+  cfg = ModelConfig.from_config(config.model)
+  labels = context = null_context = None
+  if cfg.num_classes > 0:
+    labels = np.arange(num) % cfg.num_classes
+  if cfg.context_dim > 0:
+    context, labels, null_context = load_eval_context(config, num)
+  return labels, context, null_context
+
+
 def load_eval_context(config, num: int):
   """(context [num, L, Dc], labels [num] or None, null_context or None) from data.context_file.
 

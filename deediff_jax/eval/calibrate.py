@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deediff_jax import sampling
-from deediff_jax.data.eval_context import load_eval_context
+from deediff_jax.data.eval_context import conditioning
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion import schedule as sched_lib
 from deediff_jax import policies
@@ -177,17 +177,6 @@ def calibration_rng(config):
   module doc). Every choice (calibration, best row per family, --mode tune) is made on it."""
   seed = int(config.sweep.get("calibration_seed", 1)) if hasattr(config, "sweep") else 1
   return jax.random.fold_in(jax.random.PRNGKey(seed), CALIBRATION_STREAM)
-
-
-def conditioning(config, num: int):
-  """(labels, context, null_context) for `num` images, as `--mode sample` builds them."""
-  cfg = ModelConfig.from_config(config.model)
-  labels = context = null_context = None
-  if cfg.num_classes > 0:
-    labels = np.arange(num) % cfg.num_classes
-  if cfg.context_dim > 0:
-    context, labels, null_context = load_eval_context(config, num)
-  return labels, context, null_context
 
 
 def threshold_of(policy: str, a: float) -> float:
@@ -702,5 +691,5 @@ def describe(report: dict) -> str:
 
 __all__ = ["CalibrationError", "calibrate_guided", "calibrated_schedule", "guided", "calibrates_schedule", "schedule_buckets", "switch_note", "PSNR_8BIT", "bucket_ratios", "buckets_of", "calibrate_threshold",
            "calibrate_time_schedule", "schedule_from_exits", "schedule_ratio",
-           "calibration_rng", "check_request", "conditioning", "describe", "calibrated", "psnr_floor",
+           "calibration_rng", "check_request", "describe", "calibrated", "psnr_floor",
            "schedule_text", "step_buckets", "wanted"]

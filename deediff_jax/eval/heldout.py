@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 
 from deediff_jax import sampling
+from deediff_jax.data.eval_context import conditioning
 from deediff_jax.eval import calibrate as cal_lib
 from deediff_jax.eval.quality import Quality
 from deediff_jax.eval.runner import Context
@@ -48,7 +49,7 @@ def calibration_context(ctx: Context, num: int) -> Context:
   config = ctx.config
   num = int(num)
   rng = cal_lib.calibration_rng(config)
-  cond = dict(zip(("labels", "context", "null_context"), cal_lib.conditioning(config, num)))
+  cond = dict(zip(("labels", "context", "null_context"), conditioning(config, num)))
   c = dataclasses.replace(ctx, num=num, rng=rng, cond=cond,
                           quality=Quality(fid_kind="none", fid_kind_name="none"),
                           compiled=set(), seconds_full=float("nan"), seconds_full_runs=[],

@@ -15,6 +15,7 @@ import numpy as np
 from deediff_jax import sampling
 from deediff_jax import policies
 from deediff_jax.config import parse_floats
+from deediff_jax.data.eval_context import conditioning
 from deediff_jax.eval import cache_rows
 from deediff_jax.eval import calibrate as cal_lib
 from deediff_jax.eval import fidelity as fidelity_lib
@@ -159,7 +160,7 @@ def prepare(config, workdir: str, *, num: Optional[int] = None, params=None, ste
   quality = build_quality(config, workdir) if quality is None else quality
   ctx = Context(config=config, fidelity_config=fidelity_lib.deterministic_config(config), params=params,
                 cfg=cfg, num=num, rng=jax.random.PRNGKey(int(config.sample.seed)),
-                cond=dict(zip(("labels", "context", "null_context"), cal_lib.conditioning(config, num))),
+                cond=dict(zip(("labels", "context", "null_context"), conditioning(config, num))),
                 quality=quality, checkpoint_step=step, workdir=str(workdir), decode=decoder_for(config))
   ctx.images_full, _, ctx.seconds_full = _timed(ctx, plain=True)
   ctx.images_full = ctx.decoded(ctx.images_full)  # after the timing: decoding is not sampling
