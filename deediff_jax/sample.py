@@ -21,7 +21,6 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import jax
@@ -65,17 +64,8 @@ def _load_params(workdir, config):
   return load_params(workdir, config, use_ema=config.sample.use_ema)
 
 
-def _warm_up(params, config, rng, num, *variants):
-  """Compiles (ahead of time, running nothing) every batch shape of each variant's `sample` call.
-  XLA compiles outside the GIL, so on a multi-core host the programs compile side by side."""
-  with ThreadPoolExecutor(max_workers=len(variants)) as pool:
-    for f in [pool.submit(sampling.sample, params, config, rng, num, compile_only=True, **kw)
-              for kw in variants]:
-      f.result()
-
-
 def _timed(params, config, rng, num, **kw):
-  """(images, stats, seconds) of one `sample` call; `_warm_up` compiled it beforehand."""
+  """(images, stats, seconds) of one `sample` call; `sampling.compile_ahead` compiled it beforehand."""
   t0 = time.perf_counter()
   images, stats = sampling.sample(params, config, rng, num, progress=True, **kw)
   return images, stats, time.perf_counter() - t0
@@ -107,9 +97,9 @@ def run(config, workdir, params=None) -> dict:
   decode = decoder_for(config)  # latent models with data.autoencoder: decoded, untimed, after sampling
 
   exit_kw, full_kw = dict(policy=policy, policy_params=policy_params, **kw), dict(plain=True, **kw)
-  _warm_up(params, config, rng, num, exit_kw, full_kw)
+  sampling.compile_ahead(params, config, rng, num, exit_kw, full_kw)
   if full_config is not config:
-    _warm_up(params, full_config, rng, num, full_kw)
+    sampling.compile_ahead(params, full_config, rng, num, full_kw)
   images, stats, seconds = _timed(params, config, rng, num, **exit_kw)
   full_images, _, seconds_full = _timed(params, full_config, rng, num, **full_kw)
   extra = {}

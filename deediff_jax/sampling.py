@@ -263,6 +263,17 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
   return images, stats
 
 
+def compile_ahead(params, config, rng, num: int, *variants) -> None:
+  """Compiles ahead of time (running nothing) every batch shape of each variant's `sample` call
+  (a variant: a dict of `sample` keyword arguments), so a timed call compiles nothing. The one
+  warm-up of --mode sample, eval and the sweep; XLA compiles outside the GIL, so on a multi-core
+  host the variants compile side by side."""
+  from concurrent.futures import ThreadPoolExecutor
+  with ThreadPoolExecutor(max_workers=max(1, len(variants))) as pool:
+    for f in [pool.submit(sample, params, config, rng, num, compile_only=True, **kw) for kw in variants]:
+      f.result()
+
+
 def summarize(stats: dict, num_blocks: int) -> dict:
   """Layer ratios and per-step arrays from `sample`'s stats.
 

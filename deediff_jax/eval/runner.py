@@ -106,7 +106,7 @@ def _warm_up(ctx: Context, config, *, plain=False, setting: Optional[Setting] = 
   # Ahead of time: every batch shape of the run is compiled and nothing is sampled.
   if not plain:
     kw["reuse"] = _reuse(config, setting, n)
-  sampling.sample(ctx.params, config, ctx.rng, ctx.num, compile_only=True, **kw, **ctx.cond)
+  sampling.compile_ahead(ctx.params, config, ctx.rng, ctx.num, dict(**kw, **ctx.cond))
   ctx.compiled.add(key)
 
 
