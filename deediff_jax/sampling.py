@@ -193,7 +193,7 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
     raise SamplerError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
   scale = float(s.guidance_scale)
   doubled = scale != 0.0
-  clip = s.sampler in ("ddpm", "ddim") and not bool(config.data.get("latent", False))
+  clip = s.sampler in ("ddpm", "ddim") and not bool(config.data.latent)
   if cfg.num_classes == 0:
     labels = None  # e.g. the caption labels of a text model: metadata, not a model input
   elif labels is None:
@@ -252,7 +252,7 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
     return None
   # Host-side assembly: eager jnp ops on new shapes would compile inside a timed call.
   images = np.concatenate([np.asarray(v, np.float32) for v in images], axis=0)
-  if not bool(config.data.get("latent", False)):
+  if not bool(config.data.latent):
     images = np.clip(images, -1.0, 1.0)
   stats = {"layers_run": np.stack([np.asarray(v) for v in layers_run]),
            "exit_layer": np.concatenate([np.asarray(v) for v in exit_layer], axis=1),

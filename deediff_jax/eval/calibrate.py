@@ -91,11 +91,6 @@ class CalibrationError(ValueError):
   """A calibration request that cannot be met or is inconsistent (one line, with the fix)."""
 
 
-def _get(config, key, default):
-  """config.exit.KEY, or the default for keys a config file may not have yet."""
-  return config.exit.get(key, default) if hasattr(config.exit, "get") else default
-
-
 def calibratable() -> tuple:
   """The policies whose threshold calibration can pick (`ExitPolicy.calibratable`)."""
   return tuple(p.name for p in policies.registered() if p.calibratable)
@@ -108,8 +103,8 @@ def schedule_policy() -> str:
 
 def psnr_floor(config) -> Optional[float]:
   """The PSNR floor (dB) this config asks for, or None (see the module doc)."""
-  min_psnr = float(_get(config, "min_psnr", 0.0))
-  drop = float(_get(config, "max_psnr_drop", 0.0))
+  min_psnr = float(config.exit.min_psnr)
+  drop = float(config.exit.max_psnr_drop)
   if min_psnr > 0 and drop > 0:
     raise CalibrationError("set only one of exit.min_psnr and exit.max_psnr_drop")
   if min_psnr > 0:
@@ -121,7 +116,7 @@ def psnr_floor(config) -> Optional[float]:
 
 def wanted(config) -> bool:
   """True when the config asks for a calibrated threshold."""
-  return float(_get(config, "target_layer_ratio", 0.0)) > 0 or psnr_floor(config) is not None
+  return float(config.exit.target_layer_ratio) > 0 or psnr_floor(config) is not None
 
 
 def calibrates_schedule(config) -> bool:
@@ -129,17 +124,17 @@ def calibrates_schedule(config) -> bool:
   exit.policy=time_schedule, and by default (exit.calibrate=time_schedule) when
   exit.target_layer_ratio is set for a score policy (uem, adadiff, ...). A PSNR floor always
   calibrates the policy's own threshold."""
-  if float(_get(config, "target_layer_ratio", 0.0)) <= 0:
+  if float(config.exit.target_layer_ratio) <= 0:
     return False
   e = config.exit
   return e.policy == schedule_policy() or (e.policy in calibratable() and psnr_floor(config) is None
-                                         and str(_get(config, "calibrate", "time_schedule")) == "time_schedule")
+                                         and str(config.exit.calibrate) == "time_schedule")
 
 
 def guided(config) -> bool:
   """True for exit.calibrate=guided with exit.target_layer_ratio (see `calibrate_guided`)."""
-  return (float(_get(config, "target_layer_ratio", 0.0)) > 0 and psnr_floor(config) is None
-          and str(_get(config, "calibrate", "time_schedule")) == "guided")
+  return (float(config.exit.target_layer_ratio) > 0 and psnr_floor(config) is None
+          and str(config.exit.calibrate) == "guided")
 
 
 def switch_note(policy: str) -> str:
@@ -186,7 +181,7 @@ def threshold_of(policy: str, a: float) -> float:
 
 
 def calibration_size(config) -> int:
-  n = int(_get(config, "calibration_images", 0))
+  n = int(config.exit.calibration_images)
   return n if n > 0 else min(int(config.sample.batch_size), int(config.sample.num_images))
 
 
@@ -202,7 +197,7 @@ def check_request(config, policy: Optional[str] = None) -> tuple:
     names = calibratable()
     raise CalibrationError(f"calibration picks a threshold, but exit.policy is {policy!r}; use "
                            f"--config.exit.policy={names[0]} (or {', '.join(names[1:])})")
-  target = float(_get(config, "target_layer_ratio", 0.0))
+  target = float(config.exit.target_layer_ratio)
   floor = psnr_floor(config)
   if target > 0 and floor is not None:
     raise CalibrationError("set only one of exit.target_layer_ratio and exit.max_psnr_drop/min_psnr")
@@ -211,10 +206,10 @@ def check_request(config, policy: Optional[str] = None) -> tuple:
                            "--config.exit.max_psnr_drop=20")
   if target > 1:
     raise CalibrationError(f"exit.target_layer_ratio must be in (0, 1], got {target}")
-  metric = str(_get(config, "calibration_metric", "layer_ratio_run"))
+  metric = str(config.exit.calibration_metric)
   if metric not in METRICS:
     raise CalibrationError(f"exit.calibration_metric is {metric!r}; choose one of {', '.join(METRICS)}")
-  tol = float(_get(config, "calibration_tolerance", DEFAULT_TOLERANCE))
+  tol = float(config.exit.calibration_tolerance)
   if tol <= 0:
     raise CalibrationError(f"exit.calibration_tolerance must be positive, got {tol}")
   k = buckets_of(config)
@@ -226,7 +221,7 @@ def check_request(config, policy: Optional[str] = None) -> tuple:
 
 def buckets_of(config) -> int:
   """exit.calibration_buckets (1 = one scalar threshold)."""
-  k = int(_get(config, "calibration_buckets", 1))
+  k = int(config.exit.calibration_buckets)
   if k < 1:
     raise CalibrationError(f"exit.calibration_buckets must be >= 1 (1 = one threshold), got {k}")
   return k
@@ -335,8 +330,8 @@ def calibrate_threshold(params, config, rng, *, policy: Optional[str] = None,
     report.update(metric=metric, target=target, tolerance=tol, within_tolerance=within)
   else:
     report.update(metric="psnr_vs_full", psnr_floor=floor,
-                  max_psnr_drop=float(_get(config, "max_psnr_drop", 0.0)) or None,
-                  min_psnr=float(_get(config, "min_psnr", 0.0)) or None)
+                  max_psnr_drop=float(config.exit.max_psnr_drop) or None,
+                  min_psnr=float(config.exit.min_psnr) or None)
   return threshold, report
 
 
@@ -532,7 +527,7 @@ def calibrate_guided(params, config, rng, *, policy: Optional[str] = None, num: 
   noisy steps compounds); the learned exit only decides, within each bucket's budget, which
   steps and samples leave early. A bucket the schedule runs at full depth exits nowhere.
   """
-  target = float(_get(config, "target_layer_ratio", 0.0))
+  target = float(config.exit.target_layer_ratio)
   k = schedule_buckets(config)
   schedule, schedule_report = calibrate_time_schedule(params, config, rng, target=target, buckets=k, num=num)
   n_blocks = ModelConfig.from_config(config.model).num_blocks
@@ -577,7 +572,7 @@ def calibrate_time_schedule(params, config, rng, *, target: float, buckets: int,
     raise CalibrationError(f"the target layer ratio must be in (0, 1], got {target}")
   if buckets > int(config.sample.steps):
     raise CalibrationError(f"{buckets} timestep buckets exceed sample.steps={int(config.sample.steps)}")
-  tol = float(_get(config, "calibration_tolerance", DEFAULT_TOLERANCE))
+  tol = float(config.exit.calibration_tolerance)
   num = calibration_size(config) if num is None else int(num)
   labels, context, null_context = conditioning(config, num)
   cond = dict(labels=labels, context=context, null_context=null_context)
@@ -629,7 +624,7 @@ def calibrated(params, config) -> tuple:
   never changed."""
   if not wanted(config):
     return config, None
-  if config.exit.policy == schedule_policy() and float(_get(config, "target_layer_ratio", 0.0)) <= 0:
+  if config.exit.policy == schedule_policy() and float(config.exit.target_layer_ratio) <= 0:
     raise CalibrationError("exit.policy=time_schedule calibrates to exit.target_layer_ratio only; set "
                            "--config.exit.target_layer_ratio=0.55 instead of a PSNR floor")
   out = config.copy_and_resolve_references()

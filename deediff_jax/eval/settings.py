@@ -220,13 +220,13 @@ def fewer_steps_settings(config, num_blocks: int, full_depth_policy: Optional[st
   full = full_depth_policy or next(p.name for p in policies.registered() if p.full_depth)
   fixed_depth = next(p.name for p in policies.registered() if p.value == "depth")
   steps = int(config.sample.steps)
-  fracs = parse_floats(config.sweep.get("step_fractions", ""), "sweep.step_fractions")
+  fracs = parse_floats(config.sweep.step_fractions, "sweep.step_fractions")
   if any(not 0 < f < 1 for f in fracs):
     raise SweepError(f"sweep.step_fractions must be in (0, 1), got {config.sweep.step_fractions!r}")
   counts = list(dict.fromkeys(max(1, int(round(f * steps))) for f in fracs))
   counts = [c for c in counts if c < steps]
   out = [Setting(full, steps=c, plain=True) for c in counts]
-  combo = str(config.sweep.get("combo_depths", "")).strip()
+  combo = str(config.sweep.combo_depths).strip()
   if combo:
     depths = parse_depth_schedule(combo, num_blocks, key="sweep.combo_depths")
     out += [Setting(fixed_depth, depth=d, steps=c) for c in counts if c >= 0.6 * steps for d in depths]
