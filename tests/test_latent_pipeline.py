@@ -272,17 +272,17 @@ def test_fid_compares_decoded_samples_with_the_images_the_latents_came_from(reci
   """The sweep's scorer sees decoded [-1, 1] images and real images read back through index.json
   (a cheap feature net stands in for Inception / the classifier, which have their own tests)."""
   from deediff_jax.eval import fid as fid_lib
-  from deediff_jax.eval import sweep
+  from deediff_jax.eval import quality, runner, settings
   tmp = recipe["tmp"]
   config = E._load_config(os.path.join(ROOT, "configs", "imagenet256_uvit_large.py"), MAIN_TINY + [
       f"--config.data.source=latents:{tmp / 'imagenet256_latents'}",
       f"--config.data.autoencoder={tmp / 'ae.npz'}"])
-  real = sweep.real_images(config)
+  real = quality.real_images(config)
   reader = E.open_images(f"folder:{tmp / 'imagenet' / 'train'}", 16)
   x, y = reader.read(np.arange(reader.num_examples))
   np.testing.assert_array_equal(real.images, x.astype(np.float32) / 127.5 - 1)
   np.testing.assert_array_equal(real.labels, y)
-  assert sweep.real_images(config, "test") is None
+  assert quality.real_images(config, "test") is None
   seen = []
 
   def features(images):
@@ -290,10 +290,10 @@ def test_fid_compares_decoded_samples_with_the_images_the_latents_came_from(reci
     assert images.min() >= -1 and images.max() <= 1
     return np.concatenate([images.mean(axis=(1, 2)), images.std(axis=(1, 2))], axis=1)
 
-  q = sweep.Quality(fid_kind="classifier", fid_kind_name="pixel statistics (test)",
+  q = quality.Quality(fid_kind="classifier", fid_kind_name="pixel statistics (test)",
                     real_stats=fid_lib.statistics(features(real.images)), feature_fn=features)
-  ctx = sweep.prepare(config, str(tmp / "ckpt" / "in256"), num=8, quality=q)
-  row, images, _ = sweep.evaluate(ctx, sweep.Setting("uem", threshold=0.5))
+  ctx = runner.prepare(config, str(tmp / "ckpt" / "in256"), num=8, quality=q)
+  row, images, _ = runner.evaluate(ctx, settings.Setting("uem", threshold=0.5))
   assert images.shape == (8, 16, 16, 3) and ctx.images_full.shape == (8, 16, 16, 3)
   assert seen[1:] == [(8, 16, 16, 3)] * 2 and np.isfinite(row["fid"]) and np.isfinite(row["psnr_vs_full"])
   # The CLI sweep scored the same decoded images: the same PSNR vs full.
@@ -302,8 +302,8 @@ def test_fid_compares_decoded_samples_with_the_images_the_latents_came_from(reci
   # Without data.autoencoder a latent model's samples are not images: FID refuses, in one line.
   config.data.autoencoder = ""
   config.sweep.fid_kind = "inception"
-  with pytest.raises(sweep.SweepError, match="set --config.data.autoencoder"):
-    sweep.build_quality(config, str(tmp / "x"))
+  with pytest.raises(settings.SweepError, match="set --config.data.autoencoder"):
+    quality.build_quality(config, str(tmp / "x"))
 
 
 def test_psnr_floor_calibration_scores_decoded_images(recipe, monkeypatch):

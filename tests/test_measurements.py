@@ -12,6 +12,7 @@ from deediff_jax.config import base_config, validate
 from deediff_jax.eval import evaluate as eval_mode
 from deediff_jax.eval import runner
 from deediff_jax.eval import sweep
+from deediff_jax.eval import settings as settings_lib
 from deediff_jax.model import build, init_params
 
 # A program is compiled by XLA or, when the session's persistent cache (tests/conftest.py) has
@@ -113,11 +114,11 @@ def test_sample_stats_and_sweep_name_the_same_fidelity_sampler(tmp_path, params)
 
 def test_timed_sweep_calls_compile_nothing(tmp_path, params, compiles):
   # 6 images in batches of 4: a full batch and a partial last batch of 2, each its own program.
-  ctx = sweep.prepare(_config(num_images=6), str(tmp_path), params=params)
-  for setting in (sweep.Setting("uem", threshold=0.5),
-                  sweep.Setting("uem", threshold_schedule="0.2,0.6"),   # a per-bucket [2] threshold
-                  sweep.Setting("none", steps=1, plain=True)):          # a fewer-steps row
-    config = sweep.with_steps(ctx.config, setting.steps)
+  ctx = runner.prepare(_config(num_images=6), str(tmp_path), params=params)
+  for setting in (settings_lib.Setting("uem", threshold=0.5),
+                  settings_lib.Setting("uem", threshold_schedule="0.2,0.6"),   # a per-bucket [2] threshold
+                  settings_lib.Setting("none", steps=1, plain=True)):          # a fewer-steps row
+    config = runner.with_steps(ctx.config, setting.steps)
     kw = dict(plain=True) if setting.plain else dict(setting=setting)
     runner._warm_up(ctx, config, **kw)
     if not setting.plain:
@@ -131,7 +132,7 @@ def test_timed_sweep_calls_compile_nothing(tmp_path, params, compiles):
 def test_compile_only_runs_nothing_and_the_timed_call_compiles_nothing(params, compiles):
   c = _config()
   rng = jax.random.PRNGKey(3)
-  pp = sweep.Setting("uem", threshold_schedule="0.1,0.3,0.5").policy_params(3)
+  pp = settings_lib.Setting("uem", threshold_schedule="0.1,0.3,0.5").policy_params(3)
   with compiles:
     assert sampling.sample(params, c, rng, 7, policy="uem", policy_params=pp, compile_only=True) is None
   assert compiles.count >= 2                       # a batch of 4 and the remainder of 3

@@ -23,6 +23,9 @@ from deediff_jax.eval import fidelity as F
 from deediff_jax.eval import flops
 from deediff_jax.eval import runner
 from deediff_jax.eval import sweep as S
+from deediff_jax.eval import quality as quality_lib
+from deediff_jax.eval import report as report_lib
+from deediff_jax.eval import settings as settings_lib
 from deediff_jax.model import build, init_params
 from deediff_jax.train.checkpoint import export_params
 
@@ -51,7 +54,7 @@ def digits_caches(tmp_path_factory):
   """The digits classifier and its real-image statistics, trained once for every sweep here (both
   sweeps score digits-shaped images with sweep.classifier_steps=100: the same cache keys)."""
   workdir = str(tmp_path_factory.mktemp("caches"))
-  S.build_quality(_config(), workdir)
+  quality_lib.build_quality(_config(), workdir)
   return workdir
 
 
@@ -90,7 +93,7 @@ def swept(tmp_path_factory, digits_caches):
   c.exit.update(target_layer_ratio=0.6, calibration_buckets=BUCKETS)
   out = io.StringIO()
   seen = {}                              # setting -> what `evaluate` gave the sweep: images, stats
-  real_evaluate = S.evaluate
+  real_evaluate = runner.evaluate
 
   def spy(ctx, setting):
     row, images, stats = real_evaluate(ctx, setting)
@@ -118,13 +121,13 @@ def test_every_file_and_every_field(swept):
       assert float(np.mean(z[f"row_{i:03d}"])) == pytest.approx(r["psnr_vs_full"], rel=1e-9)
   # One row per setting: 2 thresholds + 5 depths + 2 schedules + 1 cosine + 2 oracle tolerances
   # + none + 1 fewer-steps row; + 2 calibrated uem rows and 1 calibrated time_schedule.
-  settings = S.settings_from_config(swept["config"])
+  settings = settings_lib.settings_from_config(swept["config"])
   assert len(settings) == 14 and len(rows) == 17
   assert [r["setting"] for r in rows if not r["calibrated"]] == [s.label() for s in settings]
   assert [r["setting"] for r in rows if " @ " in r["setting"]] == [f"none @ {FEWER_STEPS} steps"]
   steps_of = {s.label(): s.steps or STEPS for s in settings}      # calibrated rows: sample.steps
   for r in rows:
-    assert tuple(r) == S.ROW_KEYS
+    assert tuple(r) == runner.ROW_KEYS
     assert r["runnable"] is (r["policy"] != "oracle")
   with open(os.path.join(out_dir, "sweep.json")) as f:
     assert json.load(f) == rows
@@ -274,8 +277,8 @@ def test_oracle_rows(swept):
   ctx = seen["none"]["ctx"]
   c3 = ctx.config.copy_and_resolve_references()
   c3.exit.min_layers = 3
-  row, _, stats = S.evaluate(dataclasses.replace(ctx, config=c3, fidelity_config=c3),
-                             S.Setting("oracle", threshold=HUGE))
+  row, _, stats = runner.evaluate(dataclasses.replace(ctx, config=c3, fidelity_config=c3),
+                             settings_lib.Setting("oracle", threshold=HUGE))
   assert (stats["exit_layer"] == 3).all() and row["min_layers"] == 3 and not row["runnable"]
 
 
@@ -334,11 +337,11 @@ def test_eval_mode_repeats_the_sweep_row(swept):
     row = evaluate.run(c, swept["workdir"])
   with open(os.path.join(swept["workdir"], "eval.json")) as f:
     assert json.load(f) == row
-  assert tuple(row) == S.ROW_KEYS + ("run",)
+  assert tuple(row) == runner.ROW_KEYS + ("run",)
   assert row["run"]["checkpoint_step"] == 0 and row["run"]["fid_kind"].startswith("classifier-FID")
   ref = next(r for r in swept["rows"] if r["setting"] == "static 3")
   # Same images as the sweep's row (same noise, same program): every non-timing number agrees.
-  for k in S.ROW_KEYS:
+  for k in runner.ROW_KEYS:
     if k not in ("seconds", "seconds_full", "speedup"):
       assert row[k] == ref[k], k
   assert (row["seconds"], row["seconds_full"], row["speedup"]) == (
@@ -354,11 +357,11 @@ def test_stochastic_sampler_measures_fidelity_with_ddim(swept):
   c.sample.sampler = "ddpm"
   from deediff_jax.train.checkpoint import load_params
   params = load_params(swept["workdir"], c)
-  ctx = S.prepare(c, swept["workdir"], params=params, quality=S.Quality("none", "none"))
+  ctx = runner.prepare(c, swept["workdir"], params=params, quality=quality_lib.Quality("none", "none"))
   assert not ctx.deterministic and ctx.fidelity_config.sample.sampler == "ddim"
   by = {r["setting"]: r for r in swept["rows"]}
   for depth in (1, N):
-    row, images, _ = S.evaluate(ctx, S.Setting("static", depth=depth))
+    row, images, _ = runner.evaluate(ctx, settings_lib.Setting("static", depth=depth))
     assert row["sampler"] == "ddpm" and row["fidelity_sampler"] == "ddim eta=0"
     assert row["psnr_vs_full"] == by[f"static {depth}"]["psnr_vs_full"]
     assert row["fid"] is None and row["layer_ratio_run"] == depth / N
@@ -367,50 +370,50 @@ def test_stochastic_sampler_measures_fidelity_with_ddim(swept):
 def test_settings_and_defaults():
   c = _config()
   c.sweep.update(depths="", time_schedules="")
-  s = S.settings_from_config(c)
+  s = settings_lib.settings_from_config(c)
   assert [x.depth for x in s if x.policy == "static"] == [1, 2, 3, 4, 5]
-  assert [x.schedule for x in s if x.policy == "time_schedule"] == S.default_time_schedules(N)
+  assert [x.schedule for x in s if x.policy == "time_schedule"] == settings_lib.default_time_schedules(N)
   # The last two are DuoDiff switches (shallow above a switch time, full depth below).
-  assert S.default_time_schedules(9) == ["3,5,6,9", "5,6,9,9", "3,3,5,6,9", "5,9", "3,9"]
-  assert S.default_time_schedules(13) == ["5,7,9,13", "7,9,13,13", "4,5,7,9,13", "7,13", "5,13"]
+  assert settings_lib.default_time_schedules(9) == ["3,5,6,9", "5,6,9,9", "3,3,5,6,9", "5,9", "3,9"]
+  assert settings_lib.default_time_schedules(13) == ["5,7,9,13", "7,9,13,13", "4,5,7,9,13", "7,13", "5,13"]
   # Fewer steps: round(fraction * 4) = 1, 2, 2, 3 (each count once, below sample.steps); combo
   # depths only at counts >= 60% of the steps.
   c.sweep.update(step_fractions="0.3,0.45,0.6,0.75", combo_depths="3")
-  extra = S.fewer_steps_settings(c, N)
+  extra = settings_lib.fewer_steps_settings(c, N)
   assert [x.label() for x in extra] == ["none @ 1 steps", "none @ 2 steps", "none @ 3 steps",
                                         "static 3 @ 3 steps"]
   assert [x.plain for x in extra] == [True, True, True, False] and [x.steps for x in extra] == [1, 2, 3, 3]
-  assert [x.label() for x in S.settings_from_config(c) if x.steps] == [x.label() for x in extra]
+  assert [x.label() for x in settings_lib.settings_from_config(c) if x.steps] == [x.label() for x in extra]
   c.sweep.step_fractions = "0.5,1"
-  with pytest.raises(S.SweepError, match=r"sweep.step_fractions must be in \(0, 1\), got '0.5,1'"):
-    S.settings_from_config(c)
+  with pytest.raises(settings_lib.SweepError, match=r"sweep.step_fractions must be in \(0, 1\), got '0.5,1'"):
+    settings_lib.settings_from_config(c)
   c.sweep.update(step_fractions="", combo_depths="")
   # An adadiff model: the default policy list sweeps adadiff (sweep.confidence_thresholds) for uem.
   c.model.exit_style = "adadiff"
-  c.sweep.update(policies=S.DEFAULT_POLICIES, confidence_thresholds="0.9,0.95")
-  s = S.settings_from_config(c)
+  c.sweep.update(policies=settings_lib.DEFAULT_POLICIES, confidence_thresholds="0.9,0.95")
+  s = settings_lib.settings_from_config(c)
   assert [(x.policy, x.threshold) for x in s[:2]] == [("adadiff", 0.9), ("adadiff", 0.95)]
   c.model.exit_style = "deediff"
   c.sweep.policies = "uem,bogus"
-  with pytest.raises(S.SweepError, match="sweep.policies has unknown policy 'bogus'"):
-    S.settings_from_config(c)
+  with pytest.raises(settings_lib.SweepError, match="sweep.policies has unknown policy 'bogus'"):
+    settings_lib.settings_from_config(c)
   c.sweep.policies = "uem_no_time"
-  with pytest.raises(S.SweepError, match="needs a model built with model.uem=token_linear_no_time"):
-    S.settings_from_config(c)
+  with pytest.raises(settings_lib.SweepError, match="needs a model built with model.uem=token_linear_no_time"):
+    settings_lib.settings_from_config(c)
   c.sweep.update(policies="static", depths="2,9")
   with pytest.raises(Exception, match=r"sweep.depths': depth 9 is outside \[1, 5\]"):
-    S.settings_from_config(c)
+    settings_lib.settings_from_config(c)
   c.exit.update(policy="time_schedule", schedule="2,5")
-  assert S.setting_from_exit_config(c).label() == "time_schedule 2,5"
+  assert settings_lib.setting_from_exit_config(c).label() == "time_schedule 2,5"
   c.exit.update(policy="oracle", threshold=0.1)
-  s = S.setting_from_exit_config(c)
+  s = settings_lib.setting_from_exit_config(c)
   assert s.label() == "oracle 0.1 (ceiling)" and not s.runnable
   assert float(s.policy_params(N)["threshold"]) == pytest.approx(0.1)
   c.exit.update(policy="static", depth=0)
-  assert S.setting_from_exit_config(c).depth == N
+  assert settings_lib.setting_from_exit_config(c).depth == N
   # A per-bucket threshold schedule from the config: its label and its traced [K] threshold.
   c.exit.update(policy="uem", threshold_schedule="0.2, 0.1,0.05")
-  s = S.setting_from_exit_config(c)
+  s = settings_lib.setting_from_exit_config(c)
   assert s.threshold is None and s.threshold_schedule == "0.2,0.1,0.05"
   assert s.label() == "uem per bucket 0.2/0.1/0.05"
   np.testing.assert_allclose(np.asarray(s.policy_params(N)["threshold"]), [0.2, 0.1, 0.05], rtol=1e-6)
@@ -426,10 +429,10 @@ def test_chosen_row_without_calibration():
   c = _config()
   rows = [dict(policy="uem", threshold=t, calibrated=False, layer_ratio_run=1 - t) for t in (0.3, 0.1, 0.2)]
   rows.append(dict(policy="static", threshold=None, calibrated=False, layer_ratio_run=0.75))
-  assert S.chosen_index(rows, c) == 1                     # exit.threshold = 0.1 is in the list
+  assert report_lib.chosen_index(rows, c) == 1                     # exit.threshold = 0.1 is in the list
   c.exit.threshold = 0.15
-  assert S.chosen_index(rows, c) == 2                     # else the middle threshold (0.2)
-  assert S.matched_indices(rows, 2) == {"uem": 2, "static": 3}
+  assert report_lib.chosen_index(rows, c) == 2                     # else the middle threshold (0.2)
+  assert report_lib.matched_indices(rows, 2) == {"uem": 2, "static": 3}
 
 
 def test_gflops_weights_batches_by_size():
@@ -439,7 +442,7 @@ def test_gflops_weights_batches_by_size():
   stats = {"exit_layer": el, "batch_sizes": np.array([8, 4])}
   first = flops.gflops_per_image(cfg, el[:, :8], policy="uem")
   second = flops.gflops_per_image(cfg, el[:, 8:], policy="uem")
-  assert S.gflops_from_stats(cfg, stats, "uem") == pytest.approx((8 * first + 4 * second) / 12, rel=1e-12)
+  assert runner.gflops_from_stats(cfg, stats, "uem") == pytest.approx((8 * first + 4 * second) / 12, rel=1e-12)
   # The first batch ran 5 then 3 blocks (its deepest exits), evaluating 2 then 2 heads.
   assert first == pytest.approx(flops.early_exit_flops_per_image(
       cfg, [5, 3], policy="uem", heads_per_step=[2, 2]) / 1e9, rel=1e-12)
@@ -447,19 +450,19 @@ def test_gflops_weights_batches_by_size():
 
 def test_fid_configuration_errors(tmp_path):
   c = _config()
-  with pytest.raises(S.SweepError, match="write their files to a local directory, got --workdir gs://b/run"):
+  with pytest.raises(settings_lib.SweepError, match="write their files to a local directory, got --workdir gs://b/run"):
     S.run(c, "gs://b/run")
   c.sweep.fid_kind = "inception"
-  with pytest.raises(S.SweepError, match="needs --config.sweep.inception_weights=PATH to "
+  with pytest.raises(settings_lib.SweepError, match="needs --config.sweep.inception_weights=PATH to "
                                          "pt_inception-2015-12-05-6726825d.pth"):
-    S.build_quality(c, str(tmp_path))
+    quality_lib.build_quality(c, str(tmp_path))
   c.sweep.inception_weights = str(tmp_path / "missing.pth")
-  with pytest.raises(S.SweepError, match=r"missing.pth' does not exist; download https://github.com/"):
-    S.build_quality(c, str(tmp_path))
+  with pytest.raises(settings_lib.SweepError, match=r"missing.pth' does not exist; download https://github.com/"):
+    quality_lib.build_quality(c, str(tmp_path))
   c.sweep.fid_kind = "classifier"
   c.data.latent = True
-  with pytest.raises(S.SweepError, match="data.latent=True .* use --config.sweep.fid_kind=none"):
-    S.build_quality(c, str(tmp_path))
+  with pytest.raises(settings_lib.SweepError, match="data.latent=True .* use --config.sweep.fid_kind=none"):
+    quality_lib.build_quality(c, str(tmp_path))
 
 
 def test_bad_calibration_request_fails_before_loading(tmp_path):
@@ -504,7 +507,7 @@ def test_text_model_sweep_reports_accuracy_per_caption(tmp_path, digits_caches):
   assert [r["label"] for r in report["per_caption"]] == [7, 1, 4]
   assert [r["images"] for r in report["per_caption"]] == [4, 4, 4]   # 12 images cycle 3 captions
   # Recompute the full-depth images (same seed, same noise) and classify them by hand.
-  clf = S.build_quality(c, workdir).classifier                          # the cached classifier
+  clf = quality_lib.build_quality(c, workdir).classifier                          # the cached classifier
   labels = np.array([7, 1, 4] * 4)
   ctx_feats = np.load(path)["eval_features"][np.arange(12) % 3]
   full, _ = sampling.sample(params, c, jax.random.PRNGKey(0), 12, plain=True, labels=labels,

@@ -71,8 +71,7 @@ held-out columns.
 
 The work is split by job, data flowing one way: `settings.py` (config -> `Setting`s) ->
 `quality.py` (FID and class accuracy) -> `runner.py` (the shared context, compiled and timed
-sampling, one row per setting) -> `report.py` (the files above); this module only runs the mode
-and re-exports their names. `evaluate.py` (`--mode eval`) reuses `runner.start`/`runner.evaluate`
+sampling, one row per setting) -> `report.py` (the files above); this module only runs the mode. `evaluate.py` (`--mode eval`) reuses `runner.start`/`runner.evaluate`
 for the configured setting alone.
 """
 from __future__ import annotations
@@ -81,22 +80,12 @@ import os
 
 from tqdm import tqdm
 
-# Re-exported (`__all__`) besides what `run` uses: code, tests and the notebook use them as `sweep.X`.
 from deediff_jax import policies
 from deediff_jax.eval import calibrate as cal_lib
 from deediff_jax.eval import heldout
-from deediff_jax.eval.quality import (CLASSIFIER_STEPS, FID_KIND_NAMES, MAX_REAL_IMAGES, Quality,
-                                      RealData, build_quality, real_images)
-from deediff_jax.eval.report import (GRID_IMAGES, IDENTICAL_PSNR, SWEEP_DIR, TABLE_COLUMNS,
-                                     caption_accuracy, caption_table_md, chosen_index, header_md,
-                                     machine_info, matched_indices, run_info, table_md, time_labels,
-                                     write_csv, write_grid, write_json, write_outputs)
-from deediff_jax.eval.runner import (ROW_KEYS, Context, calibrated_setting, check_local,
-                                     check_params_for, evaluate, gflops_from_stats, load_checkpoint,
-                                     prepare, retime_baseline, start, with_steps)
-from deediff_jax.eval.settings import (DEFAULT_POLICIES,
-                                       Setting, SweepError, default_time_schedules, fewer_steps_settings,
-                                       parse_policies, setting_from_exit_config, settings_from_config)
+from deediff_jax.eval.report import SWEEP_DIR, run_info, write_outputs
+from deediff_jax.eval.runner import calibrated_setting, evaluate, retime_baseline, start
+from deediff_jax.eval.settings import Setting, settings_from_config
 from deediff_jax.model.uvit import ModelConfig
 
 
@@ -157,14 +146,3 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> list[dic
   with open(os.path.join(out_dir, "sweep.md")) as f:
     print(f.read())
   return rows
-
-
-__all__ = ["build_quality", "calibrated_setting", "caption_accuracy", "caption_table_md",
-           "check_local", "check_params_for", "chosen_index", "CLASSIFIER_STEPS",
-           "Context", "DEFAULT_POLICIES", "default_time_schedules", "evaluate", "fewer_steps_settings",
-           "FID_KIND_NAMES", "gflops_from_stats", "GRID_IMAGES", "header_md", "IDENTICAL_PSNR",
-           "load_checkpoint", "machine_info", "matched_indices", "MAX_REAL_IMAGES", "parse_policies",
-           "prepare", "Quality", "real_images", "RealData", "retime_baseline", "ROW_KEYS", "run",
-           "run_info", "Setting", "setting_from_exit_config", "settings_from_config",
-           "start", "SWEEP_DIR", "SweepError", "TABLE_COLUMNS", "table_md",
-           "time_labels", "with_steps", "write_csv", "write_grid", "write_json", "write_outputs"]
