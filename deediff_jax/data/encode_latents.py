@@ -65,6 +65,7 @@ import numpy as np
 
 from deediff_jax.data import coco, sources
 from deediff_jax.data.prefetch import prefetched
+from deediff_jax.model.autoencoder import load_autoencoder
 
 RESIZE_METHODS = ("adm", "lanczos", "bilinear")
 DEFAULT_BATCH = 64
@@ -80,32 +81,6 @@ class EncodeLatentsError(ValueError):
 
 
 # --------------------------------------------------------------------------- autoencoder weights
-
-_AUTOENCODERS: dict = {}
-
-
-def load_autoencoder(path: str, what: str = "--autoencoder"):
-  """Autoencoder params from U-ViT's autoencoder_kl.pth or an .npz of its tensors (cached per file)."""
-  from deediff_jax.model import autoencoder as ae
-  if not path:
-    raise EncodeLatentsError(f"no autoencoder weights: pass {what}=PATH to U-ViT's "
-                             "assets/stable-diffusion/autoencoder_kl.pth (or its .npz export)")
-  full = os.path.abspath(os.path.expanduser(str(path)))
-  if not os.path.isfile(full):
-    raise EncodeLatentsError(f"autoencoder weights {full} not found ({what}); download U-ViT's "
-                             "assets/stable-diffusion/autoencoder_kl.pth (see docs/latent.md)")
-  stat = os.stat(full)
-  key = (full, stat.st_mtime_ns, stat.st_size)
-  if key not in _AUTOENCODERS:
-    try:
-      params = ae.convert(ae.load_checkpoint(full))
-    except ImportError as e:
-      raise EncodeLatentsError(f"reading {full} needs torch ({e}); pip install torch (CPU is enough) or "
-                               "convert it once elsewhere with --save-autoencoder FILE.npz") from None
-    _AUTOENCODERS.clear()  # one autoencoder at a time: KL-f8 is 320 MB of float32
-    _AUTOENCODERS[key] = params
-  return _AUTOENCODERS[key]
-
 
 def export_npz(params, path: str) -> str:
   """Writes params as an .npz of the reference tensors (names and OIHW layout of autoencoder_kl.pth),

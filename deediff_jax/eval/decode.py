@@ -35,7 +35,7 @@ def decoder_for(config) -> Optional[Callable[[np.ndarray], np.ndarray]]:
   latent models without data.autoencoder."""
   if not wants_decode(config):
     return None
-  from deediff_jax.data.encode_latents import load_autoencoder
+  from deediff_jax.model.autoencoder import load_autoencoder
   from deediff_jax.model import autoencoder as ae
   params = load_autoencoder(str(config.data.autoencoder), "data.autoencoder")
   cfg = ae.config_from_params(params)

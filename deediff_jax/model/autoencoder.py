@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from typing import Any, Mapping
 
@@ -429,3 +430,34 @@ def convert(state_dict: Mapping[str, Any]) -> dict:
       arr = arr.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     _set(params, path, jnp.asarray(arr))
   return params
+
+
+# --------------------------------------------------------------------------- weights from a file
+
+class AutoencoderError(ValueError):
+  """Autoencoder weights that cannot be read (one line, with the fix)."""
+
+
+_AUTOENCODERS: dict = {}
+
+
+def load_autoencoder(path: str, what: str = "--autoencoder"):
+  """Autoencoder params from U-ViT's autoencoder_kl.pth or an .npz of its tensors (cached per file)."""
+  if not path:
+    raise AutoencoderError(f"no autoencoder weights: pass {what}=PATH to U-ViT's "
+                             "assets/stable-diffusion/autoencoder_kl.pth (or its .npz export)")
+  full = os.path.abspath(os.path.expanduser(str(path)))
+  if not os.path.isfile(full):
+    raise AutoencoderError(f"autoencoder weights {full} not found ({what}); download U-ViT's "
+                             "assets/stable-diffusion/autoencoder_kl.pth (see docs/latent.md)")
+  stat = os.stat(full)
+  key = (full, stat.st_mtime_ns, stat.st_size)
+  if key not in _AUTOENCODERS:
+    try:
+      params = convert(load_checkpoint(full))
+    except ImportError as e:
+      raise AutoencoderError(f"reading {full} needs torch ({e}); pip install torch (CPU is enough) or "
+                               "convert it once elsewhere with --save-autoencoder FILE.npz") from None
+    _AUTOENCODERS.clear()  # one autoencoder at a time: KL-f8 is 320 MB of float32
+    _AUTOENCODERS[key] = params
+  return _AUTOENCODERS[key]
