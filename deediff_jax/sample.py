@@ -118,16 +118,16 @@ def run(config, workdir, params=None) -> dict:
   e, s = config.exit, config.sample
   # One rule for fidelity in every mode (the sweep's): the same noise through a deterministic
   # sampler, the configured one when it is deterministic, else DDIM eta=0 in extra untimed runs.
-  fid_config = deterministic_config(config)
-  if fid_config is not config:
-    images_det, _ = sampling.sample(params, fid_config, rng, num, policy=policy, policy_params=policy_params, **kw)
+  fidelity_config = deterministic_config(config)
+  if fidelity_config is not config:
+    images_det, _ = sampling.sample(params, fidelity_config, rng, num, policy=policy, policy_params=policy_params, **kw)
     full_det, _ = sampling.sample(params, deterministic_config(full_config), rng, num, plain=True, **kw)
     if decode is not None:
       images_det, full_det = decode(images_det), decode(full_det)
-    fid_ = fidelity(full_det, images_det)
+    measured = fidelity(full_det, images_det)
   else:
-    fid_ = fidelity(full_images, images)
-  fidelity_sampler = fid_config.sample.sampler + (" eta=0" if fid_config.sample.sampler == "ddim" else "")
+    measured = fidelity(full_images, images)
+  fidelity_sampler = fidelity_config.sample.sampler + (" eta=0" if fidelity_config.sample.sampler == "ddim" else "")
   result = {
       "policy": policy, "threshold": float(e.threshold),
       "threshold_schedule": str(e.threshold_schedule), "aggregate": e.aggregate,
@@ -138,10 +138,10 @@ def run(config, workdir, params=None) -> dict:
       "layer_ratio_run": summary["layer_ratio_run"],
       "layer_ratio_per_sample": summary["layer_ratio_per_sample"],
       "seconds": seconds, "seconds_full": seconds_full, "speedup": seconds_full / seconds,
-      **{k: fid_[k] for k in FIDELITY_KEYS},    # the sweep rows' names for the same measures
+      **{k: measured[k] for k in FIDELITY_KEYS},    # the sweep rows' names for the same measures
       "fidelity_sampler": fidelity_sampler, "calibration": calibration,
       # Older names of the same measures (stable keys): seconds_full, psnr_worst5.
-      "seconds_full_depth": seconds_full, "psnr_vs_full_worst5pct": fid_["psnr_worst5"],
+      "seconds_full_depth": seconds_full, "psnr_vs_full_worst5pct": measured["psnr_worst5"],
       "layers_run_per_step": summary["layers_run_per_step"],
       "mean_exit_layer_per_step": summary["mean_exit_layer_per_step"],
       "exit_histogram": summary["exit_histogram"],

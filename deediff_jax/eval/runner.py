@@ -212,13 +212,13 @@ def evaluate(ctx: Context, setting: Setting) -> tuple[dict, np.ndarray, dict]:
   images, stats, seconds = _timed(ctx, config, **kw)
   images = ctx.decoded(images)
   if ctx.deterministic:
-    images_fid = images
+    images_for_fidelity = images
   else:
-    fid_config = with_steps(ctx.fidelity_config, setting.steps)
-    _warm_up(ctx, fid_config, **{k: v for k, v in kw.items() if k != "pp"})
-    images_fid = ctx.decoded(_sample(ctx, fid_config, **kw)[0])
-  fidelity = fidelity_lib.fidelity(ctx.images_full_fidelity, images_fid)
-  stats["per_image_psnr"] = fidelity_lib.per_image_psnr(ctx.images_full_fidelity, images_fid)  # bootstrap CIs
+    fidelity_run_config = with_steps(ctx.fidelity_config, setting.steps)
+    _warm_up(ctx, fidelity_run_config, **{k: v for k, v in kw.items() if k != "pp"})
+    images_for_fidelity = ctx.decoded(_sample(ctx, fidelity_run_config, **kw)[0])
+  fidelity = fidelity_lib.fidelity(ctx.images_full_fidelity, images_for_fidelity)
+  stats["per_image_psnr"] = fidelity_lib.per_image_psnr(ctx.images_full_fidelity, images_for_fidelity)  # bootstrap CIs
   summary = sampling.summarize(stats, n)
   gflops = (flops_lib.full_depth_flops_per_image(ctx.cfg, int(config.sample.steps), cfg_factor=ctx.cfg_factor) / 1e9
             if setting.plain else gflops_from_stats(ctx.cfg, stats, setting.policy, ctx.cfg_factor))
