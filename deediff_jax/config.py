@@ -166,6 +166,28 @@ class ExitSpec:
                min_layers=int(e.min_layers), patience=bool(e.patience))
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """Typed, frozen view of what sampling reads from `config.sample`, `config.diffusion` and
+  `config.data` (read once at the edge by `from_config`)."""
+  sampler: str
+  steps: int
+  batch_size: int
+  guidance_scale: float = 0.0
+  eta: float = 0.0
+  schedule: str = "linear"
+  timesteps: int = 1000
+  latent: bool = False               # latent models: samples are not clipped to [-1, 1]
+
+  @classmethod
+  def from_config(cls, config) -> "SamplerSpec":
+    s = config.sample
+    return cls(sampler=str(s.sampler), steps=int(s.steps), batch_size=int(s.batch_size),
+               guidance_scale=float(s.guidance_scale), eta=float(s.eta),
+               schedule=str(config.diffusion.schedule), timesteps=int(config.diffusion.timesteps),
+               latent=bool(config.data.latent))
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 

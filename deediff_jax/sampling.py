@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from deediff_jax import caching
 from deediff_jax import policies
-from deediff_jax.config import SAMPLERS, ExitSpec, ModelConfig
+from deediff_jax.config import SAMPLERS, ExitSpec, ModelConfig, SamplerSpec
 from deediff_jax.diffusion import schedule as sched_lib
 from deediff_jax.diffusion.samplers import EpsFn, SamplerError, guide, run_sampler, x0_scale_fn
 from deediff_jax.early_exit import check_policy, early_exit_forward, exit_params, make_policy_params
@@ -186,14 +186,28 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
     policy, cfg_params = exit_params(ExitSpec.from_config(config, n, policy), n)
     policy_params = cfg_params if policy_params is None else policy_params
   aggregate = config.exit.aggregate if aggregate is None else aggregate
+  if reuse is None:
+    reuse = caching.reuse_from_config(config, n) if caching.enabled(config) and not plain else False
+  return sample_with(params, cfg, SamplerSpec.from_config(config), rng, num, policy=policy,
+                     policy_params=policy_params, aggregate=aggregate, labels=labels, context=context,
+                     null_context=null_context, plain=plain, progress=progress,
+                     compile_only=compile_only, x_init=x_init, reuse=reuse)
+
+
+def sample_with(params, cfg: ModelConfig, spec: SamplerSpec, rng, num: int, *, policy: str, policy_params,
+                aggregate: str = "all", labels=None, context=None, null_context=None, plain: bool = False,
+                progress: bool = False, compile_only: bool = False, x_init=None, reuse=False):
+  """The core of `sample` on typed specs (no config): `policy` and its traced `policy_params`
+  given, `reuse` a reuse schedule or False. Same results and stats as `sample`."""
+  n = cfg.num_blocks
   if not plain:
     check_policy(policy, cfg, aggregate)
-  s = config.sample
+  s = spec
   if s.sampler not in SAMPLERS:
     raise SamplerError(f"unknown sampler {s.sampler!r}; choose one of {', '.join(SAMPLERS)}")
   scale = float(s.guidance_scale)
   doubled = scale != 0.0
-  clip = s.sampler in ("ddpm", "ddim") and not bool(config.data.latent)
+  clip = s.sampler in ("ddpm", "ddim") and not s.latent
   if cfg.num_classes == 0:
     labels = None  # e.g. the caption labels of a text model: metadata, not a model input
   elif labels is None:
@@ -206,8 +220,6 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
   if doubled and cfg.context_dim > 0 and null_context is None:
     raise SamplerError("sample.guidance_scale > 0 on a text model needs the null caption's features "
                      "('null_features' in data.context_file); set sample.guidance_scale=0 or add them")
-  if reuse is None:
-    reuse = caching.reuse_from_config(config, n) if caching.enabled(config) and not plain else False
   cached = reuse is not False and not plain
   if cached:
     rows = caching.solver_steps(s.sampler, int(s.steps))
@@ -218,7 +230,7 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
   if x_init is not None and np.shape(x_init) != (num, cfg.image_size, cfg.image_size, cfg.in_channels):
     raise SamplerError(f"x_init must be [{num}, {cfg.image_size}, {cfg.image_size}, {cfg.in_channels}] "
                        f"(NHWC), got {tuple(np.shape(x_init))}")
-  fn = _compiled(cfg, config.diffusion.schedule, int(config.diffusion.timesteps), s.sampler,
+  fn = _compiled(cfg, s.schedule, int(s.timesteps), s.sampler,
                  int(s.steps), "none" if plain else policy, aggregate, doubled, clip, bool(plain),
                  *((True,) if cached else ()))   # the uncached program keeps its lru_cache key
   shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
@@ -252,7 +264,7 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
     return None
   # Host-side assembly: eager jnp ops on new shapes would compile inside a timed call.
   images = np.concatenate([np.asarray(v, np.float32) for v in images], axis=0)
-  if not bool(config.data.latent):
+  if not s.latent:
     images = np.clip(images, -1.0, 1.0)
   stats = {"layers_run": np.stack([np.asarray(v) for v in layers_run]),
            "exit_layer": np.concatenate([np.asarray(v) for v in exit_layer], axis=1),
