@@ -17,6 +17,7 @@ loop), so `speedup` is what early exit buys in wall-clock time.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -97,9 +98,9 @@ def run(config, workdir, params=None) -> dict:
   decode = decoder_for(config)  # latent models with data.autoencoder: decoded, untimed, after sampling
 
   exit_kw, full_kw = dict(policy=policy, policy_params=policy_params, **kw), dict(plain=True, **kw)
-  sampling.compile_ahead(params, config, rng, num, exit_kw, full_kw)
+  sampling.compile_ahead(functools.partial(sampling.sample, params, config, rng, num), exit_kw, full_kw)
   if full_config is not config:
-    sampling.compile_ahead(params, full_config, rng, num, full_kw)
+    sampling.compile_ahead(functools.partial(sampling.sample, params, full_config, rng, num), full_kw)
   images, stats, seconds = _timed(params, config, rng, num, **exit_kw)
   full_images, _, seconds_full = _timed(params, full_config, rng, num, **full_kw)
   extra = {}

@@ -275,14 +275,14 @@ def sample_with(params, cfg: ModelConfig, spec: SamplerSpec, rng, num: int, *, p
   return images, stats
 
 
-def compile_ahead(params, config, rng, num: int, *variants) -> None:
-  """Compiles ahead of time (running nothing) every batch shape of each variant's `sample` call
-  (a variant: a dict of `sample` keyword arguments), so a timed call compiles nothing. The one
-  warm-up of --mode sample, eval and the sweep; XLA compiles outside the GIL, so on a multi-core
-  host the variants compile side by side."""
+def compile_ahead(sample_fn, *variants) -> None:
+  """Compiles ahead of time (running nothing) every batch shape of each variant's call of
+  `sample_fn` (`sample` or `sample_with` with its positional arguments bound; a variant: a dict
+  of its keyword arguments), so a timed call compiles nothing. The one warm-up of --mode sample,
+  eval and the sweep; XLA compiles outside the GIL, so the variants compile side by side."""
   from concurrent.futures import ThreadPoolExecutor
   with ThreadPoolExecutor(max_workers=max(1, len(variants))) as pool:
-    for f in [pool.submit(sample, params, config, rng, num, compile_only=True, **kw) for kw in variants]:
+    for f in [pool.submit(sample_fn, compile_only=True, **kw) for kw in variants]:
       f.result()
 
 

@@ -6,6 +6,7 @@ into one row of `ROW_KEYS`; `retime_baseline` times the baseline again after the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Optional
 
@@ -106,7 +107,7 @@ def _warm_up(ctx: Context, config, *, plain=False, setting: Optional[Setting] = 
   # Ahead of time: every batch shape of the run is compiled and nothing is sampled.
   if not plain:
     kw["reuse"] = _reuse(config, setting, n)
-  sampling.compile_ahead(ctx.params, config, ctx.rng, ctx.num, dict(**kw, **ctx.cond))
+  sampling.compile_ahead(functools.partial(sampling.sample, ctx.params, config, ctx.rng, ctx.num), dict(**kw, **ctx.cond))
   ctx.compiled.add(key)
 
 
