@@ -35,8 +35,13 @@ import json
 import os
 import sys
 
-LEARNED = ("uem", "uem_no_time", "adadiff")
-FIXED = ("static", "time_schedule", "state_cosine", "fewer steps", "static + fewer steps")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from deediff_jax import policies  # noqa: E402  (the families come from the exit-policy registry)
+
+LEARNED = tuple(p.name for p in policies.registered() if p.learned)
+# Runnable rules with no learned signal (not the full-depth row), then the fewer-steps families.
+_FIXED_POLICIES = tuple(p.name for p in policies.registered() if p.runnable and not p.learned and not p.full_depth)
+FIXED = _FIXED_POLICIES + ("fewer steps", f"{policies.first(value='depth').name} + fewer steps")
 
 
 def family(row: dict) -> str:
