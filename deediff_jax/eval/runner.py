@@ -142,9 +142,9 @@ def load_checkpoint(config, workdir: str) -> tuple:
   if str(config.sample.get("params_file", "") or "").strip():
     from deediff_jax.train import params_file
     return params_file.load_for(config), None
-  from deediff_jax.train.checkpoint import latest_step, load_params
-  params = load_params(workdir, config, use_ema=bool(config.sample.use_ema))
-  return params, latest_step(workdir)
+  from deediff_jax.train.checkpoint import load_params
+  # with_step: after a fallback from a damaged newest checkpoint, the step actually read.
+  return load_params(workdir, config, use_ema=bool(config.sample.use_ema), with_step=True)
 
 
 def prepare(config, workdir: str, *, num: Optional[int] = None, params=None, step: Optional[int] = None,

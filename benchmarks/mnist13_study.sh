@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The headline study: configs/mnist13.py (13 blocks, D=128, MNIST pooled to 14x14), every choice on
+# calibration noise, every reported number on held-out noise. Stages, in order (each resumes or
+# overwrites only its own workdir under RUNS; results go to benchmarks/results/mnist13/, the model to
+# benchmarks/models/mnist13/):
+#
+#   bash benchmarks/mnist13_study.sh joint      # backbone + heads + paper (eps) UEMs, jointly (~1.1 s/step idle)
+#   bash benchmarks/mnist13_study.sh uem        # UEMs alone retrained on the fidelity target (train.mode=uem_only)
+#   bash benchmarks/mnist13_study.sh adadiff    # the official AdaDiff formulation, fine-tuned from the joint backbone
+#   bash benchmarks/mnist13_study.sh export     # benchmarks/models/mnist13/params.npz (float16) from the uem run
+#   bash benchmarks/mnist13_study.sh router     # a Learning-to-Cache router for the study's sampler and steps
+#   bash benchmarks/mnist13_study.sh sweep      # the held-out sweep (>= 1,000 images) from params.npz + router
+#   bash benchmarks/mnist13_study.sh tune       # --mode tune at 40/55/70% of the GFLOPs -> tuned_{0.4,0.55,0.7}.json
+#   bash benchmarks/mnist13_study.sh pareto     # pareto_budgets.py --json over the held-out sweep
+#   bash benchmarks/mnist13_study.sh wallclock  # chosen points vs full depth at batch 1, 8, 100
+#
+# Everything after `export` reads only the committed files (params.npz, router.npz): the study
+# reproduces without training. MNIST_NPZ: a 28x28 MNIST npz (image/label, test_image/test_label);
+# users with internet drop the override and get tfds:mnist through the same 2x2 mean.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-/root/runs}
+MNIST_NPZ=${MNIST_NPZ:-../shared/data/mnist10k.npz}
+OUT=benchmarks/results/mnist13
+MODEL=benchmarks/models/mnist13
+mkdir -p "$OUT" "$MODEL"
+main() { python -m deediff_jax.main --config configs/mnist13.py --config.data.source="npz:$MNIST_NPZ" "$@"; }
+FROM_FILE=(--config.sample.params_file="$MODEL/params.npz")
+# The study's sampler: DDIM, 25 steps, guidance GUIDANCE, batch 100 (GFLOPs and layer ratios are
+# measured at this batch size: the layers a batch runs depend on its size).
+GUIDANCE=${GUIDANCE:-2.0}
+SAMPLE=(--config.sample.sampler=ddim --config.sample.steps=25 --config.sample.batch_size=100
+        --config.sample.guidance_scale="$GUIDANCE")
+HELDOUT=${HELDOUT:-1000}
+case "${1:?usage: mnist13_study.sh joint|uem|adadiff|export|router|sweep|tune|pareto|wallclock}" in
+  joint)
+    main --workdir "$RUNS/mnist13_joint" ;;
+  uem)
+    main --workdir "$RUNS/mnist13_uemfid" --config.train.mode=uem_only --config.train.init_from="$RUNS/mnist13_joint" \
+         --config.loss.uem_target=fidelity --config.train.num_steps="${UEM_STEPS:-250}" \
+         --config.train.warmup_steps=50 --config.train.lr=1e-3 ;;
+  adadiff)
+    main --workdir "$RUNS/mnist13_adadiff" --config.model.exit_style=adadiff --config.train.mode=finetune \
+         --config.train.init_from="$RUNS/mnist13_joint" --config.train.num_steps="${ADADIFF_STEPS:-250}" \
+         --config.train.warmup_steps=50 --config.train.lr=5e-4 ;;
+  export)
+    python -m deediff_jax.export --workdir "$RUNS/mnist13_uemfid" --out "$MODEL/params.npz" --float16
+    python -m deediff_jax.export --workdir "$RUNS/mnist13_joint" --out "$RUNS/mnist13_eps_params.npz" --float16
+    python -m deediff_jax.export --workdir "$RUNS/mnist13_adadiff" --out "$RUNS/mnist13_adadiff_params.npz" --float16 ;;
+  router)
+    main --workdir "$RUNS/mnist13_router" "${SAMPLE[@]}" --config.train.mode=router \
+         --config.train.init_from="$RUNS/mnist13_joint" --config.train.num_steps="${ROUTER_STEPS:-300}" \
+         --config.train.lr=1e-2 --config.train.warmup_steps=20 --config.train.log_every=50 \
+         --config.train.checkpoint_every=100
+    cp "$RUNS/mnist13_router/router.npz" "$MODEL/router.npz" ;;
+  sweep)
+    # Every row on HELDOUT held-out images (sample.seed 0) and on 200 calibration images
+    # (sweep.calibration_seed 1): pareto_budgets picks on the calibration columns.
+    main --workdir "$RUNS/mnist13_sweep" --mode sweep "${FROM_FILE[@]}" "${SAMPLE[@]}" \
+         --config.cache.router="$MODEL/router.npz" \
+         --config.sweep.num_images="$HELDOUT" --config.sweep.calibration_images=200 \
+         --config.sweep.policies="${POLICIES:-uem,static,time_schedule,state_cosine,none,l2c,l2c+exit}" \
+         --config.sweep.thresholds="${THRESHOLDS:-0.05,0.1,0.2}" --config.sweep.depths="${DEPTHS:-5,7,9}" \
+         --config.sweep.cosine_thresholds=0.97 --config.sweep.time_schedules="${SCHEDULES:-5,9,13}" --config.sweep.step_fractions="${FRACTIONS:-0.4,0.56,0.72}" \
+         --config.sweep.combo_depths= --config.sweep.cache_thresholds="${CACHE_THRESHOLDS:-0.5,0.9}" \
+         --config.exit.aggregate=last --config.exit.target_layer_ratio=0.55 --config.exit.calibrate=policy \
+         --config.exit.calibration_buckets=5
+    cp "$RUNS/mnist13_sweep"/sweep/*.{json,csv,md,png,npz} "$OUT/" 2>/dev/null || true ;;
+  tune)
+    for b in 0.4 0.55 0.7; do
+      main --workdir "$RUNS/mnist13_tune_$b" --mode tune "${FROM_FILE[@]}" "${SAMPLE[@]}" \
+           --config.cache.router="$(pwd)/$MODEL/router.npz" --config.tune.budget="$b" \
+           --config.tune.heldout_images="$HELDOUT" --config.tune.calibration_images=200
+      cp "$RUNS/mnist13_tune_$b/tuned.json" "$OUT/tuned_$b.json"
+    done ;;
+  pareto)
+    python benchmarks/pareto_budgets.py "$OUT/sweep.json" --json - > "$OUT/pareto_budgets.json"
+    python benchmarks/pareto_budgets.py "$OUT/sweep.json" --markdown > "$OUT/pareto_budgets.md" ;;
+  wallclock)
+    python benchmarks/bench_wallclock.py --config configs/mnist13.py --settings "$OUT/pareto_budgets.json" \
+        --json "$OUT/wallclock.json" --batches 1,8,100 --repeats "${REPEATS:-5}" \
+        --config.data.source="npz:$MNIST_NPZ" "${FROM_FILE[@]}" "${SAMPLE[@]}" \
+        --config.cache.router="$MODEL/router.npz" ;;
+  *) echo "unknown stage $1" >&2; exit 2 ;;
+esac
