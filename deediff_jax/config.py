@@ -267,7 +267,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.depth = 0                 # static policy: blocks to run (0 = all)
   e.schedule = ""             # time_schedule: comma-separated depths per timestep bucket, noisy -> clean
   e.target_layer_ratio = 0.0  # >0: calibrate to this layer ratio (what is calibrated: exit.calibrate)
-  e.calibrate = "time_schedule"  # what target_layer_ratio calibrates for a learned/score policy: time_schedule (a depth per timestep bucket from the oracle's exits; beats the paper's UEM) | policy (exit.policy's own threshold) | guided (the policy's threshold per timestep bucket, each bucket held to the calibrated time_schedule's share)
+  e.calibrate = "policy"      # what target_layer_ratio calibrates for a learned/score policy: policy (exit.policy's own threshold; the default: the calibrated time_schedule was the worst row on the Quickstart model) | time_schedule (a depth per timestep bucket from the oracle's exits) | guided (the policy's threshold per timestep bucket, each bucket held to the calibrated time_schedule's share)
   e.max_psnr_drop = 0.0       # >0: calibrate to psnr_vs_full >= 58.9 dB (8-bit quantisation) minus this
   e.min_psnr = 0.0            # >0: calibrate to psnr_vs_full >= this many dB
   e.calibration_metric = "layer_ratio_run"   # layer_ratio_run (real cost) | layer_ratio_per_sample (paper)

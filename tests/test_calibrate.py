@@ -91,12 +91,15 @@ def test_target_layer_ratio_is_hit(model, target, layer):
   assert again["layer_ratio_per_sample"] == pytest.approx(layer / N, abs=1e-12)
 
 
-def test_target_ratio_calibrates_a_time_schedule_by_default(model, capsys):
-  # exit.calibrate=time_schedule (the default): a uem config with a target layer ratio samples
-  # with a time_schedule from the oracle's exits, and says so; a PSNR floor still calibrates
-  # the uem threshold.
+def test_target_ratio_calibrates_a_time_schedule_when_asked(model, capsys):
+  # exit.calibrate=time_schedule: a uem config with a target layer ratio samples with a
+  # time_schedule from the oracle's exits, and says so; a PSNR floor still calibrates the uem
+  # threshold. The default (calibrate=policy) calibrates the uem threshold itself.
+  default = _config()
+  default.exit.target_layer_ratio = 0.6
+  assert default.exit.calibrate == "policy" and not C.calibrates_schedule(default)
   c = _config()
-  c.exit.target_layer_ratio = 0.6
+  c.exit.update(target_layer_ratio=0.6, calibrate="time_schedule")
   assert C.calibrates_schedule(c)
   out_config, report = C.calibrated(model, c)
   assert c.exit.policy == "uem" and c.exit.schedule == ""              # the given config stays
@@ -108,7 +111,7 @@ def test_target_ratio_calibrates_a_time_schedule_by_default(model, capsys):
   out = capsys.readouterr().out.splitlines()
   assert out[0].startswith("calibrated time_schedule ") and out[1] == C.switch_note("uem")
   floor = _config()
-  floor.exit.min_psnr = 20.0
+  floor.exit.update(min_psnr=20.0, calibrate="time_schedule")
   assert not C.calibrates_schedule(floor)
   policy = _config()
   policy.exit.update(target_layer_ratio=0.6, calibrate="policy")
