@@ -163,9 +163,27 @@ def _per_image(r: dict):
   return None if table is None else table.get(r["_index"])
 
 
+def overrides_of(r: dict) -> dict:
+  """The config keys that reproduce a sweep row (what benchmarks/bench_wallclock.py times)."""
+  policy, cache = r["policy"], None
+  if policy in CACHE_FAMILIES:  # labels "l2c T" and "<exit setting> + l2c T" (eval/settings.py)
+    exit_label, _, cache = r["setting"].rpartition("l2c ")
+    policy = exit_label.split()[0] if policy == "l2c+exit" else "none"
+  out = {"exit.policy": policy}
+  for key, name in (("threshold", "exit.threshold"), ("threshold_schedule", "exit.threshold_schedule"),
+                    ("depth", "exit.depth"), ("schedule", "exit.schedule"), ("aggregate", "exit.aggregate"),
+                    ("min_layers", "exit.min_layers"), ("steps", "sample.steps")):
+    if r.get(key) not in (None, ""):
+      out[name] = r[key]
+  if cache is not None:
+    out.update({"cache.policy": "l2c", "cache.threshold": float(cache.split()[0])})
+  return out
+
+
 def _point(r: dict) -> dict:
   out = {"setting": r["setting"], "psnr": r["psnr_vs_full"], "gflops_ratio": r["gflops_ratio"],
-         "fid": r.get("fid"), "class_accuracy": r.get("class_accuracy"), "file": r["_file"]}
+         "fid": r.get("fid"), "class_accuracy": r.get("class_accuracy"), "file": r["_file"],
+         "overrides": overrides_of(r)}
   if r.get("choice_psnr") is not None:
     out.update(choice_psnr=r["choice_psnr"], choice_gflops_ratio=r["choice_gflops_ratio"])
   return out
