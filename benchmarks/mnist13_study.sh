@@ -67,11 +67,11 @@ case "${1:?usage: mnist13_study.sh joint|uem|adadiff|export|router|sweep|tune|pa
          --config.exit.calibration_buckets=5
     cp "$RUNS/mnist13_sweep"/sweep/*.{json,csv,md,png,npz} "$OUT/" 2>/dev/null || true ;;
   tune)
-    for b in 0.4 0.55 0.7; do
+    for b in ${BUDGETS:-0.4 0.55 0.7}; do
       main --workdir "$RUNS/mnist13_tune_$b" --mode tune "${FROM_FILE[@]}" "${SAMPLE[@]}" \
-           --config.cache.router="$(pwd)/$MODEL/router.npz" --config.tune.budget="$b" \
-           --config.tune.heldout_images="$HELDOUT" --config.tune.calibration_images=200
-      cp "$RUNS/mnist13_tune_$b/tuned.json" "$OUT/tuned_$b.json"
+           --config.cache.router="$MODEL/router.npz" --config.tune.budget="$b" \
+           --config.tune.heldout_images="$HELDOUT" --config.tune.calibration_images=200 \
+           --config.tune.out="$OUT/tuned_$b.json"   # the router path is stored relative to this file
     done ;;
   pareto)
     python benchmarks/pareto_budgets.py "$OUT/sweep.json" --json - > "$OUT/pareto_budgets.json"

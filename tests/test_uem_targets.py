@@ -153,12 +153,12 @@ def test_config_errors():
   c = base_config()
   c.model.exit_style = "adadiff"
   c.exit.policy = "uem"
-  assert _error(c) == ("exit.policy 'uem' needs the UEMs of model.exit_style=deediff; this model is "
-                       "adadiff: use --config.exit.policy=adadiff")
+  assert _error(c) == ("config key 'exit.policy': exit policy 'uem' needs model.exit_style=deediff, "
+                       "this model is adadiff; use --config.exit.policy=adadiff")
   c = base_config()
   c.exit.policy = "adadiff"
-  assert _error(c) == ("exit.policy 'adadiff' needs model.exit_style=adadiff (per-pixel confidence "
-                       "modules); use exit.policy=uem for a deediff model")
+  assert _error(c) == ("config key 'exit.policy': exit policy 'adadiff' needs model.exit_style=adadiff, "
+                       "this model is deediff; use --config.exit.policy=uem")
   c = base_config()
   c.loss.uem_target = "x1"
   assert _error(c) == "config key 'loss.uem_target' is 'x1'; choose one of eps, x0, fidelity"

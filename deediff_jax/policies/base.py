@@ -75,7 +75,7 @@ class ExitPolicy:
     """Why a model (`ModelConfig`) cannot run this policy, or None."""
     if self.needs_exit_style is not None and cfg.exit_style != self.needs_exit_style:
       alternatives = [p.name for p in _alternatives(self, cfg)]
-      hint = f"; use exit policy {alternatives[0]!r}" if alternatives else ""
+      hint = f"; use --config.exit.policy={alternatives[0]}" if alternatives else ""
       return (f"exit policy {self.name!r} needs model.exit_style={self.needs_exit_style}, this model is "
               f"{cfg.exit_style}{hint}")
     if self.needs_uem is not None and cfg.uem != self.needs_uem:
