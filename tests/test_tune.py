@@ -219,3 +219,10 @@ def test_pareto_budgets_json_chooses_on_calibration_and_reports_held_out(tmp_pat
   assert b50["fixed"]["setting"] == "static 5"
   diff, lo, hi = bootstrap.paired_diff_ci(per_image["row_002"], per_image["row_003"])
   assert b50["diff"] == pytest.approx(diff) and b50["diff_ci"] == [pytest.approx(lo), pytest.approx(hi)]
+  # The Markdown view of the same held-out sweep makes the same choices (no slack) and says the verdict.
+  assert pb.main([str(path), "--budgets", "0.4,0.5", "--markdown"]) == 0
+  text = capsys.readouterr().out
+  assert "| — | 34.0 dB (uem 0.3, 0.39) |" in text   # the uem family: out at 0.40 (calibration 0.41)
+  assert "- ≤ 40%: no learned row chosen within the budget" in text
+  assert (f"- ≤ 50%: best learned uem 0.3 34.00 dB vs best fixed static 5 31.00 dB: {diff:+.2f} dB, "
+          f"95% CI [{lo:+.2f}, {hi:+.2f}]: goal (≥ +1 dB, CI above 0) **missed**") in text  # the paired diff is -1
