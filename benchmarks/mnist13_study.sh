@@ -34,13 +34,15 @@ SAMPLE=(--config.sample.sampler=ddim --config.sample.steps=25 --config.sample.ba
 HELDOUT=${HELDOUT:-1000}
 case "${1:?usage: mnist13_study.sh joint|uem|adadiff|export|router|sweep|tune|pareto|wallclock}" in
   joint)
-    main --workdir "$RUNS/mnist13_joint" ;;
+    # The committed model: steps 0..1,000 of this 3,000-step run, then resumed with
+    # JOINT_STEPS=2000 to step 2,000 (configs/mnist13.py says why). JOINT_STEPS unset: 3,000 steps.
+    main --workdir "$RUNS/mnist13_joint" ${JOINT_STEPS:+--config.train.num_steps=$JOINT_STEPS} ;;
   uem)
     main --workdir "$RUNS/mnist13_uemfid" --config.train.mode=uem_only --config.train.init_from="$RUNS/mnist13_joint" \
          --config.loss.uem_target=fidelity --config.train.num_steps="${UEM_STEPS:-250}" \
          --config.train.warmup_steps=50 --config.train.lr=1e-3 ;;
   adadiff)
-    main --workdir "$RUNS/mnist13_adadiff" --config.model.exit_style=adadiff --config.train.mode=finetune \
+    main --workdir "$RUNS/mnist13_adadiff" --config.model.exit_style=adadiff --config.exit.policy=adadiff --config.train.mode=finetune \
          --config.train.init_from="$RUNS/mnist13_joint" --config.train.num_steps="${ADADIFF_STEPS:-250}" \
          --config.train.warmup_steps=50 --config.train.lr=5e-4 ;;
   export)

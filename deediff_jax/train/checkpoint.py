@@ -85,6 +85,24 @@ class _DropReadOnlyNotice(logging.Filter):
     return not str(record.msg).startswith("Given directory is read only")
 
 
+class _DropPartialRestoreNotice(logging.Filter):
+  """A reader restores only the items it needs (meta, then params or ema_params); orbax warns once
+  per item left on disk, which tells the user nothing."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "was found in the checkpoint, but could not be restored" not in str(record.getMessage())
+
+
+@contextlib.contextmanager
+def _partial_restore():
+  quiet, logger = _DropPartialRestoreNotice(), logging.getLogger("absl")
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
 def make_manager(workdir, keep: int = 2, *, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       # A reader keeps nothing and saves nothing (orbax warns on stderr about anything else).
@@ -377,7 +395,7 @@ def load_params(workdir, config, use_ema: bool = True, *, step: Optional[int] = 
 def _load_step(manager, step, path, config, use_ema, sharding, backbone_only) -> dict:
   sharding = _default_sharding() if sharding is None else sharding
   try:
-    with _quiet_tensorstore_teardown():
+    with _quiet_tensorstore_teardown(), _partial_restore():
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
   except Exception as e:  # noqa: BLE001 -- any failure means this step is unusable
     raise _Damaged(_reason(e)) from None
@@ -391,7 +409,7 @@ def _load_step(manager, step, path, config, use_ema, sharding, backbone_only) ->
   # the raw weights in its place).
   item = "ema_params" if use_ema and not (isinstance(meta, dict) and meta.get("export")) else "params"
   try:
-    with _quiet_tensorstore_teardown():
+    with _quiet_tensorstore_teardown(), _partial_restore():
       tree = _item_tree(manager, step, item)
       target = jax.tree_util.tree_map(
           lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
