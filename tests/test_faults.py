@@ -405,3 +405,33 @@ def test_router_of_another_model_is_one_line(trained, tmp_path, capsys, monkeypa
   assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
   assert router in lines[0] and "blocks" in lines[0]
   assert tree_hashes(trained) == before
+
+
+# ----------------------------------------------------------------------------- concurrent readers
+
+def test_sampling_while_training_reads_only_committed_steps(tmp_path):
+  """`--mode sample` against a workdir whose training is running (saving every 10 steps, keeping 3,
+  so steps appear and disappear under the reader) reads a committed step, never a half-written or
+  vanishing one: every read succeeds with no damage warning."""
+  train_args = [sys.executable, "-m", "deediff_jax.main",
+                *cli_args(tmp_path, {"train.num_steps": 100000, "train.log_every": 1000})]
+  trainer = subprocess.Popen(train_args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and trainer.poll() is None:
+      if os.path.isdir(tmp_path / "checkpoints") and steps_in(tmp_path):
+        break
+      time.sleep(0.05)
+    assert trainer.poll() is None and steps_in(tmp_path), "training never committed a step"
+    first = steps_in(tmp_path)[-1]
+    read = subprocess.run([sys.executable, "-m", "deediff_jax.main", *cli_args(tmp_path), *SAMPLE],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert trainer.poll() is None, "training stopped while it was being read"
+    assert read.returncode == 0, read.stderr[-2000:]
+    assert not [l for l in said(read.stderr) if "cannot be restored" in l or "damaged" in l], read.stderr[-2000:]
+    assert steps_in(tmp_path)[-1] > first + 30         # training saved (and deleted) steps during the read
+  finally:
+    trainer.send_signal(signal.SIGTERM)
+    trainer.wait(timeout=120)
+  assert trainer.returncode == 143
+  assert os.path.exists(tmp_path / "samples.npz")
