@@ -34,7 +34,7 @@ from deediff_jax.early_exit import exit_params
 from deediff_jax.eval import plots
 from deediff_jax.eval.decode import decoder_for
 from deediff_jax.eval.fidelity import KEYS as FIDELITY_KEYS
-from deediff_jax.eval.fidelity import deterministic_config, fidelity
+from deediff_jax.eval.fidelity import fidelity
 from deediff_jax.model.uvit import ModelConfig
 
 
@@ -58,7 +58,7 @@ def save_grid(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None
 
 
 def _load_params(workdir, config):
-  if str(config.sample.get("params_file", "") or "").strip():  # a flat params file instead of a checkpoint
+  if str(config.sample.params_file).strip():  # a flat params file instead of a checkpoint
     from deediff_jax.train import params_file
     return params_file.load_for(config)
   from deediff_jax.train.checkpoint import load_params  # the training package owns checkpoints
@@ -79,13 +79,14 @@ def run(config, workdir, params=None) -> dict:
   # tune.file (--mode tune's tuned.json): its overrides for the early-exit run; full depth stays
   # the untuned model (its own steps), and the stats carry gflops_ratio against it.
   full_config, tuned = config, None
-  if "tune" in config and str(config.tune.get("file", "") or "").strip():
+  if str(config.tune.file).strip():
     from deediff_jax.eval.tune import apply_file
     config, tuned = apply_file(config)
   n = cfg.num_blocks
   if params is None:
     params = _load_params(workdir, config)
-  from deediff_jax.eval.calibrate import calibrated  # eval imports sampling; keep it one-way at import
+  # The evaluation edge (calibration, quality) loads only when a run samples, not with --mode train.
+  from deediff_jax.eval.specs import calibrated, deterministic_config
   # A new config with the calibrated exit values when asked (prints one line); the caller's stays.
   exit_config, calibration = calibrated(params, config)
   full_config = exit_config if full_config is config else full_config

@@ -4,8 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from deediff_jax.config import base_config
+from deediff_jax.config import SamplerSpec, base_config
 from deediff_jax.eval import fidelity as F
+from deediff_jax.eval import specs
 
 
 def _offset_images(offsets, shape=(4, 4, 1)):
@@ -87,12 +88,16 @@ def test_bad_input_is_one_line_error():
 def test_deterministic_sampler_for_fidelity():
   c = base_config()
   assert c.sample.sampler == "ddim" and c.sample.eta == 0.0
-  assert F.is_deterministic(c) and F.deterministic_config(c) is c
+  spec = SamplerSpec.from_config(c)
+  assert F.is_deterministic(c.sample.sampler, c.sample.eta) and F.deterministic_sampler(spec) is spec
+  assert specs.deterministic_config(c) is c
   c.sample.sampler = "dpm_solver"
-  assert F.deterministic_config(c) is c
+  assert specs.deterministic_config(c) is c
   for sampler, eta in (("ddpm", 0.0), ("ddim", 1.0)):
     c.sample.sampler, c.sample.eta = sampler, eta
-    d = F.deterministic_config(c)
-    assert not F.is_deterministic(c) and F.is_deterministic(d)
+    d = specs.deterministic_config(c)
+    assert not F.is_deterministic(sampler, eta) and F.is_deterministic(d.sample.sampler, d.sample.eta)
     assert (d.sample.sampler, d.sample.eta, d.sample.steps) == ("ddim", 0.0, c.sample.steps)
     assert (c.sample.sampler, c.sample.eta) == (sampler, eta)        # the original is untouched
+    # The core's rule on the typed sampler is the same one.
+    assert F.deterministic_sampler(SamplerSpec.from_config(c)) == SamplerSpec.from_config(d)

@@ -272,17 +272,17 @@ def test_fid_compares_decoded_samples_with_the_images_the_latents_came_from(reci
   """The sweep's scorer sees decoded [-1, 1] images and real images read back through index.json
   (a cheap feature net stands in for Inception / the classifier, which have their own tests)."""
   from deediff_jax.eval import fid as fid_lib
-  from deediff_jax.eval import quality, runner, settings
+  from deediff_jax.eval import quality, real_data, runner, settings, specs
   tmp = recipe["tmp"]
   config = E._load_config(os.path.join(ROOT, "configs", "imagenet256_uvit_large.py"), MAIN_TINY + [
       f"--config.data.source=latents:{tmp / 'imagenet256_latents'}",
       f"--config.data.autoencoder={tmp / 'ae.npz'}"])
-  real = quality.real_images(config)
+  real = real_data.real_images(config)
   reader = E.open_images(f"folder:{tmp / 'imagenet' / 'train'}", 16)
   x, y = reader.read(np.arange(reader.num_examples))
   np.testing.assert_array_equal(real.images, x.astype(np.float32) / 127.5 - 1)
   np.testing.assert_array_equal(real.labels, y)
-  assert quality.real_images(config, "test") is None
+  assert real_data.real_images(config, "test") is None
   seen = []
 
   def features(images):
@@ -303,12 +303,13 @@ def test_fid_compares_decoded_samples_with_the_images_the_latents_came_from(reci
   config.data.autoencoder = ""
   config.sweep.fid_kind = "inception"
   with pytest.raises(settings.SweepError, match="set --config.data.autoencoder"):
-    quality.build_quality(config, str(tmp / "x"))
+    quality.build_quality(specs.quality_spec(config), str(tmp / "x"))
 
 
 def test_psnr_floor_calibration_scores_decoded_images(recipe, monkeypatch):
   """exit.min_psnr on a latent model is a floor on the decoded images' PSNR, like the sweep's."""
-  from deediff_jax.eval import calibrate, fidelity as fidelity_lib
+  from deediff_jax.eval import fidelity as fidelity_lib, specs
+  from deediff_jax.eval.calibration import threshold as cal_threshold
   from deediff_jax.train import checkpoint as ckpt
   tmp = recipe["tmp"]
   config = E._load_config(os.path.join(ROOT, "configs", "imagenet256_uvit_large.py"), MAIN_TINY + [
@@ -322,7 +323,8 @@ def test_psnr_floor_calibration_scores_decoded_images(recipe, monkeypatch):
     seen.append((reference.shape, images.shape))
     return real(reference, images)
   monkeypatch.setattr(fidelity_lib, "fidelity", spy)
-  _, report = calibrate.calibrate_threshold(params, config, jax.random.PRNGKey(0), policy="uem")
+  _, report = cal_threshold.calibrate_threshold(params, specs.calibration_spec(config), jax.random.PRNGKey(0),
+                                             policy="uem")
   assert seen and set(seen) == {((8, 16, 16, 3), (8, 16, 16, 3))}
   assert report["method"] == "psnr_floor" and report["achieved"]["psnr_vs_full"] >= 20
 

@@ -10,7 +10,9 @@ from deediff_jax import early_exit as ee
 from deediff_jax import policies
 from deediff_jax import sample as sample_mode
 from deediff_jax.config import base_config, validate
-from deediff_jax.eval import calibrate
+from deediff_jax.eval import specs
+from deediff_jax.eval.calibration import spec as cal_spec
+from deediff_jax.eval.calibration import threshold as cal_threshold
 from deediff_jax.eval import evaluate as eval_mode
 from deediff_jax.eval import flops
 from deediff_jax.eval import sweep
@@ -93,7 +95,8 @@ def test_sample_sweep_and_eval(tmp_path, params):
 
 def test_calibration(tmp_path, params):
   c = _config(target_layer_ratio=0.8, calibration_tolerance=0.2, calibrate="policy")
-  threshold, report = calibrate.calibrate_threshold(params, c, calibrate.calibration_rng(c))
+  request = specs.calibration_spec(c)
+  threshold, report = cal_threshold.calibrate_threshold(params, request, cal_spec.calibration_rng(request.seed))
   assert report["policy"] == "steady_uem" and 0.0 <= threshold <= 1.0
   assert abs(report["achieved"]["layer_ratio_run"] - 0.8) <= 0.2 or not report["within_tolerance"]
   stats = sample_mode.run(c, str(tmp_path / "s"), params=params)   # --mode sample calibrates it too

@@ -11,7 +11,7 @@ from deediff_jax import early_exit as ee
 from deediff_jax.config import base_config
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion.schedule import make_schedule
-from deediff_jax.eval import calibrate as cal
+from deediff_jax.eval.calibration import time_schedule as cal
 from deediff_jax.model import build, init_params
 from deediff_jax.policies.oracle import oracle_exits
 

@@ -24,6 +24,7 @@ from deediff_jax.eval import flops
 from deediff_jax.eval import runner
 from deediff_jax.eval import sweep as S
 from deediff_jax.eval import quality as quality_lib
+from deediff_jax.eval import specs
 from deediff_jax.eval import report as report_lib
 from deediff_jax.eval import settings as settings_lib
 from deediff_jax.model import build, init_params
@@ -54,7 +55,7 @@ def digits_caches(tmp_path_factory):
   """The digits classifier and its real-image statistics, trained once for every sweep here (both
   sweeps score digits-shaped images with sweep.classifier_steps=100: the same cache keys)."""
   workdir = str(tmp_path_factory.mktemp("caches"))
-  quality_lib.build_quality(_config(), workdir)
+  quality_lib.build_quality(specs.quality_spec(_config()), workdir)
   return workdir
 
 
@@ -455,19 +456,19 @@ def test_fid_configuration_errors(tmp_path):
   c.sweep.fid_kind = "inception"
   with pytest.raises(settings_lib.SweepError, match="needs --config.sweep.inception_weights=PATH to "
                                          "pt_inception-2015-12-05-6726825d.pth"):
-    quality_lib.build_quality(c, str(tmp_path))
+    quality_lib.build_quality(specs.quality_spec(c), str(tmp_path))
   c.sweep.inception_weights = str(tmp_path / "missing.pth")
   with pytest.raises(settings_lib.SweepError, match=r"missing.pth' does not exist; download https://github.com/"):
-    quality_lib.build_quality(c, str(tmp_path))
+    quality_lib.build_quality(specs.quality_spec(c), str(tmp_path))
   c.sweep.fid_kind = "classifier"
   c.data.latent = True
   with pytest.raises(settings_lib.SweepError, match="data.latent=True .* use --config.sweep.fid_kind=none"):
-    quality_lib.build_quality(c, str(tmp_path))
+    quality_lib.build_quality(specs.quality_spec(c), str(tmp_path))
 
 
 def test_bad_calibration_request_fails_before_loading(tmp_path):
   from deediff_jax.eval import evaluate
-  from deediff_jax.eval.calibrate import CalibrationError
+  from deediff_jax.eval.calibration.spec import CalibrationError
   c = _config()
   c.exit.update(policy="static", target_layer_ratio=0.5)
   # The workdir has no checkpoint: the calibration error must come first.
@@ -507,7 +508,7 @@ def test_text_model_sweep_reports_accuracy_per_caption(tmp_path, digits_caches):
   assert [r["label"] for r in report["per_caption"]] == [7, 1, 4]
   assert [r["images"] for r in report["per_caption"]] == [4, 4, 4]   # 12 images cycle 3 captions
   # Recompute the full-depth images (same seed, same noise) and classify them by hand.
-  clf = quality_lib.build_quality(c, workdir).classifier                          # the cached classifier
+  clf = quality_lib.build_quality(specs.quality_spec(c), workdir).classifier       # the cached classifier
   labels = np.array([7, 1, 4] * 4)
   ctx_feats = np.load(path)["eval_features"][np.arange(12) % 3]
   full, _ = sampling.sample(params, c, jax.random.PRNGKey(0), 12, plain=True, labels=labels,

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 
-from deediff_jax import policies
-from deediff_jax.eval import calibrate as cal_lib
+from deediff_jax.eval import specs
+from deediff_jax.eval.calibration import spec as cal_spec
+from deediff_jax.eval.calibration.resolve import calibrated_schedule
 from deediff_jax.eval import report as report_lib
 from deediff_jax.eval import runner
 from deediff_jax.eval.settings import Setting, setting_from_exit_config
@@ -24,7 +25,7 @@ from deediff_jax.eval.settings import Setting, setting_from_exit_config
 def run(config, workdir: str, *, params=None) -> dict:
   """Evaluates the configured setting; writes DIR/eval.json; returns the row (+ `run`)."""
   tuned = tune_path = None
-  if "tune" in config and str(config.tune.get("file", "") or "").strip():
+  if str(config.tune.file).strip():
     # tune.file: the tuned setting, against the untuned full model (the config's own steps).
     from deediff_jax.eval.tune import apply_file, tuned_setting
     base_steps, tune_path = int(config.sample.steps), str(config.tune.file)
@@ -34,10 +35,11 @@ def run(config, workdir: str, *, params=None) -> dict:
   setting = setting_from_exit_config(config) if tuned is None else tuned_steps_setting
   # Calibrates the configured policy itself: for a depth policy that is an error, not a switch.
   ctx = runner.start(config, workdir, [setting], params=params, calibration_policy=config.exit.policy)
-  if cal_lib.calibrates_schedule(config):
-    schedule, report = cal_lib.calibrated_schedule(ctx.params, config, num=min(int(config.sample.batch_size), ctx.num))
-    setting = Setting(policies.first(value="schedule").name, schedule=schedule, calibration=report)
-  elif cal_lib.wanted(config):
+  request = specs.calibration_spec(config)
+  if cal_spec.calibrates_schedule(request):
+    schedule, report = calibrated_schedule(ctx.params, request, num=min(int(config.sample.batch_size), ctx.num))
+    setting = Setting(cal_spec.schedule_policy(), schedule=schedule, calibration=report)
+  elif cal_spec.wanted(request):
     setting = runner.calibrated_setting(ctx, policy=config.exit.policy)
   row, _, _ = runner.evaluate(ctx, setting)
   runner.retime_baseline(ctx, [row])

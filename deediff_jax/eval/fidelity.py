@@ -29,15 +29,16 @@ Reported statistics (`fidelity(images_full, images_exit)`):
   mse_p95        the 95th percentile of mse_i
   num_images     N
 
-`deterministic_config(config)` gives the sampler to measure this with: the configured one when
-it is deterministic (DDIM with eta=0, DPM-Solver), else a copy with DDIM, eta=0 (same steps,
-guidance and seed).
+`deterministic_sampler(sampler_spec)` gives the sampler to measure this with: the configured one
+when it is deterministic (DDIM with eta=0, DPM-Solver), else DDIM with eta=0 (same steps,
+guidance and seed); `eval/specs.deterministic_config` is the same rule on a ConfigDict.
 
 For latent models the "images" are latents: the numbers are still a distance to the full
 model, but the data range 2 is then a convention, not the latents' range.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -117,26 +118,23 @@ def fidelity(images_full, images_exit) -> dict:
 DETERMINISTIC_SAMPLER = "ddim"  # with eta = 0; used when the configured sampler is stochastic
 
 
-def is_deterministic(config) -> bool:
-  """True when `config.sample` describes a sampler with no noise after the initial one."""
-  s = config.sample
-  return s.sampler in ("dpm_solver", "dpm_solver_fast") or (s.sampler == "ddim" and float(s.eta) == 0.0)
+def is_deterministic(sampler: str, eta: float) -> bool:
+  """True for a sampler with no noise after the initial one (DPM-Solver, or DDIM with eta=0)."""
+  return sampler in ("dpm_solver", "dpm_solver_fast") or (sampler == "ddim" and float(eta) == 0.0)
 
 
-def deterministic_config(config):
-  """`config` itself when its sampler is deterministic, else a copy that samples with DDIM, eta=0.
+def deterministic_sampler(spec):
+  """A `config.SamplerSpec`: itself when its sampler is deterministic, else the same spec with DDIM,
+  eta=0.
 
-  Same steps, guidance and seed: only the sampler's per-step noise is removed, so that the
+  Same steps, guidance and batches: only the sampler's per-step noise is removed, so that the
   full-depth and early-exit runs differ only by what exiting changed.
   """
-  if is_deterministic(config):
-    return config
-  out = config.copy_and_resolve_references()
-  out.sample.sampler = DETERMINISTIC_SAMPLER
-  out.sample.eta = 0.0
-  return out
+  if is_deterministic(spec.sampler, spec.eta):
+    return spec
+  return dataclasses.replace(spec, sampler=DETERMINISTIC_SAMPLER, eta=0.0)
 
 
 __all__ = ["FidelityError", "KEYS", "MSE_FLOOR", "PSNR_MAX", "fidelity", "fidelity_from_mse",
            "per_image_mse", "per_image_psnr", "psnr_from_mse", "worst_count", "is_deterministic",
-           "deterministic_config", "DETERMINISTIC_SAMPLER"]
+           "deterministic_sampler", "DETERMINISTIC_SAMPLER"]

@@ -1,8 +1,8 @@
 """The held-out protocol: choices on calibration noise, reported numbers on held-out noise.
 
 Two noise sets, never the same images:
-  calibration  `calibrate.calibration_rng(config)`: sweep.calibration_seed folded with a fixed
-               stream id. Every choice is made on it: threshold and schedule calibration, the
+  calibration  `calibration.spec.calibration_rng(seed)`: sweep.calibration_seed folded with a
+               fixed stream id. Every choice is made on it: threshold and schedule calibration, the
                best row per family at a budget (`choice_*` columns of the sweep, read by
                benchmarks/pareto_budgets.py) and --mode tune's pick.
   held-out     `PRNGKey(sample.seed)`: every reported number (PSNR vs full, FID, class accuracy,
@@ -29,7 +29,7 @@ import numpy as np
 
 from deediff_jax import sampling
 from deediff_jax.data.eval_context import conditioning
-from deediff_jax.eval import calibrate as cal_lib
+from deediff_jax.eval.calibration.spec import calibration_rng
 from deediff_jax.eval.quality import Quality
 from deediff_jax.eval.runner import Context
 
@@ -48,7 +48,7 @@ def calibration_context(ctx: Context, num: int) -> Context:
   (deterministic sampler), no FID or classifier (choices are made on PSNR and GFLOPs)."""
   config = ctx.config
   num = int(num)
-  rng = cal_lib.calibration_rng(config)
+  rng = calibration_rng(int(config.sweep.calibration_seed))
   cond = dict(zip(("labels", "context", "null_context"), conditioning(config, num)))
   c = dataclasses.replace(ctx, num=num, rng=rng, cond=cond,
                           quality=Quality(fid_kind="none", fid_kind_name="none"),
@@ -66,7 +66,7 @@ def choice_columns(row: dict, ctx: Context) -> dict:
   """The calibration measurement of a setting, as the `choice_*` columns of its sweep row."""
   return {"choice_psnr": row["psnr_vs_full"], "choice_gflops_ratio": row["gflops_ratio"],
           "choice_layer_ratio_run": row["layer_ratio_run"], "choice_num_images": int(ctx.num),
-          "choice_seed": int(ctx.config.sweep.get("calibration_seed", 1))}
+          "choice_seed": int(ctx.config.sweep.calibration_seed)}
 
 
 def write_per_image_psnr(path: str, rows, stats) -> str:

@@ -1,16 +1,17 @@
 """Image quality for the sweep: `Quality` scores a set of generated images (FID of sweep.fid_kind
 against real-image statistics cached in DIR/fid_stats/, and class accuracy from the dataset
-classifier cached in DIR/classifier/); `build_quality` builds it from the config.
+classifier cached in DIR/classifier/); `build_quality` builds it from a `QualitySpec`.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from deediff_jax.eval import fid as fid_lib
+from deediff_jax.eval.real_data import RealData
 from deediff_jax.eval.settings import SweepError
 from deediff_jax.model.uvit import ModelConfig
 
@@ -19,43 +20,22 @@ FID_KIND_NAMES = {
     "inception": "Inception FID",
     "none": "none",
 }
-MAX_REAL_IMAGES = 10000     # real images for the classifier and the FID statistics (seeded subset)
 CLASSIFIER_STEPS = 600      # training steps of the classifier-FID net (sweep.classifier_steps overrides)
 
 
-@dataclasses.dataclass
-class RealData:
-  images: np.ndarray               # float32 [-1, 1]
-  labels: Optional[np.ndarray]
-  num_classes: int
-  source: str
-  split: str
-
-
-def real_images(config, split: str = "train", max_images: int = MAX_REAL_IMAGES) -> Optional[RealData]:
-  """Real images of config.data's `split` scaled to [-1, 1] (at most `max_images`, a seeded
-  subset), or None when that split does not exist (only for split != 'train')."""
-  if bool(config.data.get("latent", False)):  # the images the latents were encoded from (eval/decode.py)
-    from deediff_jax.eval.decode import real_pixels
-    got = real_pixels(config, split, max_images)
-    return None if got is None else RealData(*got, source=str(config.data.source), split=split)
-  from deediff_jax.data.sources import DataError, load_source
-  dc = config.data.copy_and_resolve_references()
-  dc.split = split
-  dc.context_file = ""        # captions are not needed for images
-  try:
-    src = load_source(dc)
-  except DataError:
-    if split == "train":
-      raise
-    return None
-  n = src.num_examples
-  idx = (np.arange(n) if n <= max_images
-         else np.sort(np.random.default_rng(0).permutation(n)[:max_images]))
-  batch = src.get(idx)
-  images = batch["image"].astype(np.float32) / 127.5 - 1.0
-  return RealData(images=images, labels=batch.get("label"), num_classes=int(src.num_classes),
-                  source=str(config.data.source), split=split)
+@dataclasses.dataclass(frozen=True)
+class QualitySpec:
+  """What the scorer reads, typed and frozen (`eval/specs.quality_spec` builds it at the edge):
+  sweep.fid_kind and its files, the model's conditioning, and the reader of the real images."""
+  fid_kind: str
+  model: ModelConfig
+  source: str = ""                   # data.source (named in the errors)
+  latent: bool = False               # data.latent: the samples are autoencoder latents
+  autoencoder: str = ""              # data.autoencoder, which decodes them
+  inception_weights: str = ""        # sweep.inception_weights
+  classifier_steps: int = CLASSIFIER_STEPS   # sweep.classifier_steps (0: CLASSIFIER_STEPS)
+  # split -> RealData, or None when that split does not exist (eval/real_data.py, bound to the config).
+  real_images: Optional[Callable[[str], Optional[RealData]]] = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass
@@ -81,17 +61,17 @@ class Quality:
     return out
 
 
-def build_quality(config, workdir: str) -> Quality:
+def build_quality(spec: QualitySpec, workdir: str) -> Quality:
   """The FID scorer of sweep.fid_kind, plus the classifier for class accuracy when the model is
   conditional and the data are labelled. Real statistics are cached in DIR/fid_stats/."""
-  kind = str(config.sweep.fid_kind)
+  kind = spec.fid_kind
   if kind not in FID_KIND_NAMES:
     raise SweepError(f"sweep.fid_kind is {kind!r}; choose one of {', '.join(FID_KIND_NAMES)}")
-  cfg = ModelConfig.from_config(config.model)
-  latent = bool(config.data.get("latent", False))
+  cfg = spec.model
+  latent = spec.latent
   q = Quality(fid_kind=kind, fid_kind_name=FID_KIND_NAMES[kind])
   if latent:
-    if kind != "none" and not str(config.data.get("autoencoder", "") or ""):
+    if kind != "none" and not spec.autoencoder:
       raise SweepError(f"sweep.fid_kind={kind} needs images, but data.latent=True (the samples are "
                        "autoencoder latents); set --config.data.autoencoder=autoencoder_kl.pth to decode "
                        "them, or use --config.sweep.fid_kind=none")
@@ -101,7 +81,7 @@ def build_quality(config, workdir: str) -> Quality:
   conditional = (cfg.num_classes > 0 or cfg.context_dim > 0) and not latent
   if kind == "inception":
     # Check the weights before any expensive work: a missing file is a one-line error.
-    path = str(config.sweep.inception_weights)
+    path = spec.inception_weights
     from deediff_jax.eval import inception
     if not path:
       raise SweepError("sweep.fid_kind=inception needs --config.sweep.inception_weights=PATH to "
@@ -112,17 +92,17 @@ def build_quality(config, workdir: str) -> Quality:
                        f"{inception.FID_WEIGHTS_URL} (see deediff_jax/eval/inception.py)")
   if kind == "none" and not conditional:
     return q
-  real = real_images(config, "train")
+  real = spec.real_images("train")
   if kind != "none":
     q.num_real = int(real.images.shape[0])
     q.info.update(real_source=real.source, real_split="train", num_real=q.num_real)
   if real.labels is not None and (kind == "classifier" or conditional):
     from deediff_jax.eval.classifier import get_classifier
-    test = real_images(config, "test")
+    test = spec.real_images("test")
     if test is not None and test.labels is None:
       test = None
     num_classes = real.num_classes if real.num_classes > 0 else None
-    steps = int(config.sweep.get("classifier_steps", 0) or CLASSIFIER_STEPS)
+    steps = int(spec.classifier_steps or CLASSIFIER_STEPS)
     q.classifier = get_classifier(
         os.path.join(workdir, "classifier"), real.images, real.labels,
         None if test is None else test.images, None if test is None else test.labels,
@@ -131,7 +111,7 @@ def build_quality(config, workdir: str) -> Quality:
                   classifier_accuracy_on="test split" if test is not None else "held-out 10% of train")
   elif kind == "classifier":
     raise SweepError(f"sweep.fid_kind=classifier trains a classifier on labelled data, but "
-                     f"data.source {config.data.source!r} has no labels; use "
+                     f"data.source {spec.source!r} has no labels; use "
                      "--config.sweep.fid_kind=inception (with sweep.inception_weights) or none")
   stats_dir = os.path.join(workdir, "fid_stats")
   if kind == "classifier":
@@ -142,10 +122,13 @@ def build_quality(config, workdir: str) -> Quality:
         key=f"classifier:{clf.fingerprint}:{real.source}:train:{q.num_real}")
   elif kind == "inception":
     from deediff_jax.eval import inception
-    path = os.path.abspath(str(config.sweep.inception_weights))
+    path = os.path.abspath(spec.inception_weights)
     params = inception.load_weights(path)
     q.feature_fn = lambda x: inception.features(params, x)
     q.real_stats = fid_lib.cached_statistics(
         os.path.join(stats_dir, "inception.npz"), lambda: q.feature_fn(real.images),
         key=f"inception:{path}:{os.path.getsize(path)}:{real.source}:train:{q.num_real}")
   return q
+
+
+__all__ = ["CLASSIFIER_STEPS", "FID_KIND_NAMES", "Quality", "QualitySpec", "build_quality"]

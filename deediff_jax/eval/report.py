@@ -19,7 +19,7 @@ from deediff_jax import policies
 from deediff_jax.data.eval_context import load_eval_captions
 from deediff_jax.diffusion import samplers
 from deediff_jax.diffusion import schedule as sched_lib
-from deediff_jax.eval import calibrate as cal_lib
+from deediff_jax.eval.calibration.describe import describe as describe_calibration
 from deediff_jax.eval import fidelity as fidelity_lib
 from deediff_jax.eval import plots
 from deediff_jax.eval.runner import ROW_KEYS, Context
@@ -94,9 +94,9 @@ def header_md(info: dict, title: str = "Early-exit sweep") -> str:
            f"{info['layers_total']}.")
   lines.append(text)
   if info.get("calibration"):
-    lines += ["", "Calibration: " + cal_lib.describe(info["calibration"]) + "."]
+    lines += ["", "Calibration: " + describe_calibration(info["calibration"]) + "."]
   if info.get("calibration_per_bucket"):
-    lines += ["", "Per-bucket calibration: " + cal_lib.describe(info["calibration_per_bucket"]) + "."]
+    lines += ["", "Per-bucket calibration: " + describe_calibration(info["calibration_per_bucket"]) + "."]
   if info.get("captions"):
     acc = info["captions"]["overall_accuracy"]
     lines += ["", f"Text model: class accuracy over the held-out captions {acc['full']:.3f} at full "

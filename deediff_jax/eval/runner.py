@@ -18,9 +18,13 @@ from deediff_jax import policies
 from deediff_jax.config import parse_floats
 from deediff_jax.data.eval_context import conditioning
 from deediff_jax.eval import cache_rows
-from deediff_jax.eval import calibrate as cal_lib
 from deediff_jax.eval import fidelity as fidelity_lib
 from deediff_jax.eval import flops as flops_lib
+from deediff_jax.eval import specs
+from deediff_jax.eval.calibration import spec as cal_spec
+from deediff_jax.eval.calibration.describe import describe, schedule_text
+from deediff_jax.eval.calibration.resolve import calibrate_guided
+from deediff_jax.eval.calibration.threshold import calibrate_threshold
 from deediff_jax.eval.decode import decoder_for
 from deediff_jax.eval.quality import Quality, build_quality
 from deediff_jax.eval.settings import Setting, SweepError, cheap_params, schedule_depths
@@ -139,7 +143,7 @@ def check_local(workdir) -> None:
 def load_checkpoint(config, workdir: str) -> tuple:
   """(params, step) of the latest checkpoint in `workdir`, EMA weights unless sample.use_ema=False;
   with sample.params_file, that file's parameters (train/params_file.py) and step None."""
-  if str(config.sample.get("params_file", "") or "").strip():
+  if str(config.sample.params_file).strip():
     from deediff_jax.train import params_file
     return params_file.load_for(config), None
   from deediff_jax.train.checkpoint import load_params
@@ -158,8 +162,8 @@ def prepare(config, workdir: str, *, num: Optional[int] = None, params=None, ste
   num = int(config.sweep.num_images) if num is None else int(num)
   if num < 2:
     raise SweepError(f"sweep.num_images must be >= 2 (FID needs a covariance), got {num}")
-  quality = build_quality(config, workdir) if quality is None else quality
-  ctx = Context(config=config, fidelity_config=fidelity_lib.deterministic_config(config), params=params,
+  quality = build_quality(specs.quality_spec(config), workdir) if quality is None else quality
+  ctx = Context(config=config, fidelity_config=specs.deterministic_config(config), params=params,
                 cfg=cfg, num=num, rng=jax.random.PRNGKey(int(config.sample.seed)),
                 cond=dict(zip(("labels", "context", "null_context"), conditioning(config, num))),
                 quality=quality, checkpoint_step=step, workdir=str(workdir), decode=decoder_for(config))
@@ -263,20 +267,20 @@ def _calibration_policy(config) -> str:
 
 def calibrated_setting(ctx: Context, policy: Optional[str] = None, buckets: Optional[int] = None) -> Setting:
   """Calibrates `policy` (default: exit.policy when it is a score policy, else uem) on a held-out
-  batch of one sampling batch (`calibrate.calibration_rng`), and prints what was chosen.
+  batch of one sampling batch (`calibration.spec.calibration_rng`), and prints what was chosen.
   `buckets` overrides exit.calibration_buckets (K > 1: a per-bucket threshold schedule)."""
   config = ctx.config
+  request = specs.calibration_spec(config)
   policy = _calibration_policy(config) if policy is None else policy
   num = min(int(config.sample.batch_size), ctx.num)
-  if cal_lib.guided(config) and buckets is None:
-    threshold, report = cal_lib.calibrate_guided(ctx.params, config, cal_lib.calibration_rng(config),
-                                                 policy=policy, num=num)
+  rng = cal_spec.calibration_rng(request.seed)
+  if cal_spec.guided(request) and buckets is None:
+    threshold, report = calibrate_guided(ctx.params, request, rng, policy=policy, num=num)
   else:
-    threshold, report = cal_lib.calibrate_threshold(ctx.params, config, cal_lib.calibration_rng(config),
-                                                    policy=policy, num=num, buckets=buckets)
-  print(cal_lib.describe(report))
+    threshold, report = calibrate_threshold(ctx.params, request, rng, policy=policy, num=num, buckets=buckets)
+  print(describe(report))
   if isinstance(threshold, (list, tuple)):
-    return Setting(policy, threshold_schedule=cal_lib.schedule_text(threshold), calibration=report)
+    return Setting(policy, threshold_schedule=schedule_text(threshold), calibration=report)
   return Setting(policy, threshold=float(threshold), calibration=report)
 
 
@@ -284,8 +288,9 @@ def start(config, workdir: str, settings, *, params=None,
           calibration_policy: Optional[str] = None) -> Context:
   """Cheap checks first (a calibration request, the workdir, exits in the checkpoint), then
   `prepare`: a bad request fails before any sampling."""
-  if cal_lib.wanted(config) and calibration_policy != cal_lib.schedule_policy():  # calibrate_time_schedule
-    cal_lib.check_request(config, calibration_policy or _calibration_policy(config))
+  request = specs.calibration_spec(config)
+  if cal_spec.wanted(request) and calibration_policy != cal_spec.schedule_policy():  # calibrate_time_schedule
+    cal_spec.check_request(request, calibration_policy or _calibration_policy(config))
   check_local(workdir)
   step = None
   if params is None:

@@ -13,7 +13,7 @@ from deediff_jax import policies
 from deediff_jax.config import base_config, parse_depth_schedule, parse_floats, parse_threshold_schedule
 from deediff_jax.early_exit import make_policy_params, policy_params_for
 from deediff_jax.eval import cache_rows
-from deediff_jax.eval import calibrate as cal_lib
+from deediff_jax.eval.calibration.describe import schedule_text
 from deediff_jax.eval.cache_rows import CACHE_ROWS
 from deediff_jax.model.uvit import ModelConfig
 
@@ -240,7 +240,7 @@ def setting_from_exit_config(config) -> Setting:
   pol = policies.get(e.policy)
   if pol.value == "threshold":
     if str(e.threshold_schedule).strip():
-      return Setting(e.policy, threshold_schedule=cal_lib.schedule_text(
+      return Setting(e.policy, threshold_schedule=schedule_text(
           parse_threshold_schedule(e.threshold_schedule, e.policy)))
     return Setting(e.policy, threshold=float(e.threshold))
   if pol.value == "depth":

@@ -21,11 +21,11 @@ For every setting built from `config.sweep` (`settings_from_config`):
                       depths at each of those step counts >= 60% (early exit on top of fewer steps)
 
 plus, when `exit.target_layer_ratio` / `exit.max_psnr_drop` / `exit.min_psnr` ask for it, one
-calibrated row (`eval/calibrate.py`) of exit.policy (uem unless it is another score policy;
+calibrated row (`eval/calibration/`) of exit.policy (uem unless it is another score policy;
 adadiff for adadiff models), and with `exit.calibration_buckets` = K > 1 a second one right after
 it, calibrated per timestep bucket (key `threshold_schedule`, one threshold per bucket, noisiest
 first). With `exit.target_layer_ratio` and time_schedule in the policies, also a time_schedule
-calibrated from the oracle's exits to the same target (`calibrate.calibrate_time_schedule`): the
+calibrated from the oracle's exits to the same target (`calibration.time_schedule.calibrate_time_schedule`): the
 strongest fixed rule, no guessed schedule.
 
 Every setting samples the same `sweep.num_images` images: the same initial noise, sampler noise
@@ -80,8 +80,10 @@ import os
 
 from tqdm import tqdm
 
-from deediff_jax import policies
-from deediff_jax.eval import calibrate as cal_lib
+from deediff_jax.eval import specs
+from deediff_jax.eval.calibration import spec as cal_spec
+from deediff_jax.eval.calibration.describe import describe
+from deediff_jax.eval.calibration.time_schedule import calibrate_time_schedule
 from deediff_jax.eval import heldout
 from deediff_jax.eval.report import SWEEP_DIR, run_info, write_outputs
 from deediff_jax.eval.runner import calibrated_setting, evaluate, retime_baseline, start
@@ -95,26 +97,25 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> list[dic
   settings = settings_from_config(config, cfg.num_blocks)
   ctx = start(config, workdir, settings, params=params)
   calibration = calibration_per_bucket = None
-  if cal_lib.wanted(config):
+  request = specs.calibration_spec(config)
+  if cal_spec.wanted(request):
     # The scalar calibration always; with exit.calibration_buckets = K > 1 the per-bucket one
     # too, right after it, so the table compares the two at the same target.
     cs = calibrated_setting(ctx, buckets=1)
     calibration = cs.calibration
     extra = [cs]
-    if cal_lib.buckets_of(config) > 1:
+    if cal_spec.buckets_of(request) > 1:
       extra.append(calibrated_setting(ctx))
       calibration_per_bucket = extra[-1].calibration
     last = max((i for i, s in enumerate(settings) if s.policy == cs.policy), default=len(settings) - 1)
     settings[last + 1:last + 1] = extra
-    target = float(config.exit.target_layer_ratio)
-    scheduled = policies.first(value="schedule").name   # what calibrate_time_schedule makes
+    target = request.target_layer_ratio
+    scheduled = cal_spec.schedule_policy()   # what calibrate_time_schedule makes
     if target > 0 and any(s.policy == scheduled for s in settings):
-      k = cal_lib.buckets_of(config) if cal_lib.buckets_of(config) > 1 else cal_lib.DEFAULT_SCHEDULE_BUCKETS
-      k = min(k, int(config.sample.steps))
-      sched, report = cal_lib.calibrate_time_schedule(
-          ctx.params, config, cal_lib.calibration_rng(config), target=target, buckets=k,
-          num=min(int(config.sample.batch_size), ctx.num))
-      print(cal_lib.describe(report))
+      sched, report = calibrate_time_schedule(
+          ctx.params, request, cal_spec.calibration_rng(request.seed), target=target,
+          buckets=cal_spec.schedule_buckets(request), num=min(int(config.sample.batch_size), ctx.num))
+      print(describe(report))
       last = max(i for i, s in enumerate(settings) if s.policy == scheduled)
       settings.insert(last + 1, Setting(scheduled, schedule=",".join(str(v) for v in sched),
                                         calibration=report))
@@ -126,7 +127,7 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> list[dic
     rows.append(row)
     images.append(imgs)
     stats.append(st)
-  choice_num = int(config.sweep.get("calibration_images", 0))
+  choice_num = int(config.sweep.calibration_images)
   if choice_num > 0:  # the held-out protocol: every row measured again on calibration noise
     cctx = heldout.calibration_context(ctx, choice_num)
     for s, r in zip(tqdm(settings, desc="choice", unit="setting", disable=not progress), rows):
@@ -134,7 +135,7 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> list[dic
   retime_baseline(ctx, rows)
   info = run_info(ctx)
   info["heldout"] = {"heldout_seed": int(config.sample.seed), "heldout_images": ctx.num,
-                     "calibration_seed": int(config.sweep.get("calibration_seed", 1)),
+                     "calibration_seed": request.seed,
                      "calibration_images": choice_num, "batch_size": int(config.sample.batch_size)}
   if calibration is not None:
     info["calibration"] = calibration

@@ -61,7 +61,11 @@ from tqdm import tqdm
 
 from deediff_jax import sampling
 from deediff_jax.eval import bootstrap
-from deediff_jax.eval import calibrate as cal_lib
+from deediff_jax.eval import specs
+from deediff_jax.eval.calibration import spec as cal_spec
+from deediff_jax.eval.calibration.describe import schedule_text
+from deediff_jax.eval.calibration.threshold import calibrate_threshold
+from deediff_jax.eval.calibration.time_schedule import calibrate_time_schedule
 from deediff_jax.eval import flops as flops_lib
 from deediff_jax.eval import heldout
 from deediff_jax.eval import runner
@@ -115,7 +119,7 @@ class TuneRequest:
     if budget > 1:
       raise TuneError(f"tune.budget is a fraction of the full-depth GFLOPs in (0, 1], got {budget}")
     held = int(t.heldout_images) or int(config.sweep.num_images)
-    families = tuple(f.strip() for f in str(t.get("families", "")).split(",") if f.strip())
+    families = tuple(f.strip() for f in str(t.families).split(",") if f.strip())
     bad = [f for f in families if f not in FAMILIES]
     if bad:
       raise TuneError(f"tune.families has {bad[0]!r}; choose among {', '.join(FAMILIES)} (empty: all)")
@@ -125,7 +129,7 @@ class TuneRequest:
     return cls(budget=budget, min_psnr=min_psnr, calibration_images=cal, heldout_images=held,
                buckets=max(1, min(int(t.buckets), int(config.sample.steps))),
                timing_repeats=max(1, int(t.timing_repeats)),
-               calibration_seed=int(config.sweep.get("calibration_seed", 1)),
+               calibration_seed=int(config.sweep.calibration_seed),
                heldout_seed=int(config.sample.seed), batch_size=int(config.sample.batch_size),
                steps=int(config.sample.steps), families=families)
 
@@ -221,7 +225,7 @@ def read_file(path: str) -> dict:
 
 
 def wanted(config) -> bool:
-  return "tune" in config and bool(str(config.tune.get("file", "") or "").strip())
+  return bool(str(config.tune.file).strip())
 
 
 def apply_file(config):
@@ -258,12 +262,11 @@ class _Measure:
     return self.by_aggregate[cand.aggregate]
 
   def _variant(self, aggregate: str, extra: dict) -> runner.Context:
-    from deediff_jax.eval.fidelity import deterministic_config
     c = self.base.config.copy_and_resolve_references()
     c.exit.aggregate = aggregate
     for key, value in extra.items():
       _set(c, key, value, "the tune search")
-    return dataclasses.replace(self.base, config=c, fidelity_config=deterministic_config(c)
+    return dataclasses.replace(self.base, config=c, fidelity_config=specs.deterministic_config(c)
                                if self.base.fidelity_config is not self.base.config else c, compiled=set())
 
   def __call__(self, cand: Candidate) -> tuple:
@@ -354,7 +357,7 @@ def _fit(make: Callable[[float], Optional[Candidate]], measure: Callable[[Candid
       return
     try:
       cand = make(t)
-    except cal_lib.CalibrationError:
+    except cal_spec.CalibrationError:
       return
     if cand is None:
       return
@@ -369,11 +372,10 @@ def _score_policy(cfg: ModelConfig) -> str:
   return "adadiff" if cfg.exit_style == "adadiff" else ("uem_no_time" if cfg.uem == "token_linear_no_time" else "uem")
 
 
-def _target_config(config, target: float, aggregate: str):
-  c = config.copy_and_resolve_references()
-  c.exit.update(target_layer_ratio=float(target), min_psnr=0.0, max_psnr_drop=0.0, calibrate="policy",
-                aggregate=aggregate, calibration_metric="layer_ratio_run")
-  return c
+def _target_request(request: cal_spec.CalibrationSpec, target: float, aggregate: str) -> cal_spec.CalibrationSpec:
+  """The calibration request of one learned candidate: its own layer-ratio target and aggregate."""
+  return dataclasses.replace(request, target_layer_ratio=float(target), min_psnr=0.0, max_psnr_drop=0.0,
+                             calibrate="policy", aggregate=aggregate, metric="layer_ratio_run")
 
 
 def _l2c_candidates(config, steps: int, min_layers: int) -> list:
@@ -381,12 +383,12 @@ def _l2c_candidates(config, steps: int, min_layers: int) -> list:
   deediff_jax.caching exists: one full-depth candidate per sweep.cache_thresholds value (else
   cache.threshold), each a fixed cost, measured like the sweep's l2c rows (`Setting.cache_threshold`
   where the Setting has it; the config keys in `extra` otherwise)."""
-  if "cache" not in config or not str(config.cache.get("router", "") or "").strip():
+  if not str(config.cache.router).strip():
     return []
   if importlib.util.find_spec("deediff_jax.caching") is None:
     return []
   router = os.path.abspath(str(config.cache.router))
-  text = str(config.sweep.get("cache_thresholds", "") or "") or str(config.cache.get("threshold", 0.9))
+  text = str(config.sweep.cache_thresholds) or str(config.cache.threshold)
   has_field = "cache_threshold" in {f.name for f in dataclasses.fields(Setting)}
   out = []
   for t in dict.fromkeys(float(v) for v in text.split(",") if v.strip()):
@@ -408,7 +410,8 @@ def search_tasks(config, params, req: TuneRequest, budget: float, cctx: runner.C
   cf = 2 if float(config.sample.guidance_scale) != 0.0 else 1
   min_layers = int(config.exit.min_layers)
   cal_num = min(req.batch_size, req.calibration_images)
-  rng = cal_lib.calibration_rng(config)
+  request = specs.calibration_spec(config)
+  rng = cal_spec.calibration_rng(request.seed)
   tasks = []
 
   def plain_steps(k):
@@ -446,8 +449,7 @@ def search_tasks(config, params, req: TuneRequest, budget: float, cctx: runner.C
   def schedule(tried):
     def make(t):
       t = min(1.0, t)
-      sched, report = cal_lib.calibrate_time_schedule(params, config, rng, target=t, buckets=req.buckets,
-                                                      num=cal_num)
+      sched, report = calibrate_time_schedule(params, request, rng, target=t, buckets=req.buckets, num=cal_num)
       s = Setting("time_schedule", schedule=",".join(str(v) for v in sched), calibration=report)
       return Candidate("time_schedule", s, overrides_of(s, "all", steps, min_layers))
     _fit(make, measure_fn, budget, _layer_target(cfg, budget, steps, "time_schedule", cf), tried)
@@ -459,9 +461,9 @@ def search_tasks(config, params, req: TuneRequest, budget: float, cctx: runner.C
       for buckets in sorted({1, req.buckets}):
         def learned(tried, aggregate=aggregate, buckets=buckets):
           def make(t):
-            c = _target_config(config, min(1.0, t), aggregate)
-            thr, report = cal_lib.calibrate_threshold(params, c, rng, policy=policy, num=cal_num, buckets=buckets)
-            s = (Setting(policy, threshold_schedule=cal_lib.schedule_text(thr), calibration=report)
+            target = _target_request(request, min(1.0, t), aggregate)
+            thr, report = calibrate_threshold(params, target, rng, policy=policy, num=cal_num, buckets=buckets)
+            s = (Setting(policy, threshold_schedule=schedule_text(thr), calibration=report)
                  if isinstance(thr, (list, tuple)) else Setting(policy, threshold=float(thr), calibration=report))
             return Candidate("learned", s, overrides_of(s, aggregate, steps, min_layers), aggregate=aggregate)
           t0 = _layer_target(cfg, budget, steps, policy, cf) - float(config.exit.calibration_tolerance)
@@ -584,7 +586,7 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> dict:
       "calibration_images": req.calibration_images, "heldout_images": req.heldout_images,
       "calibration_seed": req.calibration_seed, "heldout_seed": req.heldout_seed,
   }
-  path = str(config.tune.get("out", "") or "") or os.path.join(str(workdir), TUNED_FILE)
+  path = str(config.tune.out) or os.path.join(str(workdir), TUNED_FILE)
   _write_json(path, _relative_paths(tuned, os.path.dirname(os.path.abspath(path))))
   _write_json(os.path.join(str(workdir), CANDIDATES_FILE), [c.record() for c in tried])
   h = tuned["heldout"]
