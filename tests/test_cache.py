@@ -418,7 +418,11 @@ def test_router_loss_and_gradient_by_hand():
   grad = jax.jit(jax.grad(lambda p: loss_fn(p)[0]))(prob)
   e = 1e-2
   fd = np.array([(by_hand(prob.at[i].add(e)) - by_hand(prob.at[i].add(-e))) / (2 * e) for i in range(10)])
-  np.testing.assert_allclose(grad, fd, rtol=2e-3, atol=1e-4)   # float32 differences: ~2e-5 noise
+  # The gradient of the hand-written loss (autodiff of an independent implementation) must match
+  # tightly; central differences in float32 carry O(e^2) truncation and rounding (~1e-4), so they
+  # check only that both gradients are the loss's.
+  np.testing.assert_allclose(grad, jax.grad(by_hand)(prob), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(grad, fd, rtol=2e-3, atol=5e-4)
   # All scores 1: the student is the full model and only the L1 term is left.
   _, (data1, _) = loss_fn(jnp.full((10,), 40.0))
   assert float(data1) < 1e-8
