@@ -97,20 +97,26 @@ def _is_heldout(rows: list[dict]) -> bool:
   return bool(scored) and all(r.get("choice_psnr") is not None for r in scored)
 
 
-def report(rows: list[dict], full: dict, budgets: list[float], slack: float) -> str:
-  if _is_heldout(rows):
-    return heldout_report(rows, full, budgets)
+def _family_table(rows: list[dict], best: dict, budgets: list[float]) -> list[str]:
+  """The Markdown table: one line per family, its best row (`best[budget][family]`) per budget."""
   fams = sorted({r["_family"] for r in rows} - {"full depth"},
                 key=lambda f: (f.split(" (")[0] not in LEARNED, f != "oracle", f))
   lines = ["| family | " + " | ".join(f"≤ {b:.0%} GFLOPs" for b in budgets) + " |",
            "|---|" + "---:|" * len(budgets)]
-  best = {b: best_within(rows, b, slack) for b in budgets}
   for f in fams:
     cells = []
     for b in budgets:
       r = best[b].get(f)
       cells.append("—" if r is None else f"{r['psnr_vs_full']:.1f} dB ({r['setting']}, {r['gflops_ratio']:.2f})")
     lines.append(f"| {f} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def report(rows: list[dict], full: dict, budgets: list[float], slack: float) -> str:
+  if _is_heldout(rows):
+    return heldout_report(rows, full, budgets)
+  best = {b: best_within(rows, b, slack) for b in budgets}
+  lines = _family_table(rows, best, budgets)
   lines.append("")
   for b in budgets:
     learned = [r for f, r in best[b].items() if f.split(" (")[0] in LEARNED]
@@ -231,19 +237,10 @@ def heldout_report(rows: list[dict], full: dict, budgets: list[float]) -> str:
   """The Markdown view of a held-out sweep: every choice on calibration noise, no slack, and the
   verdict of issue 22's goal (learned beats fixed by >= 1 dB with the 95% CI above 0; at <= 55% of
   the GFLOPs classifier-FID within 5% and class accuracy within 1 point of full depth)."""
-  fams = sorted({r["_family"] for r in rows} - {"full depth"},
-                key=lambda f: (f.split(" (")[0] not in LEARNED, f != "oracle", f))
-  lines = ["Each family's best row, chosen on calibration noise (choice_gflops_ratio <= budget, highest "
-           "choice_psnr), reported on held-out noise: PSNR vs full (setting, held-out GFLOPs ratio).", "",
-           "| family | " + " | ".join(f"≤ {b:.0%} GFLOPs" for b in budgets) + " |",
-           "|---|" + "---:|" * len(budgets)]
   best = {b: best_within(rows, b, 0.0, heldout=True) for b in budgets}
-  for f in fams:
-    cells = []
-    for b in budgets:
-      r = best[b].get(f)
-      cells.append("—" if r is None else f"{r['psnr_vs_full']:.1f} dB ({r['setting']}, {r['gflops_ratio']:.2f})")
-    lines.append(f"| {f} | " + " | ".join(cells) + " |")
+  lines = ["Each family's best row, chosen on calibration noise (choice_gflops_ratio <= budget, highest "
+           "choice_psnr), reported on held-out noise: PSNR vs full (setting, held-out GFLOPs ratio).", ""]
+  lines += _family_table(rows, best, budgets)
   lines.append("")
   for e in json_report(rows, full, budgets)["budgets"]:
     b, l, x = e["budget"], e["learned"], e["fixed"]
