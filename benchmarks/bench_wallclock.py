@@ -24,7 +24,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -89,10 +88,7 @@ def apply_overrides(config, overrides: dict):
 
 
 def _seconds(params, c, rng, num, labels, kw) -> float:
-  t0 = time.perf_counter()
-  images, _ = sampling.sample(params, c, rng, num, labels=labels, **kw)
-  jax.block_until_ready(images)
-  return time.perf_counter() - t0
+  return sampling.timed(sampling.sample, params, c, rng, num, labels=labels, **kw)[1]
 
 
 def run(config, params, settings: list, batches: list, repeats: int) -> dict:

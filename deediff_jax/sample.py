@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
-import time
-from typing import Optional
 
 import jax
 import numpy as np
@@ -38,38 +35,12 @@ from deediff_jax.eval.fidelity import fidelity
 from deediff_jax.model.uvit import ModelConfig
 
 
-def save_grid(path: str, images: np.ndarray, labels: Optional[np.ndarray] = None,
-              num_classes: int = 0, pad: int = 1, captions: Optional[list] = None) -> str:
-  """Writes a PNG grid (row r holds class r's images when labelled, or one row per caption with
-  the caption written beside it); tiny images are upscaled."""
-  x = plots.displayable(images)
-  n, h = x.shape[0], x.shape[1]
-  if captions is not None:
-    return plots.caption_grid(x, captions, path, padding=pad, scale=max(1, 32 // h))
-  if labels is not None and num_classes > 0:
-    rows = [np.flatnonzero(np.asarray(labels) == k) for k in range(num_classes)]
-    rows = [r for r in rows if len(r)]
-    ncols = max(len(r) for r in rows)
-    blank = np.ones((1,) + x.shape[1:], x.dtype)  # white filler for short rows
-    x = np.concatenate([np.concatenate([x[r], np.repeat(blank, ncols - len(r), 0)]) for r in rows])
-  else:
-    ncols = max(1, int(math.ceil(math.sqrt(n))))
-  return plots.image_grid(x, path, nrow=ncols, padding=pad, scale=max(1, 32 // h))
-
-
 def _load_params(workdir, config):
   if str(config.sample.params_file).strip():  # a flat params file instead of a checkpoint
     from deediff_jax.train import params_file
     return params_file.load_for(config)
   from deediff_jax.train.checkpoint import load_params  # the training package owns checkpoints
   return load_params(workdir, config, use_ema=config.sample.use_ema)
-
-
-def _timed(params, config, rng, num, **kw):
-  """(images, stats, seconds) of one `sample` call; `sampling.compile_ahead` compiled it beforehand."""
-  t0 = time.perf_counter()
-  images, stats = sampling.sample(params, config, rng, num, progress=True, **kw)
-  return images, stats, time.perf_counter() - t0
 
 
 def run(config, workdir, params=None) -> dict:
@@ -102,8 +73,9 @@ def run(config, workdir, params=None) -> dict:
   sampling.compile_ahead(functools.partial(sampling.sample, params, config, rng, num), exit_kw, full_kw)
   if full_config is not config:
     sampling.compile_ahead(functools.partial(sampling.sample, params, full_config, rng, num), full_kw)
-  images, stats, seconds = _timed(params, config, rng, num, **exit_kw)
-  full_images, _, seconds_full = _timed(params, full_config, rng, num, **full_kw)
+  (images, stats), seconds = sampling.timed(sampling.sample, params, config, rng, num, progress=True, **exit_kw)
+  (full_images, _), seconds_full = sampling.timed(sampling.sample, params, full_config, rng, num, progress=True,
+                                                  **full_kw)
   extra = {}
   if decode is not None:
     extra["latents"] = images.astype(np.float32)
@@ -114,8 +86,8 @@ def run(config, workdir, params=None) -> dict:
   if captions is not None:  # what each text-conditional sample was drawn for (fixed-width str, no pickle)
     extra["captions"] = np.asarray(captions, dtype=str)
   np.savez(os.path.join(workdir, "samples.npz"), images=images.astype(np.float32), labels=out_labels, **extra)
-  save_grid(os.path.join(workdir, "samples.png"), images, labels if cfg.num_classes > 0 else None,
-            cfg.num_classes, captions=captions)
+  plots.sample_grid(os.path.join(workdir, "samples.png"), images, labels=labels if cfg.num_classes > 0 else None,
+                    num_classes=cfg.num_classes, captions=captions)
   summary = sampling.summarize(stats, n)
   e, s = config.exit, config.sample
   # One rule for fidelity in every mode (the sweep's): the same noise through a deterministic

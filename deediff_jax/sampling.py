@@ -4,11 +4,13 @@
 module builds that function from a network and its parameters (classifier-free guidance, the
 early-exit forward with an exit policy, or the plain full-depth forward), runs a sampler over
 batches with the same noise for every setting, compiles each program ahead of time
-(`compile_only=True`) so a timed call compiles nothing, and summarises the exit statistics.
+(`compile_only=True`) so a timed call compiles nothing, and summarises the exit statistics. It
+also holds the one wall clock of every mode (`timed`, and `paired_speedup` for two interleaved runs).
 """
 from __future__ import annotations
 
 import functools
+import time
 from typing import Optional
 
 import jax
@@ -285,6 +287,31 @@ def compile_ahead(sample_fn, *variants) -> None:
     for f in [pool.submit(sample_fn, compile_only=True, **kw) for kw in variants]:
       f.result()
 
+
+def timed(fn, *args, **kw) -> tuple:
+  """(fn(*args, **kw), wall seconds) of one call. The clock stops only once every array of the
+  result is ready (`jax.block_until_ready`): JAX dispatches asynchronously, so an earlier stop would
+  time the dispatch, not the work. The caller compiles beforehand (`compile_ahead`, or a
+  `compile_only=True` call), so the seconds are running time and never compilation."""
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args, **kw))
+  return out, time.perf_counter() - t0
+
+
+def paired_speedup(full, other, repeats: int) -> dict:
+  """Wall clock of `other` against `full` (thunks, compiled and run once beforehand): `repeats`
+  pairs, the order alternating (full first in even pairs, other first in odd ones). On a shared
+  machine the load drifts: within a pair it hits both alike, and neither side always runs second.
+  Returns the median of the per-pair ratios full / other (`speedup`) and their min and max."""
+  ratios = []
+  for r in range(repeats):
+    if r % 2 == 0:
+      t_full, t_other = timed(full)[1], timed(other)[1]
+    else:
+      t_other, t_full = timed(other)[1], timed(full)[1]
+    ratios.append(t_full / t_other)
+  return {"speedup": float(np.median(ratios)), "speedup_min": float(np.min(ratios)),
+          "speedup_max": float(np.max(ratios))}
 
 def summarize(stats: dict, num_blocks: int) -> dict:
   """Layer ratios and per-step arrays from `sample`'s stats.

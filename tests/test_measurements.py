@@ -139,3 +139,26 @@ def test_compile_only_runs_nothing_and_the_timed_call_compiles_nothing(params, c
   with compiles:
     images, _ = sampling.sample(params, c, rng, 7, policy="uem", policy_params=pp)
   assert compiles.count == 0 and images.shape[0] == 7
+
+
+def test_timed_blocks_and_paired_speedup_alternates(monkeypatch):
+  """sampling.timed stops the clock after the result is ready; paired_speedup alternates which
+  side runs first and reports the median, min and max of the per-pair ratios full / other."""
+  clock, calls = [0.0], []
+  monkeypatch.setattr(sampling, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+  x = jax.numpy.ones(3)
+  blocked = []
+  monkeypatch.setattr(sampling.jax, "block_until_ready", lambda out: blocked.append(out) or out)
+  assert sampling.timed(lambda a, b=0: a + b, 1, b=2) == (3, 0.0) and blocked == [3]
+
+  def thunk(name, seconds):
+    def run():
+      calls.append(name)
+      clock[0] += seconds.pop(0)
+      return x
+    return run
+  full = thunk("full", [4.0, 6.0, 8.0])
+  other = thunk("other", [2.0, 2.0, 1.0])
+  got = sampling.paired_speedup(full, other, 3)
+  assert calls == ["full", "other", "other", "full", "full", "other"]
+  assert got == {"speedup": 3.0, "speedup_min": 2.0, "speedup_max": 8.0}

@@ -186,6 +186,34 @@ def test_caption_grid_rows_per_caption(tmp_path):
     P.caption_grid(x, caps[:2], tmp_path / "e.png")
 
 
+def test_sample_grid_layouts(tmp_path):
+  """The one grid writer of --mode sample and the sweep: each layout is image_grid (or
+  caption_grid) of exactly its arrangement, upscaled max(1, min(4, round(32 / H))), 1 px padding."""
+  vals = np.arange(1, 7)
+  x = np.stack([np.full((8, 8, 1), v / 127.5 - 1.0) for v in vals]).astype(np.float32)
+
+  def same(got, want):
+    np.testing.assert_array_equal(np.asarray(png(got)), np.asarray(png(want)))
+
+  # Labelled: row r holds class r's images; a class without images has no row.
+  same(P.sample_grid(tmp_path / "l.png", x, labels=[0, 2, 0, 2, 2, 0], num_classes=3),
+       P.image_grid(np.stack([x[0], x[2], x[5], x[1], x[3], x[4]]), tmp_path / "lw.png", nrow=3,
+                    padding=1, scale=4))
+  # Class columns with column labels, the first max_images images.
+  same(P.sample_grid(tmp_path / "c.png", x, num_classes=2, max_images=4),
+       P.image_grid(x[:4], tmp_path / "cw.png", nrow=2, col_labels=["0", "1"], padding=1, scale=4))
+  # Captions: every image, whatever max_images.
+  caps = ["a", "b", "a", "b", "a", "c"]
+  same(P.sample_grid(tmp_path / "t.png", x, captions=caps, max_images=2),
+       P.caption_grid(x, caps, tmp_path / "tw.png", padding=1, scale=4))
+  # Unlabelled: a square grid. The scale is capped at 4 and never below 1.
+  same(P.sample_grid(tmp_path / "s.png", x[:5]),
+       P.image_grid(x[:5], tmp_path / "sw.png", padding=1, scale=4))
+  assert png(P.sample_grid(tmp_path / "big.png", np.zeros((1, 64, 64, 3)))).size == (66, 66)
+  assert png(P.sample_grid(tmp_path / "mid.png", np.zeros((1, 12, 12, 1)))).size == (38, 38)  # 3x
+  assert png(P.sample_grid(tmp_path / "tiny.png", np.zeros((1, 4, 4, 1)))).size == (18, 18)   # 4x, not 8x
+
+
 def test_markdown_table_exact():
   rows = [
       {"policy": "none", "threshold": None, "layer_ratio_run": 1.0, "gflops_per_image": 12.3456,

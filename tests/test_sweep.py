@@ -79,7 +79,8 @@ def fake_clock(mp):
     clock[0] += PLAIN_SECONDS if plain else POLICY_SECONDS
     return out
   mp.setattr(runner, "_sample", sample)
-  mp.setattr(runner, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+  # sampling.timed is the one clock of every timed call.
+  mp.setattr(sampling, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
 
 
 @pytest.fixture(scope="module")
@@ -228,13 +229,14 @@ def test_calibrated_row_heatmap_and_grids(swept):
     candidates = [r for r in rows if r["policy"] == policy]
     best = min(abs(r["layer_ratio_run"] - cal["layer_ratio_run"]) for r in candidates)
     assert abs(g["layer_ratio_run"] - cal["layer_ratio_run"]) == best
-  # PNG sizes: plots are 800x500 / 800x600; a grid of 16 8x8 digits at scale 4, 10 per row.
+  # PNG sizes: plots are 800x500 / 800x600; a grid of 16 8x8 digits at scale 4, 10 per row
+  # under a band of column labels, 1 px padding.
   out = swept["out_dir"]
   assert Image.open(os.path.join(out, "pareto_fid.png")).size == (800, 500)
   assert Image.open(os.path.join(out, "pareto_psnr.png")).size == (800, 500)
   assert Image.open(os.path.join(out, "exit_heatmap.png")).size == (800, 600)
   grid = Image.open(os.path.join(out, "grid_uem.png"))
-  assert grid.mode == "L" and grid.size == (2 + 10 * (32 + 2), 14 + 2 + 2 * (32 + 2))
+  assert grid.mode == "L" and grid.size == (1 + 10 * (32 + 1), 14 + 1 + 2 * (32 + 1))
 
 
 def test_fewer_steps_rows(swept):

@@ -397,6 +397,43 @@ def caption_grid(images, captions: Sequence[str], path: str, *, max_cols: int = 
                     padding=padding, scale=scale)
 
 
+def sample_grid(path: str, images, *, labels: Optional[Sequence] = None, num_classes: int = 0,
+                captions: Optional[Sequence[str]] = None, max_images: Optional[int] = None) -> str:
+  """Writes samples [N, H, W, C] as one PNG grid (`samples.png`, the sweep's `grid_*.png`);
+  returns the path. The layout is the first of these that applies:
+
+    captions                 one row per distinct caption, written left of its row (`caption_grid`)
+    labels, num_classes > 0  row r holds the images labelled r (classes without images left out,
+                             short rows filled with white tiles)
+    num_classes > 0          rows of num_classes images, column c labelled c: image i of
+                             `data.eval_context.conditioning`'s labels is class i % num_classes
+    otherwise                a square grid
+
+  `max_images` keeps the first images (and labels) of the last three layouts; caption rows
+  already hold at most `caption_grid`'s max_cols images each, so they show every caption.
+  Latents are shown through `displayable`. Tiles are upscaled by pixel repetition,
+  max(1, min(4, round(32 / H))): small images become readable without a huge PNG. 1 px padding.
+  """
+  scale = max(1, min(4, round(32 / np.shape(images)[1])))
+  if captions is not None:
+    return caption_grid(displayable(images), captions, path, padding=1, scale=scale)
+  if max_images is not None:
+    images = images[:max_images]
+    labels = None if labels is None else labels[:max_images]
+  x = displayable(images)
+  if labels is not None and num_classes > 0:
+    rows = [np.flatnonzero(np.asarray(labels) == k) for k in range(num_classes)]
+    rows = [r for r in rows if len(r)]
+    ncol = max(len(r) for r in rows)
+    blank = np.ones((1,) + x.shape[1:], x.dtype)  # white filler for short rows
+    x = np.concatenate([np.concatenate([x[r], np.repeat(blank, ncol - len(r), 0)]) for r in rows])
+    return image_grid(x, path, nrow=ncol, padding=1, scale=scale)
+  if num_classes > 0:
+    ncol = min(num_classes, x.shape[0])
+    return image_grid(x, path, nrow=ncol, col_labels=[str(c) for c in range(ncol)], padding=1, scale=scale)
+  return image_grid(x, path, padding=1, scale=scale)
+
+
 def format_value(v) -> str:
   """A table cell: ints as is, floats to about 3-4 significant digits, missing as '—'."""
   if v is None:

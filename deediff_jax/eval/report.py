@@ -163,17 +163,6 @@ def matched_indices(rows, ref: int) -> dict:
   return out
 
 
-def write_grid(path: str, images: np.ndarray, num_classes: int, captions: Optional[list] = None) -> str:
-  scale = max(1, min(4, round(32 / images.shape[1])))
-  if captions is not None:  # text models: one row per caption, the prompt beside its images
-    return plots.caption_grid(plots.displayable(images), captions, path, scale=scale)
-  x = plots.displayable(images[:GRID_IMAGES])
-  if num_classes > 0:
-    ncol = min(num_classes, x.shape[0])
-    return plots.image_grid(x, path, nrow=ncol, col_labels=[str(c) for c in range(ncol)], scale=scale)
-  return plots.image_grid(x, path, scale=scale)
-
-
 def time_labels(config) -> list:
   """The network's time input at each sampling step (heatmap y labels)."""
   schedule = sched_lib.make_schedule(config.diffusion.schedule, int(config.diffusion.timesteps))
@@ -239,7 +228,8 @@ def write_outputs(out_dir: str, rows, images, stats, ctx: Context, info: dict) -
   grids = []
   for policy, i in matched_indices(rows, ref).items():
     name = f"grid_{policy}.png"
-    paths[name] = write_grid(os.path.join(out_dir, name), images[i], ctx.cfg.num_classes, captions)
+    paths[name] = plots.sample_grid(os.path.join(out_dir, name), images[i], num_classes=ctx.cfg.num_classes,
+                                    captions=captions, max_images=GRID_IMAGES)
     grids.append({"file": name, "policy": policy, "setting": rows[i]["setting"],
                   "layer_ratio_run": rows[i]["layer_ratio_run"]})
   info = dict(info, grids=grids, heatmap_setting=rows[ref]["setting"])

@@ -1,13 +1,12 @@
 """Measures exit settings on one checkpoint: `prepare`/`start` build the shared `Context` (params,
 inputs, the timed plain full-depth baseline, the scorer); `evaluate` samples one setting with a
-program compiled beforehand (`_warm_up`), times the sampling call alone (`_timed`) and scores it
-into one row of `ROW_KEYS`; `retime_baseline` times the baseline again after the settings.
+program compiled beforehand (`_warm_up`), times the sampling call alone (`sampling.timed`) and
+scores it into one row of `ROW_KEYS`; `retime_baseline` times the baseline again after the settings.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Any, Optional
 
 import jax
@@ -115,13 +114,13 @@ def _warm_up(ctx: Context, config, *, plain=False, setting: Optional[Setting] = 
   ctx.compiled.add(key)
 
 
-def _timed(ctx: Context, config=None, **kw):
-  """(images, stats, seconds) with the configured sampler; compiled beforehand."""
+def _sample_timed(ctx: Context, config=None, **kw):
+  """(images, stats, seconds) with the configured sampler: compiled first (`_warm_up`), then only
+  the sampling call is on the clock (`sampling.timed`)."""
   config = ctx.config if config is None else config
   _warm_up(ctx, config, **{k: v for k, v in kw.items() if k in ("plain", "setting")})
-  t0 = time.perf_counter()
-  images, stats = _sample(ctx, config, **kw)
-  return images, stats, time.perf_counter() - t0
+  (images, stats), seconds = sampling.timed(_sample, ctx, config, **kw)
+  return images, stats, seconds
 
 
 def with_steps(config, steps: Optional[int]):
@@ -167,7 +166,7 @@ def prepare(config, workdir: str, *, num: Optional[int] = None, params=None, ste
                 cfg=cfg, num=num, rng=jax.random.PRNGKey(int(config.sample.seed)),
                 cond=dict(zip(("labels", "context", "null_context"), conditioning(config, num))),
                 quality=quality, checkpoint_step=step, workdir=str(workdir), decode=decoder_for(config))
-  ctx.images_full, _, ctx.seconds_full = _timed(ctx, plain=True)
+  ctx.images_full, _, ctx.seconds_full = _sample_timed(ctx, plain=True)
   ctx.images_full = ctx.decoded(ctx.images_full)  # after the timing: decoding is not sampling
   ctx.seconds_full_runs = [ctx.seconds_full]
   if ctx.deterministic:
@@ -184,7 +183,7 @@ def retime_baseline(ctx: Context, rows) -> None:
   """Times the plain full-depth sampler again, after the settings, and puts the mean of both
   timings into every row's seconds_full and speedup: on a shared machine the load drifts during
   a sweep, and the two timings (in run.json) show by how much."""
-  _, _, again = _timed(ctx, plain=True)
+  _, _, again = _sample_timed(ctx, plain=True)
   ctx.seconds_full_runs = ctx.seconds_full_runs + [again]
   ctx.seconds_full = float(np.mean(ctx.seconds_full_runs))
   for r in rows:
@@ -214,7 +213,7 @@ def evaluate(ctx: Context, setting: Setting) -> tuple[dict, np.ndarray, dict]:
   min_layers = int(config.exit.min_layers)
   pp = setting.policy_params(n, min_layers, bool(config.exit.patience))
   kw = dict(plain=True) if setting.plain else dict(setting=setting, pp=pp)
-  images, stats, seconds = _timed(ctx, config, **kw)
+  images, stats, seconds = _sample_timed(ctx, config, **kw)
   images = ctx.decoded(images)
   if ctx.deterministic:
     images_for_fidelity = images

@@ -306,20 +306,9 @@ def paired_speedup(params, config, cand: Candidate, cond: dict, rng, repeats: in
   for c, kw in runs:
     sampling.sample(params, c, rng, num, compile_only=True, **kw, **cond)
     sampling.sample(params, c, rng, num, **kw, **cond)   # one untimed run: caches, allocations
-
-  def timed(c, kw):
-    t0 = time.perf_counter()
-    images, _ = sampling.sample(params, c, rng, num, **kw, **cond)
-    np.asarray(images)
-    return time.perf_counter() - t0
-
-  ratios = []
-  for r in range(repeats):
-    order = runs if r % 2 == 0 else runs[::-1]
-    secs = {id(c): timed(c, kw) for c, kw in order}
-    ratios.append(secs[id(config)] / secs[id(cfg_c)])
-  return {"speedup": float(np.median(ratios)), "speedup_min": float(np.min(ratios)),
-          "speedup_max": float(np.max(ratios)), "timing_batch_size": num, "timing_repeats": repeats}
+  full, candidate = [lambda c=c, kw=kw: sampling.sample(params, c, rng, num, **kw, **cond) for c, kw in runs]
+  return {**sampling.paired_speedup(full, candidate, repeats), "timing_batch_size": num,
+          "timing_repeats": repeats}
 
 
 # ----------------------------------------------------------------------------- the search
