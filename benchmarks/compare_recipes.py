@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from deediff_jax.eval.bootstrap import paired_diff_ci
+from deediff_jax.eval.heldout import read_per_image_psnr
 
 
 def _per_image(path: str) -> dict:
@@ -25,8 +26,9 @@ def _per_image(path: str) -> dict:
   candidates = [stem + ".npz", os.path.join(os.path.dirname(path), "per_image_psnr.npz")]
   for c in candidates:
     if os.path.exists(c):
-      d = np.load(c)
-      return {str(s): d[f"row_{i:03d}"] for i, s in enumerate(d["setting"])}
+      with np.load(c, allow_pickle=False) as z:
+        settings = [str(s) for s in z["setting"]]
+      return {settings[i]: v for i, v in read_per_image_psnr(c).items()}
   raise SystemExit(f"error: no per-image PSNRs beside {path} (looked for {', '.join(candidates)})")
 
 

@@ -52,7 +52,7 @@ case "${1:?usage: mnist13_study.sh joint|uem|adadiff|export|router|sweep|tune|pa
   router)
     main --workdir "$RUNS/mnist13_router" "${SAMPLE[@]}" --config.train.mode=router \
          --config.train.init_from="$RUNS/mnist13_joint" --config.train.num_steps="${ROUTER_STEPS:-300}" \
-         --config.train.lr=1e-2 --config.train.warmup_steps=20 --config.train.log_every=50 \
+         --config.train.lr="${ROUTER_LR:-1e-2}" --config.train.warmup_steps=20 --config.train.log_every=50 \
          --config.train.checkpoint_every=100
     cp "$RUNS/mnist13_router/router.npz" "$MODEL/router.npz" ;;
   sweep)

@@ -175,9 +175,8 @@ def _per_image(r: dict):
   if path not in _PER_IMAGE:
     _PER_IMAGE[path] = None
     if os.path.isfile(path):
-      import numpy as np
-      with np.load(path, allow_pickle=False) as z:
-        _PER_IMAGE[path] = {int(k[4:]): np.asarray(z[k], np.float64) for k in z.files if k.startswith("row_")}
+      from deediff_jax.eval.heldout import read_per_image_psnr   # the reader beside its writer
+      _PER_IMAGE[path] = read_per_image_psnr(path)
   table = _PER_IMAGE[path]
   return None if table is None else table.get(r["_index"])
 

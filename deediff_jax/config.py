@@ -36,6 +36,10 @@ class ConfigError(ValueError):
 UEM_KINDS = ("token_linear", "token_linear_no_time", "attention_probe")
 
 
+# The model keys of the exits alone, not of the backbone (a run may take another run's exits).
+EXIT_MODEL_KEYS = ("exit_style", "uem")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Hashable, validated view of `config.model` (Flax module attributes must hash)."""
@@ -90,6 +94,12 @@ class ModelConfig:
       bad("exit_style", f"unknown style {self.exit_style!r}; choose one of {', '.join(EXIT_STYLES)}")
     if self.dtype not in ("float32", "bfloat16"):
       bad("dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
+
+  @property
+  def has_ltes(self) -> bool:
+    """The official AdaDiff exits (exit_style=adadiff): one shared head, per-pixel confidence
+    modules (LTEs); else DeeDiff's per-block heads and UEMs."""
+    return self.exit_style == "adadiff"
 
   @classmethod
   def from_config(cls, cfg: Any) -> "ModelConfig":

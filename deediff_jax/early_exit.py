@@ -192,7 +192,7 @@ class LayerView:
     self._scores = scores
 
   def score(self, kind: str):
-    """The score `kind` ("uem", "confidence" or "cosine") of this block, computed on demand."""
+    """The score `kind` ("uncertainty", "confidence" or "cosine") of this block, computed on demand."""
     if kind not in self._scores:
       raise ValueError(f"unknown exit score {kind!r}; choose one of {', '.join(self._scores)}")
     return self._scores[kind]()
@@ -243,7 +243,7 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
   in_block, out_block, head = Block(cfg), Block(cfg, use_skip=True), Head(cfg)
   in_params, out_params = params["in_blocks"], params["out_blocks"]
   mid_params, last_head = params["mid_block"], params["head"]
-  shared_head = cfg.exit_style == "adadiff"  # every exit decodes with the backbone's head
+  shared_head = cfg.has_ltes  # every exit decodes with the backbone's head
   exit_heads = None if shared_head else params["exit_heads"]
   sched_depth = _schedule_depth(pp, time_frac, b) if pol.value == "schedule" else None
   thr = _threshold(pp, time_frac, b) if pol.is_score else None
@@ -286,7 +286,7 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
   def confident(i, h_new, h_old, armed):
     """(confident now [B], patience flags [B]): the policy's rule, then the rules of every policy."""
     layer = i + 1
-    scores = {"uem": lambda: uem_scores(cfg, slice_layer(params["uems"], i), h_new, temb),
+    scores = {"uncertainty": lambda: uem_scores(cfg, slice_layer(params["uems"], i), h_new, temb),
               "confidence": lambda: confidence_scores(cfg, slice_layer(params["ltes"], i), h_new),
               "cosine": lambda: patch_cosine(cfg, h_new, h_old)}
     conf, armed = pol.confident(LayerView(i=i, n=n, k=k, b=b, aggregate=aggregate, cfg_pairs=cfg_pairs,
@@ -342,7 +342,7 @@ def early_exit_forward(params, cfg, x, t_model, y=None, context=None, *, policy:
 
 def oracle_forward(params, cfg, x, t_model, y=None, context=None, *, policy_params, x0_scale,
                    cfg_pairs: bool = False, guidance_scale=None, policy: str):
-  """policy="oracle": every block runs; each sample takes its first layer within tolerance.
+  """The oracle policy: every block runs; each sample takes its first layer within tolerance.
 
   `layers_run` is what an exit loop *would* run (the deepest exit), not what ran: the oracle
   saves nothing and only shows the ceiling of any exit policy on this model.
@@ -402,7 +402,7 @@ def exit_reference(params, cfg, x, t_model, y=None, context=None, *, policy: str
     return jnp.stack([patch_cosine(cfg, hs[l], prev[l]) for l in range(n)])
 
   # all_exits returns each layer's u (deediff) or confidence map (adadiff) in the same slot.
-  scores = {"uem": lambda: u_all, "confidence": lambda: jnp.mean(u_all, axis=(2, 3, 4)), "cosine": cosines}
+  scores = {"uncertainty": lambda: u_all, "confidence": lambda: jnp.mean(u_all, axis=(2, 3, 4)), "cosine": cosines}
   conf = pol.reference_confident(ReferenceView(layers=layers, n=n, k=cfg.num_segment_blocks, b=b,
                                                aggregate=aggregate, cfg_pairs=cfg_pairs, pp=pp, thr=thr,
                                                sched_depth=sched_depth, armed=None, scores=scores))

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from deediff_jax.config import ConfigError, base_config, validate
+from deediff_jax.config import EXIT_MODEL_KEYS, ConfigError, base_config, validate
 from deediff_jax.tensor_files import CheckpointError
 
 
@@ -49,7 +49,7 @@ def export(workdir: str, out: str, *, uem_from: str = "", float16: bool = False,
   if uem_from:
     other = config_of(uem_from)
     scores = load_params(uem_from, other, use_ema=use_ema)
-    for key in ("exit_style", "uem", "depth", "embed_dim", "num_heads", "patch_size", "image_size"):
+    for key in EXIT_MODEL_KEYS + ("depth", "embed_dim", "num_heads", "patch_size", "image_size"):
       if other.model.get(key) != config.model.get(key):
         raise CheckpointError(f"--uem-from {uem_from} has model.{key}={other.model.get(key)!r} but "
                               f"{workdir} has {config.model.get(key)!r}; both runs must be the same model")

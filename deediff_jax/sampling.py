@@ -51,14 +51,15 @@ def _conditioning(cfg: ModelConfig, y, context, null_y, null_context, doubled: b
   return y, context
 
 
-def make_eps_fn(params, cfg, policy: str = "none", policy_params=None, y=None, context=None,
+def make_eps_fn(params, cfg, policy: Optional[str] = None, policy_params=None, y=None, context=None,
                 guidance_scale=0.0, null_y=None, null_context=None, *, aggregate: str = "all",
                 plain: bool = False, x0_scale_of=None) -> EpsFn:
   """The noise predictor a sampler calls: early exit (default) or the plain full-depth forward.
 
   `plain=True` is the real baseline: `module.apply` (the scan forward, no while loop, no exit
   machinery); its stats report every sample at full depth. `guidance_scale` may be traced, but a
-  Python 0 (the default) means no guidance and no doubled batch. policy="oracle" needs
+  Python 0 (the default) means no guidance and no doubled batch. `policy` None: full depth through
+  the loop (`policies.full_depth()`). A policy that `needs_x0_scale` (the oracle) needs
   `x0_scale_of` (`x0_scale_fn(schedule)`).
   """
   cfg = ModelConfig.from_config(cfg)
@@ -66,6 +67,8 @@ def make_eps_fn(params, cfg, policy: str = "none", policy_params=None, y=None, c
   module = DeeDiffUViT(cfg)
   doubled = not _is_zero(guidance_scale)
   y_in, ctx_in = _conditioning(cfg, y, context, null_y, null_context, doubled)
+  if policy is None:
+    policy = policies.full_depth().name
   if not plain:
     check_policy(policy, cfg, aggregate)
     if policy_params is None:
@@ -233,7 +236,7 @@ def sample_with(params, cfg: ModelConfig, spec: SamplerSpec, rng, num: int, *, p
     raise SamplerError(f"x_init must be [{num}, {cfg.image_size}, {cfg.image_size}, {cfg.in_channels}] "
                        f"(NHWC), got {tuple(np.shape(x_init))}")
   fn = _compiled(cfg, s.schedule, int(s.timesteps), s.sampler,
-                 int(s.steps), "none" if plain else policy, aggregate, doubled, clip, bool(plain),
+                 int(s.steps), policies.full_depth().name if plain else policy, aggregate, doubled, clip, bool(plain),
                  *((True,) if cached else ()))   # the uncached program keeps its lru_cache key
   shape = (cfg.image_size, cfg.image_size, cfg.in_channels)
   bs = int(s.batch_size)

@@ -24,14 +24,14 @@ class SteadyUEM(policies.ScoreThreshold):
   """Exit when the UEM's u is below the threshold at two consecutive blocks."""
   name = "steady_uem"
   summary = "exit when u < threshold at this block and the one before"
-  score = "uem"
+  score = "uncertainty"
   exits_when = "below"
   cheap_threshold = 2.0
   sweep_key = "thresholds"
   sweep_example = "0.3,0.5"
   calibratable = True
   threshold_at = (0.0, 1.0)
-  monitor = "uem"
+  monitor = "uncertainty"
   needs_exit_style = "deediff"
   learned = True
 
@@ -101,3 +101,26 @@ def test_calibration(tmp_path, params):
   assert abs(report["achieved"]["layer_ratio_run"] - 0.8) <= 0.2 or not report["within_tolerance"]
   stats = sample_mode.run(c, str(tmp_path / "s"), params=params)   # --mode sample calibrates it too
   assert stats["calibration"]["policy"] == "steady_uem"
+
+
+# The same words with another meaning: these files may say them without naming an exit policy.
+OTHER_MEANINGS = {
+    "none": {"deediff_jax/caching.py": "cache.policy=none",
+             "deediff_jax/eval/quality.py": "sweep.fid_kind=none",
+             "deediff_jax/eval/heldout.py": "the held-out view's fid kind none",
+             "deediff_jax/eval/plots.py": "matplotlib's linestyle 'none'"},
+}
+
+
+def test_a_policy_name_lives_in_at_most_three_package_files():
+  """Everything else reaches a policy through the registry (its attributes, `full_depth()`,
+  `for_value`, `learned_for`), not through its name."""
+  import pathlib
+  import re
+  root = pathlib.Path(__file__).resolve().parents[1]
+  files = sorted((root / "deediff_jax").rglob("*.py"))
+  for name in policies.names():
+    pattern = re.compile(rf"[\"']{re.escape(name)}[\"']")
+    where = [str(f.relative_to(root)) for f in files if pattern.search(f.read_text())]
+    named = [w for w in where if w not in OTHER_MEANINGS.get(name, {})]
+    assert len(named) <= 3, f"{name!r} is named in {named}"

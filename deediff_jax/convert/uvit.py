@@ -267,7 +267,7 @@ def _unused_hint(name, shapes, mc):
     top = max(int(mm.group(2)) for mm in map(_BLOCK_RE.match, shapes) if mm and mm.group(1) == m.group(1))
     return f"the checkpoint has {top + 1} {m.group(1)}: set model.depth={2 * (top + 1)} (now {mc.depth})"
   if _LTE_RE.match(name):
-    if mc.exit_style != "adadiff":
+    if not mc.has_ltes:
       return ("the checkpoint is an official AdaDiff model with per-block confidence modules: set "
               "model.exit_style=adadiff (and exit.policy=adadiff, exit.aggregate=mean)")
     top = max(int(mm.group(1)) for mm in map(_LTE_RE.match, shapes) if mm)
@@ -402,10 +402,10 @@ def _exit_initializer(mc):
 
   x_in = (jnp.zeros((1, mc.image_size, mc.image_size, mc.in_channels), jnp.float32)
           if mc.input_skip else None)
-  keys = ("ltes",) if mc.exit_style == "adadiff" else ("exit_heads", "uems")
+  keys = ("ltes",) if mc.has_ltes else ("exit_heads", "uems")
 
   def init_exits(m, hs, temb):
-    if mc.exit_style == "adadiff":
+    if mc.has_ltes:
       return m.ltes(hs)
     return m.exit_heads(hs[:-1], x_in), m.uems(hs, temb)
 
@@ -446,7 +446,7 @@ def convert(state_dict: Mapping[str, Any], config, *, seed: int | None = None,
   `seed` is unused. `config` is the full ml_collections config or `config.model`.
   """
   params = convert_backbone(state_dict, config, final_conv=final_conv)
-  if _model_config(config).exit_style == "adadiff":
+  if _model_config(config).has_ltes:
     return params
   return merge_with_fresh_exits(params, config, seed)
 
@@ -525,7 +525,7 @@ def main(argv=None) -> int:
   except (ConversionError, CheckpointError, ConfigError) as e:  # CheckpointError is ckpt's too
     return fail(e)
   counts = count_params(params)
-  if config.model.get("exit_style", "deediff") == "adadiff":
+  if _model_config(config).has_ltes:
     print(f"converted {len(sd)} tensors into {fv.out}: {counts['backbone']:,} backbone + {counts['ltes']:,} "
           f"confidence-module parameters from {os.path.basename(fv.torch)} (official AdaDiff); time: "
           f"{time_convention(config)}")

@@ -106,9 +106,10 @@ def adadiff_loss(eps_all, conf_all, eps, *, lambda_u=1.0, beta_ual=1.0):
   return total, metrics
 
 
-def loss_from_config(eps_all, scores, eps, loss_config, *, exit_style="deediff", x0_scale=None):
-  """The configured loss; `scores` are u [N, B] (deediff) or confidence maps (adadiff)."""
-  if exit_style == "adadiff":
+def loss_from_config(eps_all, scores, eps, loss_config, *, ltes: bool = False, x0_scale=None):
+  """The configured loss; `scores` are u [N, B] (DeeDiff's UEMs) or, with `ltes` (the official
+  AdaDiff exits, `ModelConfig.has_ltes`), confidence maps."""
+  if ltes:
     return adadiff_loss(eps_all, scores, eps, lambda_u=loss_config.lambda_u, beta_ual=loss_config.beta_ual)
   return deediff_loss(eps_all, scores, eps, lambda_u=loss_config.lambda_u, beta_ual=loss_config.beta_ual,
                       stop_grad_ual_weight=loss_config.stop_grad_ual_weight,

@@ -193,7 +193,7 @@ def lte_flops(cfg, *, matmul_only: bool = False) -> int:
 
 
 # An exit policy's per-block test (its `monitor`, deediff_jax/policies/) -> its FLOPs per image.
-MONITORS = {"uem": lambda cfg, matmul_only: uem_flops(cfg, matmul_only=matmul_only),
+MONITORS = {"uncertainty": lambda cfg, matmul_only: uem_flops(cfg, matmul_only=matmul_only),
             "lte": lambda cfg, matmul_only: lte_flops(cfg, matmul_only=matmul_only),
             "cosine": lambda cfg, matmul_only: cosine_flops(cfg, matmul_only=matmul_only)}
 
@@ -252,7 +252,7 @@ def breakdown(cfg, *, matmul_only: bool = False) -> dict:
   kw = dict(matmul_only=matmul_only)
   return {"embed": embed_flops(cfg, **kw), "in_block": block_flops(cfg, False, **kw),
           "out_block": block_flops(cfg, True, **kw), "head": head_flops(cfg, **kw),
-          "uem": uem_flops(cfg, **kw), "cosine": cosine_flops(cfg, **kw),
+          "uncertainty": uem_flops(cfg, **kw), "cosine": cosine_flops(cfg, **kw),
           "forward": forward_flops(cfg, **kw)}
 
 
@@ -273,7 +273,7 @@ def _per_step(name: str, value, steps: Optional[int]) -> np.ndarray:
   return a
 
 
-def early_exit_flops_per_image(cfg, layers_run_per_step, *, policy: str = "uem",
+def early_exit_flops_per_image(cfg, layers_run_per_step, *, policy: Optional[str] = None,
                                heads_per_step=None, monitors_per_step=None,
                                steps: Optional[int] = None, cfg_factor: int = 1,
                                matmul_only: bool = False) -> float:
@@ -291,9 +291,11 @@ def early_exit_flops_per_image(cfg, layers_run_per_step, *, policy: str = "uem",
   (e.g. means over batches) interpolate linearly between whole depths.
 
   Scalars need `steps`; sequences give one value per step. `cfg_factor` is 2 under
-  classifier-free guidance (each image costs a conditional and an unconditional row).
+  classifier-free guidance (each image costs a conditional and an unconditional row). `policy`
+  None: the first registered learned exit (DeeDiff's UEM).
   """
   cfg = _cfg(cfg)
+  policy = policies.first(learned=True).name if policy is None else policy
   if cfg_factor not in (1, 2):
     raise FlopsError(f"cfg_factor must be 1 (no guidance) or 2 (classifier-free guidance), "
                      f"got {cfg_factor!r}")

@@ -42,7 +42,7 @@ class Setting:
     """The row's curve: the exit policy, or l2c / l2c+exit for Learning-to-Cache rows."""
     if self.cache_threshold is None:
       return self.policy
-    return "l2c" if self.policy == "none" else "l2c+exit"
+    return "l2c" if policies.get(self.policy).full_depth else "l2c+exit"
 
   @property
   def exit_policy(self) -> policies.ExitPolicy:
@@ -70,7 +70,7 @@ class Setting:
     else:
       text = self.policy
     if self.cache_threshold is not None:
-      text = (f"l2c {self.cache_threshold:g}" if self.policy == "none"
+      text = (f"l2c {self.cache_threshold:g}" if policies.get(self.policy).full_depth
               else f"{text} + l2c {self.cache_threshold:g}")
     if self.calibration is not None:
       text += " (calibrated)"
@@ -192,7 +192,7 @@ def cache_settings(config, family: str) -> list[Setting]:
   cache_rows.check(config)
   thresholds = cache_rows.thresholds(config)
   if family == "l2c":
-    return [Setting("none", cache_threshold=v) for v in thresholds]
+    return [Setting(policies.full_depth().name, cache_threshold=v) for v in thresholds]
   cfg = ModelConfig.from_config(config.model)
   exits = []
   for name, value in cache_rows.exit_specs(config) or [(None, None)]:

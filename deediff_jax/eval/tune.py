@@ -49,16 +49,15 @@ to --mode sample|eval and zeroes every calibration target, so nothing is recalib
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
-import time
 from typing import Any, Callable, Optional
 
 import numpy as np
 from tqdm import tqdm
 
+from deediff_jax import policies
 from deediff_jax import sampling
 from deediff_jax.eval import bootstrap
 from deediff_jax.eval import specs
@@ -78,16 +77,17 @@ MAX_FITS = 4                  # calibrations per calibrated family while its GFL
 COMBO_STEP_FRACTIONS = (0.6, 0.7, 0.8, 0.9)
 CALIBRATION_TARGET_KEYS = ("exit.target_layer_ratio", "exit.min_psnr", "exit.max_psnr_drop")
 MIN_PSNR_BISECTIONS = 5
-FAMILIES = ("learned", "time_schedule", "static", "fewer_steps", "static_fewer_steps", "l2c")
+# The fixed families are named after the registered policies they run.
+FULL_DEPTH = policies.full_depth().name
+STATIC = policies.for_value("depth").name
+TIME_SCHEDULE = policies.for_value("schedule").name
+FAMILIES = ("learned", TIME_SCHEDULE, STATIC, "fewer_steps", f"{STATIC}_fewer_steps", "l2c")
 
 
 def _threshold_policy(policy: str) -> bool:
-  """True for a policy set by a threshold (the policy registry's `value` when it exists)."""
-  try:
-    from deediff_jax import policies
-    return policies.get(policy).value == "threshold" and policy != "oracle"
-  except (ImportError, AttributeError, ValueError, KeyError):
-    return policy in ("uem", "uem_no_time", "state_cosine", "adadiff")
+  """True for a runnable policy set by a threshold."""
+  p = policies.get(policy)
+  return p.has_threshold and p.runnable
 
 
 class TuneError(ValueError):
@@ -169,9 +169,9 @@ def overrides_of(setting: Setting, aggregate: str, steps: int, min_layers: int) 
     else:
       out.update({"exit.threshold": float(setting.threshold), "exit.threshold_schedule": ""})
     out["exit.aggregate"] = aggregate
-  elif setting.policy == "static":
+  elif policies.get(setting.policy).value == "depth":
     out["exit.depth"] = int(setting.depth)
-  elif setting.policy == "time_schedule":
+  elif policies.get(setting.policy).value == "schedule":
     out["exit.schedule"] = setting.schedule
   out["exit.min_layers"] = int(min_layers)
   return out
@@ -241,7 +241,7 @@ def tuned_setting(tuned_config, base_steps: int) -> Setting:
   s = setting_from_exit_config(tuned_config)
   steps = int(tuned_config.sample.steps)
   if steps != int(base_steps):
-    s = dataclasses.replace(s, steps=steps, plain=s.policy == "none")
+    s = dataclasses.replace(s, steps=steps, plain=s.policy == FULL_DEPTH)
   return s
 
 
@@ -299,7 +299,7 @@ def paired_speedup(params, config, cand: Candidate, cond: dict, rng, repeats: in
   else:
     kw_c = dict(policy=cand.setting.policy,
                 policy_params=cand.setting.policy_params(n, int(config.exit.min_layers)))
-    if getattr(cand.setting, "cache_threshold", None) is not None:   # Learning-to-Cache: its reuse schedule
+    if cand.setting.cache_threshold is not None:   # Learning-to-Cache: its reuse schedule
       from deediff_jax.eval import cache_rows
       kw_c["reuse"] = cache_rows.reuse_for(cfg_c, cand.setting.cache_threshold, n)
   runs = [(config, dict(plain=True)), (cfg_c, kw_c)]
@@ -333,7 +333,7 @@ def _layer_target(cfg: ModelConfig, budget: float, steps: int, policy: str, cfg_
 
 def _static_ratio(cfg: ModelConfig, depth: int, steps: int, full_steps: int, cfg_factor: int) -> float:
   full = flops_lib.full_depth_flops_per_image(cfg, full_steps, cfg_factor=cfg_factor)
-  return flops_lib.early_exit_flops_per_image(cfg, depth, policy="static", steps=steps,
+  return flops_lib.early_exit_flops_per_image(cfg, depth, policy=STATIC, steps=steps,
                                               cfg_factor=cfg_factor) / full
 
 
@@ -357,10 +357,6 @@ def _fit(make: Callable[[float], Optional[Candidate]], measure: Callable[[Candid
     t -= (cand.gflops_ratio - budget) + 0.01
 
 
-def _score_policy(cfg: ModelConfig) -> str:
-  return "adadiff" if cfg.exit_style == "adadiff" else ("uem_no_time" if cfg.uem == "token_linear_no_time" else "uem")
-
-
 def _target_request(request: cal_spec.CalibrationSpec, target: float, aggregate: str) -> cal_spec.CalibrationSpec:
   """The calibration request of one learned candidate: its own layer-ratio target and aggregate."""
   return dataclasses.replace(request, target_layer_ratio=float(target), min_psnr=0.0, max_psnr_drop=0.0,
@@ -368,25 +364,20 @@ def _target_request(request: cal_spec.CalibrationSpec, target: float, aggregate:
 
 
 def _l2c_candidates(config, steps: int, min_layers: int) -> list:
-  """The caching family (Learning-to-Cache), searched when cache.router is set and
-  deediff_jax.caching exists: one full-depth candidate per sweep.cache_thresholds value (else
-  cache.threshold), each a fixed cost, measured like the sweep's l2c rows (`Setting.cache_threshold`
-  where the Setting has it; the config keys in `extra` otherwise)."""
+  """The caching family (Learning-to-Cache), searched when cache.router is set: one full-depth
+  candidate per sweep.cache_thresholds value (else cache.threshold), each a fixed cost, measured
+  like the sweep's l2c rows (the runner builds the reuse schedule of `Setting.cache_threshold`)."""
   if not str(config.cache.router).strip():
-    return []
-  if importlib.util.find_spec("deediff_jax.caching") is None:
     return []
   router = os.path.abspath(str(config.cache.router))
   text = str(config.sweep.cache_thresholds) or str(config.cache.threshold)
-  has_field = "cache_threshold" in {f.name for f in dataclasses.fields(Setting)}
   out = []
   for t in dict.fromkeys(float(v) for v in text.split(",") if v.strip()):
     keys = {"cache.policy": "l2c", "cache.router": router, "cache.threshold": t}
-    # The sweep's l2c row (runner: the reuse schedule of Setting.cache_threshold); else the config keys.
-    s = Setting("none", cache_threshold=t) if has_field else Setting("none")
-    out.append(Candidate("l2c", s, {"exit.policy": "none", "sample.steps": int(steps),
+    s = Setting(FULL_DEPTH, cache_threshold=t)
+    out.append(Candidate("l2c", s, {"exit.policy": FULL_DEPTH, "sample.steps": int(steps),
                                     "exit.min_layers": int(min_layers), **keys},
-                         extra={"cache.router": router} if has_field else keys))
+                         extra={"cache.router": router}))
   return out
 
 
@@ -404,7 +395,7 @@ def search_tasks(config, params, req: TuneRequest, budget: float, cctx: runner.C
   tasks = []
 
   def plain_steps(k):
-    s = Setting("none", steps=k, plain=True)
+    s = Setting(FULL_DEPTH, steps=k, plain=True)
     return Candidate("fewer_steps", s, overrides_of(s, "all", steps, min_layers))
 
   def fewer(tried):
@@ -420,9 +411,9 @@ def search_tasks(config, params, req: TuneRequest, budget: float, cctx: runner.C
   def static(tried):
     d = deepest(steps)
     if d is not None and d < n:
-      s = Setting("static", depth=d)
-      tried.append(measure_fn(Candidate("static", s, overrides_of(s, "all", steps, min_layers))))
-  tasks.append(("static", "static", static))
+      s = Setting(STATIC, depth=d)
+      tried.append(measure_fn(Candidate(STATIC, s, overrides_of(s, "all", steps, min_layers))))
+  tasks.append((STATIC, STATIC, static))
 
   def combo(tried):
     ks = sorted({int(round(f * steps)) for f in COMBO_STEP_FRACTIONS} - {steps})
@@ -431,21 +422,21 @@ def search_tasks(config, params, req: TuneRequest, budget: float, cctx: runner.C
         continue
       d = deepest(k)
       if d is not None:
-        s = Setting("static", depth=d, steps=k)
-        tried.append(measure_fn(Candidate("static_fewer_steps", s, overrides_of(s, "all", steps, min_layers))))
-  tasks.append(("static_fewer_steps", "static + fewer steps", combo))
+        s = Setting(STATIC, depth=d, steps=k)
+        tried.append(measure_fn(Candidate(f"{STATIC}_fewer_steps", s, overrides_of(s, "all", steps, min_layers))))
+  tasks.append((f"{STATIC}_fewer_steps", f"{STATIC} + fewer steps", combo))
 
   def schedule(tried):
     def make(t):
       t = min(1.0, t)
       sched, report = calibrate_time_schedule(params, request, rng, target=t, buckets=req.buckets, num=cal_num)
-      s = Setting("time_schedule", schedule=",".join(str(v) for v in sched), calibration=report)
-      return Candidate("time_schedule", s, overrides_of(s, "all", steps, min_layers))
-    _fit(make, measure_fn, budget, _layer_target(cfg, budget, steps, "time_schedule", cf), tried)
-  tasks.append(("time_schedule", "time_schedule (calibrated)", schedule))
+      s = Setting(TIME_SCHEDULE, schedule=",".join(str(v) for v in sched), calibration=report)
+      return Candidate(TIME_SCHEDULE, s, overrides_of(s, "all", steps, min_layers))
+    _fit(make, measure_fn, budget, _layer_target(cfg, budget, steps, TIME_SCHEDULE, cf), tried)
+  tasks.append((TIME_SCHEDULE, f"{TIME_SCHEDULE} (calibrated)", schedule))
 
   if "exit_heads" in params or "ltes" in params:
-    policy = _score_policy(cfg)
+    policy = policies.learned_for(cfg).name
     for aggregate in ("all", "last"):
       for buckets in sorted({1, req.buckets}):
         def learned(tried, aggregate=aggregate, buckets=buckets):

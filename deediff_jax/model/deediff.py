@@ -60,7 +60,7 @@ class DeeDiffUViT(nn.Module):
     self.mid_block = Block(cfg)
     self.out_blocks = _scanned_blocks(cfg, True, "out_blocks")
     self.head = Head(cfg)
-    if cfg.exit_style == "adadiff":
+    if cfg.has_ltes:
       self.ltes = exits.ltes(cfg)
     else:
       self.exit_heads = exits.exit_heads(cfg)
@@ -111,7 +111,7 @@ class DeeDiffUViT(nn.Module):
   def all_predictions(self, hs, x=None):
     """Noise predictions of all N heads: [N, B, H, W, C]. `x`: the noisy input (for input_skip)."""
     x_in = self._head_input(x)
-    if self.cfg.exit_style == "adadiff":
+    if self.cfg.has_ltes:
       # One shared head decodes every block: fold the layers into the batch.
       n, b = hs.shape[:2]
       x_rep = None if x_in is None else jnp.broadcast_to(x_in[None], (n,) + x_in.shape).reshape((n * b,) + x_in.shape[1:])
@@ -136,7 +136,7 @@ class DeeDiffUViT(nn.Module):
 
   def all_uncertainties(self, hs, temb):
     """deediff: u [N, B] (uncertainty); adadiff: confidence maps [N, B, H, W, C]."""
-    if self.cfg.exit_style == "adadiff":
+    if self.cfg.has_ltes:
       return self.ltes(hs)
     return self.uems(hs, temb)
 

@@ -6,6 +6,7 @@ official batch rule; aggregate="all" decides per image (the official evaluation 
 per batch, so "all" reproduces its decisions). With classifier-free guidance the conditional and
 null rows decide separately (each half on its own mean under "mean"), as the official code's two
 separate network calls do."""
+from deediff_jax.policies.uem import UEM
 from deediff_jax.policies.base import ScoreThreshold, register
 
 
@@ -32,7 +33,7 @@ class AdaDiff(ScoreThreshold):
   monitor = "lte"
   needs_exit_style = "adadiff"
   learned = True
-  replaces = "uem"
+  replaces = UEM.name
   # Rows never wait for their CFG partner: the official code makes two separate network calls
   # (conditional, null), each exiting on its own confidence.
   pairs_decide_together = False

@@ -26,7 +26,7 @@ class ExitPolicy:
   # What the policy is swept and calibrated over: its traced value in `policy_params`.
   value: Optional[str] = None             # "threshold" | "depth" | "schedule" | None (no value)
   # The score compared with the threshold, computed by the early-exit loop for the policy:
-  # "uem" (u of the model's UEM), "confidence" (mean of an AdaDiff confidence map), "cosine"
+  # "uncertainty" (u of the model's UEM), "confidence" (mean of an AdaDiff confidence map), "cosine"
   # (cosine of the new and the previous hidden state); None: no score (depth rules, the oracle).
   score: Optional[str] = None
   exits_when: str = ""                    # "below" | "above": the score vs the threshold
@@ -38,7 +38,7 @@ class ExitPolicy:
   # `threshold_at[1]` at a = 1 (exits as early as exit.min_layers allows), linear in between.
   calibratable: bool = False
   threshold_at: tuple = (0.0, 1.0)
-  monitor: Optional[str] = None           # FLOPs of its per-block test: "uem" | "lte" | "cosine" | None
+  monitor: Optional[str] = None           # FLOPs of its per-block test: "uncertainty" | "lte" | "cosine" | None
 
   # What the model must have.
   needs_exit_style: Optional[str] = None  # "deediff" (heads + UEMs) | "adadiff" (LTEs) | None (either)
@@ -97,7 +97,7 @@ class ExitPolicy:
     (in-blocks), b (rows), aggregate, cfg_pairs, pp (policy_params), thr (the threshold of each
     row's timestep bucket; one value under aggregate="mean"), sched_depth (per-row depth of a
     "schedule" value), armed (the [B] flags the previous call returned), and the scores:
-    s.uem(), s.confidence(), s.cosine(). exit.min_layers, the last block and CFG pairs are
+    s.score(kind) for kind "uncertainty", "confidence" or "cosine". exit.min_layers, the last block and CFG pairs are
     applied by the loop afterwards.
     """
     raise NotImplementedError(f"exit policy {self.name!r} has no loop decision")
@@ -187,6 +187,27 @@ def first(**attributes) -> ExitPolicy:
     if all(getattr(p, k) == v for k, v in attributes.items()):
       return p
   raise UnknownPolicy(f"no registered exit policy has {attributes}")
+
+
+def full_depth() -> ExitPolicy:
+  """The full-depth policy: every block through the early-exit loop (the sweep's reference row)."""
+  return first(full_depth=True)
+
+
+def for_value(kind: str) -> ExitPolicy:
+  """The first registered runnable policy set by a value of `kind` ("depth" or "schedule"),
+  e.g. the static depth and the time schedule that tune searches as fixed families."""
+  return first(value=kind, runnable=True, learned=False)
+
+
+def learned_for(cfg) -> ExitPolicy:
+  """The learned exit a model (`ModelConfig`) runs: among the runnable learned policies the
+  model can run, the most specific one (a policy that needs this model's UEM kind first)."""
+  fits = [p for p in _REGISTRY.values() if p.learned and p.runnable and p.model_problem(cfg) is None]
+  if not fits:
+    raise UnknownPolicy(f"no registered learned exit policy runs a model with exit_style={cfg.exit_style}, "
+                        f"uem={cfg.uem}")
+  return min(fits, key=lambda p: (p.needs_uem is None, p.needs_exit_style is None))
 
 
 def names() -> tuple:

@@ -6,14 +6,14 @@ from deediff_jax.policies.base import ScoreThreshold, register
 class UEM(ScoreThreshold):
   name = "uem"
   summary = "DeeDiff: exit when the UEM's u < threshold (the UEM kind is the model's own)"
-  score = "uem"
+  score = "uncertainty"              # u of the model's UEM
   exits_when = "below"
   cheap_threshold = 2.0              # u < 2 always
   sweep_key = "thresholds"
   sweep_example = "0.05,0.1,0.2"
   calibratable = True
   threshold_at = (0.0, 1.0)          # a = 0: u < 0 never; a = 1: u < 1 always
-  monitor = "uem"
+  monitor = "uncertainty"
   needs_exit_style = "deediff"
   learned = True
 

@@ -44,6 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from deediff_jax.config import EXIT_MODEL_KEYS
 from deediff_jax.tensor_files import CheckpointError  # one class, shared with model/ and convert/
 
 ITEMS = ("params", "ema_params", "opt_state", "meta")
@@ -169,7 +170,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
-EXIT_MODEL_KEYS = ("exit_style", "uem")   # model keys of the exits alone, not of the backbone
 
 
 def check_compatible(saved_config: dict, config, where: str, *, keys=("model",), extra=()) -> None:

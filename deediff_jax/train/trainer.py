@@ -105,7 +105,7 @@ def train_step(state: TrainState, batch: dict, *, config, module, sched, optimiz
     eps_all, scores = module.apply({"params": params}, xt, schedule_lib.model_time(sched, mb["t"]),
                                    mb.get("y"), mb.get("context"), method=DeeDiffUViT.all_exits)
     alpha, sigma = schedule_lib.alpha_sigma(sched, mb["t"])
-    return loss_from_config(eps_all, scores, mb["noise"], config.loss, exit_style=mc.exit_style,
+    return loss_from_config(eps_all, scores, mb["noise"], config.loss, ltes=mc.has_ltes,
                             x0_scale=sigma / alpha)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
