@@ -475,9 +475,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if policy.value == "schedule" and (str(cfg.exit.schedule).strip() or cfg.exit.target_layer_ratio <= 0):
     # An empty schedule is fine when exit.target_layer_ratio calibrates one.
     parse_depth_schedule(cfg.exit.schedule, mc.num_blocks, key="exit.schedule")
-  if cfg.train.mode in ("finetune", "frozen_backbone", "uem_only", "router") and not cfg.train.init_from:
+  # The router's frozen backbone may also come from a params file (python -m deediff_jax.export).
+  from_file = cfg.train.mode == "router" and str(cfg.sample.params_file).strip()
+  if cfg.train.mode in ("finetune", "frozen_backbone", "uem_only", "router") and not cfg.train.init_from \
+     and not from_file:
     raise ConfigError(f"train.mode={cfg.train.mode} needs train.init_from=DIR (a checkpoint "
-                      "workdir or converted U-ViT weights)")
+                      "workdir or converted U-ViT weights)"
+                      + (" or sample.params_file=FILE" if cfg.train.mode == "router" else ""))
   if not cfg.data.latent and (mc.image_size != cfg.data.image_size or mc.in_channels != cfg.data.channels):
     # Latent models differ on purpose (data.latent=True); pixel models must agree.
     raise ConfigError(f"model.image_size/in_channels ({mc.image_size}, {mc.in_channels}) must match "

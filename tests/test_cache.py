@@ -434,3 +434,27 @@ def test_l1_lambda_scales_with_output_size():
   c.model.update(image_size=14, in_channels=1)
   c.cache.l1_weight = 0.1
   assert router_lib.l1_lambda(c) == pytest.approx(0.1 * 196 / 4096)
+
+
+def test_router_trains_from_a_params_file(tmp_path):
+  """train.mode=router with sample.params_file and no train.init_from: the frozen backbone is the
+  file's, so the logits equal those trained on the same parameters passed in directly."""
+  from deediff_jax.train import params_file
+  from deediff_jax.train import router as router_lib
+  mc, params = _tiny(classes=3)
+  c = base_config()
+  c.model.update(image_size=4, in_channels=1, embed_dim=16, depth=4, num_heads=2, patch_size=2, num_classes=3)
+  c.data.update(image_size=4, channels=1)
+  c.sample.update(sampler="ddim", steps=4, guidance_scale=0.0)
+  c.train.update(mode="router", init_from="", num_steps=2, warmup_steps=1, log_every=1, checkpoint_every=2)
+  c.sample.params_file = params_file.save(str(tmp_path / "params.npz"), params, c)
+  c = validate(c)   # no init_from: the params file is the backbone
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.uniform(-1, 1, (2, 4, 4, 1)).astype(np.float32), "label": np.array([0, 2])}
+             for _ in range(2)]
+  from_file = router_lib.train_router(c, str(tmp_path / "a"), batch_fn=lambda i: batches[i], progress=False)
+  direct = router_lib.train_router(c, str(tmp_path / "b"), params=params, batch_fn=lambda i: batches[i],
+                                   progress=False)
+  assert from_file.shape == (4, 2 * mc.num_blocks)
+  np.testing.assert_array_equal(from_file, direct)
+  assert os.path.isfile(tmp_path / "a" / "router.npz")

@@ -2,7 +2,7 @@
 
 Only the router logits learn, `prob` [R, 2N] (R = sample.steps rows, one per network evaluation
 for dpm_solver_2s as in the official files, one per step for ddim); the backbone from
-train.init_from is frozen. One training step, as the official `train_router_discrete.py`
+train.init_from (or sample.params_file) is frozen. One training step, as the official `train_router_discrete.py`
 (`LRouter`), conditional calls only (no null rows):
 
   dpm_solver_2s  a training image is noised to grid step k (k uniform in 0 .. K-2, K = steps/2
@@ -148,6 +148,9 @@ def train_router(config, workdir: str, *, params=None, batch_fn=None, progress: 
   if cfg.context_dim > 0:
     raise ConfigError("train.mode=router supports unconditional and class-conditional models; this "
                       "one is text-conditional (model.context_dim > 0)")
+  if params is None and str(config.sample.params_file).strip():   # a committed params file
+    from deediff_jax.train import params_file
+    params = params_file.load_for(config)
   if params is None:
     from deediff_jax.train.checkpoint import load_params
     params = load_params(config.train.init_from, config, use_ema=True)
