@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from deediff_jax.config import ConfigError, ModelConfig
+from deediff_jax.config import CacheSpec, ConfigError, ModelConfig
 from deediff_jax.model.deediff import DeeDiffUViT
 from deediff_jax.model.uvit import LN_EPS, Attention, Head, Mlp
 from deediff_jax.tensor_files import CheckpointError, load_state_dict
@@ -188,33 +188,26 @@ def check_router(router: RouterFile, *, num_blocks: int, sampler: str, steps: in
                      f"{router.scores.shape[0]} or another router")
 
 
-def enabled(config) -> bool:
-  c = config.get("cache", None)
-  return c is not None and str(c.policy) == "l2c"
-
-
-def check_config(config, num_blocks: int) -> None:
-  """The run-level rules of cache.policy=l2c (one line each)."""
-  if not enabled(config):
-    return
-  sampler, steps = str(config.sample.sampler), int(config.sample.steps)
-  if sampler not in CACHE_SAMPLERS:
-    raise CacheError(f"cache.policy=l2c works with sample.sampler dpm_solver_2s or ddim, got {sampler}")
-  if sampler == "dpm_solver_2s" and steps % 2:
-    raise CacheError(f"sample.sampler=dpm_solver_2s needs an even sample.steps (NFE), got {steps}")
-  if not str(config.cache.router).strip():
+def check_spec(spec: CacheSpec) -> None:
+  """The run-level rules of a cached run (one line each): a sampler that caches and a router."""
+  if spec.sampler not in CACHE_SAMPLERS:
+    raise CacheError(f"cache.policy=l2c works with sample.sampler dpm_solver_2s or ddim, got {spec.sampler}")
+  if spec.sampler == "dpm_solver_2s" and spec.steps % 2:
+    raise CacheError(f"sample.sampler=dpm_solver_2s needs an even sample.steps (NFE), got {spec.steps}")
+  if not spec.router:
     raise CacheError("cache.policy=l2c needs cache.router=PATH (an official .pth or one trained with "
                      "--config.train.mode=router)")
 
 
-def reuse_from_config(config, num_blocks: int, threshold: Optional[float] = None) -> np.ndarray:
-  """cache.router + cache.threshold (or `threshold`) + the sampler -> the reuse schedule."""
-  check_config(config, num_blocks)
-  sampler, steps = str(config.sample.sampler), int(config.sample.steps)
-  router = read_router(config.cache.router)
-  check_router(router, num_blocks=num_blocks, sampler=sampler, steps=steps, path=str(config.cache.router))
-  thr = float(config.cache.threshold) if threshold is None else float(threshold)
-  return reuse_schedule(router.scores, thr, solver_steps(sampler, steps), sampler)
+def reuse_for(spec: CacheSpec, num_blocks: int, threshold: Optional[float] = None) -> np.ndarray:
+  """The reuse schedule of `spec`'s router at `threshold` (default: spec.threshold) for its sampler
+  and step count, whatever spec.policy says (the sweep's and tune's cache rows set only the
+  threshold)."""
+  check_spec(spec)
+  router = read_router(spec.router)
+  check_router(router, num_blocks=num_blocks, sampler=spec.sampler, steps=spec.steps, path=spec.router)
+  thr = spec.threshold if threshold is None else float(threshold)
+  return reuse_schedule(router.scores, thr, solver_steps(spec.sampler, spec.steps), spec.sampler)
 
 
 # ----------------------------------------------------------------------------- the carry

@@ -198,6 +198,30 @@ class SamplerSpec:
                latent=bool(config.data.latent))
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+  """Typed, frozen view of `config.cache` and the sampler it reuses across (read once at the edge
+  by `from_config`; deediff_jax/caching.py builds the reuse schedule from it)."""
+  policy: str = "none"               # none | l2c
+  router: str = ""                   # the router file ("" when none is given)
+  threshold: float = 0.9             # a sublayer is recomputed where its router score > threshold
+  sampler: str = "ddim"
+  steps: int = 25
+
+  @property
+  def enabled(self) -> bool:
+    return self.policy == "l2c"
+
+  @classmethod
+  def from_config(cls, config) -> "CacheSpec":
+    c = config.get("cache", None)
+    sampler, steps = str(config.sample.sampler), int(config.sample.steps)
+    if c is None:
+      return cls(sampler=sampler, steps=steps)
+    return cls(policy=str(c.policy), router=str(c.router).strip(), threshold=float(c.threshold),
+               sampler=sampler, steps=steps)
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 

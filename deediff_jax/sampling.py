@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from deediff_jax import caching
 from deediff_jax import policies
-from deediff_jax.config import SAMPLERS, ExitSpec, ModelConfig, SamplerSpec
+from deediff_jax.config import SAMPLERS, CacheSpec, ExitSpec, ModelConfig, SamplerSpec
 from deediff_jax.diffusion import schedule as sched_lib
 from deediff_jax.diffusion.samplers import EpsFn, SamplerError, guide, run_sampler, x0_scale_fn
 from deediff_jax.early_exit import check_policy, early_exit_forward, exit_params, make_policy_params
@@ -192,7 +192,8 @@ def sample(params, config, rng, num: int, *, policy: Optional[str] = None, polic
     policy_params = cfg_params if policy_params is None else policy_params
   aggregate = config.exit.aggregate if aggregate is None else aggregate
   if reuse is None:
-    reuse = caching.reuse_from_config(config, n) if caching.enabled(config) and not plain else False
+    cache = CacheSpec.from_config(config)
+    reuse = caching.reuse_for(cache, n) if cache.enabled and not plain else False
   return sample_with(params, cfg, SamplerSpec.from_config(config), rng, num, policy=policy,
                      policy_params=policy_params, aggregate=aggregate, labels=labels, context=context,
                      null_context=null_context, plain=plain, progress=progress,

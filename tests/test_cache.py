@@ -458,3 +458,43 @@ def test_router_trains_from_a_params_file(tmp_path):
   assert from_file.shape == (4, 2 * mc.num_blocks)
   np.testing.assert_array_equal(from_file, direct)
   assert os.path.isfile(tmp_path / "a" / "router.npz")
+
+
+# ----------------------------------------------------------------------------- from the config
+
+def test_cache_keys_reach_every_caller_as_the_schedule_built_by_hand(tmp_path):
+  """config.cache is read once into a CacheSpec: `sampling.sample` with cache.policy=l2c gives the
+  images of passing the hand-built reuse schedule, the sweep's cache rows and the calibration edge
+  build that same schedule (at their own threshold / sampler), and a sampler that cannot cache is
+  one line."""
+  from deediff_jax.config import CacheSpec, SamplerSpec
+  from deediff_jax.eval import cache_rows, specs
+  mc, params = _tiny()
+  prob = np.random.default_rng(3).normal(size=(4, 2 * mc.num_blocks)).astype(np.float32)
+  router = str(tmp_path / "router.npz")
+  caching.save_router(router, prob, sampler="ddim", steps=4, num_blocks=mc.num_blocks)
+  c = base_config()
+  c.model.update(image_size=4, in_channels=1, embed_dim=16, depth=4, num_heads=2, patch_size=2, num_classes=0)
+  c.data.update(image_size=4, channels=1)
+  c.sample.update(sampler="ddim", steps=4, guidance_scale=0.0, batch_size=3)
+  c.exit.policy = "none"
+  c.cache.update(router=router, threshold=0.4)
+  scores = 1.0 / (1.0 + np.exp(-prob))
+  by_hand = caching.reuse_schedule(scores, 0.4, 4, "ddim")
+  assert by_hand.any() and not by_hand.all()
+
+  plain_rng = jax.random.PRNGKey(5)
+  want, _ = sampling.sample(params, c, plain_rng, 3, reuse=by_hand)
+  c.cache.policy = "l2c"
+  got, stats = sampling.sample(params, c, plain_rng, 3)
+  np.testing.assert_array_equal(got, want)
+  assert np.sum(stats["att_run"]) < np.sum(stats["layers_run"])   # it did reuse
+
+  np.testing.assert_array_equal(cache_rows.reuse_for(c, 0.7, mc.num_blocks),
+                                caching.reuse_schedule(scores, 0.7, 4, "ddim"))
+  spec = specs.calibration_spec(c)
+  np.testing.assert_array_equal(spec.reuse(SamplerSpec.from_config(c)), by_hand)
+  with pytest.raises(caching.CacheError, match="router was trained for sample.steps=4"):
+    spec.reuse(SamplerSpec(sampler="ddim", steps=6, batch_size=3))
+  with pytest.raises(caching.CacheError, match="works with sample.sampler dpm_solver_2s or ddim, got ddpm"):
+    caching.reuse_for(CacheSpec(policy="l2c", router=router, sampler="ddpm", steps=4), mc.num_blocks)

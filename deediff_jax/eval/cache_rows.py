@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from deediff_jax import caching
+from deediff_jax.config import CacheSpec
 from deediff_jax.eval import flops as flops_lib
 from deediff_jax.eval.flops import ELEMENTWISE, FlopsError
 from deediff_jax.model.uvit import ModelConfig
@@ -70,9 +71,7 @@ def reuse_for(config, cache_threshold: Optional[float], num_blocks: int):
   """The reuse schedule of a row (False: no cache)."""
   if cache_threshold is None:
     return False
-  return caching.reuse_schedule(caching.load_router(config.cache.router), float(cache_threshold),
-                                caching.solver_steps(str(config.sample.sampler), int(config.sample.steps)),
-                                str(config.sample.sampler))
+  return caching.reuse_for(CacheSpec.from_config(config), num_blocks, cache_threshold)
 
 
 def sublayer_flops(cfg, *, matmul_only: bool = False) -> dict:

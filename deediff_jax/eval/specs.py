@@ -12,10 +12,11 @@ only when the core asks, so building a spec reads nothing and fails on nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from deediff_jax import caching
-from deediff_jax.config import ModelConfig, SamplerSpec
+from deediff_jax.config import CacheSpec, ModelConfig, SamplerSpec
 from deediff_jax.data.eval_context import conditioning
 from deediff_jax.eval import fidelity as fidelity_lib
 from deediff_jax.eval.calibration import resolve
@@ -25,15 +26,13 @@ from deediff_jax.eval.quality import QualitySpec
 from deediff_jax.eval.real_data import real_images
 
 
-def _reuse(config, num_blocks: int, sampler: SamplerSpec):
-  """The Learning-to-Cache reuse schedule of `sampler` (cache.policy=l2c), else False: what
+def _reuse(cache: CacheSpec, num_blocks: int, sampler: SamplerSpec):
+  """The Learning-to-Cache reuse schedule for `sampler` (cache.policy=l2c), else False: what
   `sampling.sample(params, config, ...)` uses, for the sampler a calibration runs."""
-  if not caching.enabled(config):
+  if not cache.enabled:
     return False
-  if (sampler.sampler, sampler.steps) != (str(config.sample.sampler), int(config.sample.steps)):
-    config = config.copy_and_resolve_references()
-    config.sample.sampler, config.sample.steps = sampler.sampler, int(sampler.steps)
-  return caching.reuse_from_config(config, num_blocks)
+  return caching.reuse_for(dataclasses.replace(cache, sampler=sampler.sampler, steps=int(sampler.steps)),
+                           num_blocks)
 
 
 def calibration_spec(config) -> CalibrationSpec:
@@ -51,7 +50,7 @@ def calibration_spec(config) -> CalibrationSpec:
       images=images if images > 0 else min(int(s.batch_size), int(s.num_images)),
       buckets=int(e.calibration_buckets), seed=int(config.sweep.calibration_seed),
       conditioning=functools.partial(conditioning, config),
-      reuse=functools.partial(_reuse, config, model.num_blocks),
+      reuse=functools.partial(_reuse, CacheSpec.from_config(config), model.num_blocks),
       decoder=functools.partial(decoder_for, config))
 
 
