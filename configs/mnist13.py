@@ -14,11 +14,9 @@ Training is joint (backbone, heads and UEMs together, the paper's recipe); the s
 the UEMs alone on the fidelity target (benchmarks/mnist13_study.sh). About 1.15 s per step on an idle
 2-core CPU at batch 64 (about 2 s with a test suite beside it): 3,000 steps in about an hour.
 
-The committed study (benchmarks/results/mnist13/) measures benchmarks/models/mnist13/params.npz,
-an earlier model: 1,000 steps of this 3,000-step schedule, then resumed with num_steps=2000 to
-step 2,000. It reaches 92.2% class accuracy, but its samples are speckled. The config's 3,000 steps
-in one run, with its fidelity UEMs, is benchmarks/models/mnist13/next/params.npz. The study will be
-regenerated from that file (its README says how).
+The committed model, benchmarks/models/mnist13/params.npz (float16), is this config's 3,000 steps
+in one run (`bash benchmarks/mnist13_study.sh joint`) with its UEMs then retrained for 250 steps on
+the fidelity target (`... uem`); every number in benchmarks/results/mnist13/ is measured from it.
 The sample settings below are the study's.
 """
 from deediff_jax.config import base_config

@@ -94,3 +94,18 @@ def test_python_version_is_stated_once_and_holds():
   assert sys.version_info >= (3, 11)
   readme = (ROOT / "README.md").read_text()
   assert re.findall(r"Python (3\.\d+)", readme) == ["3.11"], "the README names the Python version once"
+
+
+def test_the_headline_study_tables_are_the_committed_files():
+  """docs/results.md quotes the 13-block study's tables exactly as benchmarks/results_tables.py
+  writes them from the committed JSON files (and the README its headline table), so a regenerated
+  study cannot leave stale numbers."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("results_tables", ROOT / "benchmarks" / "results_tables.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  text = (ROOT / "docs" / "results.md").read_text()
+  tables = module.tables(str(ROOT / "benchmarks" / "results" / "mnist13"))
+  for name, table in tables.items():
+    assert table in text, f"docs/results.md lacks the current {name} table: python benchmarks/results_tables.py benchmarks/results/mnist13"
+  assert tables["headline"] in (ROOT / "README.md").read_text(), "README.md lacks the current headline table"
