@@ -69,12 +69,11 @@ def headline(folder: str) -> str:
 
 
 def tune(folder: str) -> str:
-  files = sorted(glob.glob(os.path.join(folder, "tuned_*.json")), key=lambda f: _load(folder, os.path.basename(f))["budget"])
+  files = [_load(folder, os.path.basename(f)) for f in glob.glob(os.path.join(folder, "tuned_*.json"))]
   rows = ["| budget | tune's pick | GFLOPs | PSNR vs full (dB) [95% CI] | classifier-FID | class acc. | speedup | "
           "runner-up: PSNR, pick − runner-up [95% CI] |",
           "|---|---|---:|---:|---:|---:|---:|---|"]
-  for f in files:
-    t = _load(folder, os.path.basename(f))
+  for t in sorted(files, key=lambda t: t["budget"]):
     h, r = t["heldout"], t.get("runner_up")
     fid = "—" if h.get("fid") is None else f"{h['fid']:.2f}"
     acc = "—" if h.get("class_accuracy") is None else f"{h['class_accuracy']:.3f}"

@@ -490,7 +490,7 @@ def test_cache_keys_reach_every_caller_as_the_schedule_built_by_hand(tmp_path):
   np.testing.assert_array_equal(got, want)
   assert np.sum(stats["att_run"]) < np.sum(stats["layers_run"])   # it did reuse
 
-  np.testing.assert_array_equal(cache_rows.reuse_for(c, 0.7, mc.num_blocks),
+  np.testing.assert_array_equal(cache_rows.reuse_for(CacheSpec.from_config(c), 0.7, mc.num_blocks),
                                 caching.reuse_schedule(scores, 0.7, 4, "ddim"))
   spec = specs.calibration_spec(c)
   np.testing.assert_array_equal(spec.reuse(SamplerSpec.from_config(c)), by_hand)

@@ -67,11 +67,11 @@ def check(config) -> None:
                        steps=int(config.sample.steps), path=str(config.cache.router))
 
 
-def reuse_for(config, cache_threshold: Optional[float], num_blocks: int):
-  """The reuse schedule of a row (False: no cache)."""
+def reuse_for(cache: CacheSpec, cache_threshold: Optional[float], num_blocks: int):
+  """The reuse schedule of a row at its threshold (False: no cache)."""
   if cache_threshold is None:
     return False
-  return caching.reuse_for(CacheSpec.from_config(config), num_blocks, cache_threshold)
+  return caching.reuse_for(cache, num_blocks, cache_threshold)
 
 
 def sublayer_flops(cfg, *, matmul_only: bool = False) -> dict:

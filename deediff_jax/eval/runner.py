@@ -14,7 +14,7 @@ import numpy as np
 
 from deediff_jax import sampling
 from deediff_jax import policies
-from deediff_jax.config import parse_floats
+from deediff_jax.config import CacheSpec, parse_floats
 from deediff_jax.data.eval_context import conditioning
 from deediff_jax.eval import cache_rows
 from deediff_jax.eval import fidelity as fidelity_lib
@@ -84,7 +84,7 @@ class Context:
 
 def _reuse(config, setting: Optional[Setting], n: int):
   """Learning-to-Cache rows: their reuse schedule; every other row: no cache (False)."""
-  return cache_rows.reuse_for(config, None if setting is None else setting.cache_threshold, n)
+  return cache_rows.reuse_for(CacheSpec.from_config(config), None if setting is None else setting.cache_threshold, n)
 
 
 def _sample(ctx: Context, config, *, plain=False, setting: Optional[Setting] = None, pp=None):

@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from deediff_jax import policies
 from deediff_jax import sampling
+from deediff_jax.config import CacheSpec
 from deediff_jax.eval import bootstrap
 from deediff_jax.eval import specs
 from deediff_jax.eval.calibration import spec as cal_spec
@@ -301,7 +302,7 @@ def paired_speedup(params, config, cand: Candidate, cond: dict, rng, repeats: in
                 policy_params=cand.setting.policy_params(n, int(config.exit.min_layers)))
     if cand.setting.cache_threshold is not None:   # Learning-to-Cache: its reuse schedule
       from deediff_jax.eval import cache_rows
-      kw_c["reuse"] = cache_rows.reuse_for(cfg_c, cand.setting.cache_threshold, n)
+      kw_c["reuse"] = cache_rows.reuse_for(CacheSpec.from_config(cfg_c), cand.setting.cache_threshold, n)
   runs = [(config, dict(plain=True)), (cfg_c, kw_c)]
   for c, kw in runs:
     sampling.sample(params, c, rng, num, compile_only=True, **kw, **cond)
