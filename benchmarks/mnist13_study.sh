@@ -5,6 +5,7 @@
 # benchmarks/models/mnist13/):
 #
 #   bash benchmarks/mnist13_study.sh joint      # backbone + heads + paper (eps) UEMs, jointly (~1.1 s/step idle)
+#   bash benchmarks/mnist13_study.sh continue   # more joint steps from the committed params file (same loss; see below)
 #   bash benchmarks/mnist13_study.sh uem        # UEMs alone retrained on the fidelity target (train.mode=uem_only)
 #   bash benchmarks/mnist13_study.sh adadiff    # the official AdaDiff formulation, fine-tuned from the joint backbone
 #   bash benchmarks/mnist13_study.sh export     # benchmarks/models/mnist13/params.npz (float16) from the uem run
@@ -32,22 +33,32 @@ GUIDANCE=${GUIDANCE:-2.0}
 SAMPLE=(--config.sample.sampler=ddim --config.sample.steps=25 --config.sample.batch_size=100
         --config.sample.guidance_scale="$GUIDANCE")
 HELDOUT=${HELDOUT:-1000}
-case "${1:?usage: mnist13_study.sh joint|uem|adadiff|export|router|sweep|tune|pareto|wallclock}" in
+# The backbone the uem/adadiff stages start from: the joint run, or the continued one
+# (BACKBONE=$RUNS/mnist13_continue).
+BACKBONE=${BACKBONE:-$RUNS/mnist13_joint}
+case "${1:?usage: mnist13_study.sh joint|continue|uem|adadiff|export|router|sweep|tune|pareto|wallclock}" in
   joint)
     # The committed model: the config's 3,000 steps in one run (about an hour idle; it resumes
     # from its last checkpoint when rerun). JOINT_STEPS overrides the step count.
     main --workdir "$RUNS/mnist13_joint" ${JOINT_STEPS:+--config.train.num_steps=$JOINT_STEPS} ;;
+  continue)
+    # The joint loss again (backbone, heads and eps UEMs), CONTINUE_STEPS more steps on a fresh
+    # cosine schedule from the committed params file (EMA weights; a new optimiser state), so it
+    # needs no checkpoint of the joint run.
+    main --workdir "$RUNS/mnist13_continue" --config.train.mode=finetune --config.train.init_from="${CONTINUE_FROM:-$MODEL/params.npz}" \
+         --config.train.num_steps="${CONTINUE_STEPS:-3000}" --config.train.lr="${CONTINUE_LR:-1e-3}" \
+         --config.train.warmup_steps=100 ;;
   uem)
-    main --workdir "$RUNS/mnist13_uemfid" --config.train.mode=uem_only --config.train.init_from="$RUNS/mnist13_joint" \
+    main --workdir "$RUNS/mnist13_uemfid" --config.train.mode=uem_only --config.train.init_from="$BACKBONE" \
          --config.loss.uem_target=fidelity --config.train.num_steps="${UEM_STEPS:-250}" \
          --config.train.warmup_steps=50 --config.train.lr=1e-3 ;;
   adadiff)
     main --workdir "$RUNS/mnist13_adadiff" --config.model.exit_style=adadiff --config.exit.policy=adadiff --config.train.mode=finetune \
-         --config.train.init_from="$RUNS/mnist13_joint" --config.train.num_steps="${ADADIFF_STEPS:-250}" \
+         --config.train.init_from="$BACKBONE" --config.train.num_steps="${ADADIFF_STEPS:-250}" \
          --config.train.warmup_steps=50 --config.train.lr=5e-4 ;;
   export)
     python -m deediff_jax.export --workdir "$RUNS/mnist13_uemfid" --out "$MODEL/params.npz" --float16
-    python -m deediff_jax.export --workdir "$RUNS/mnist13_joint" --out "$RUNS/mnist13_eps_params.npz" --float16
+    python -m deediff_jax.export --workdir "$BACKBONE" --out "$RUNS/mnist13_eps_params.npz" --float16
     if [ -d "$RUNS/mnist13_adadiff" ]; then   # the optional AdaDiff fine-tune
       python -m deediff_jax.export --workdir "$RUNS/mnist13_adadiff" --out "$RUNS/mnist13_adadiff_params.npz" --float16
     fi ;;
@@ -73,12 +84,12 @@ case "${1:?usage: mnist13_study.sh joint|uem|adadiff|export|router|sweep|tune|pa
          --config.exit.calibration_buckets=5
     cp "$RUNS/mnist13_sweep"/sweep/*.{json,csv,md,png,npz} "$OUT/" 2>/dev/null || true ;;
   tune)
-    for b in ${BUDGETS:-0.4 0.55 0.7}; do
-      main --workdir "$RUNS/mnist13_tune_$b" --mode tune "${FROM_FILE[@]}" "${SAMPLE[@]}" \
-           --config.cache.router="$MODEL/router.npz" --config.tune.budget="$b" \
-           --config.tune.heldout_images="$HELDOUT" --config.tune.calibration_images=200 \
-           --config.tune.out="$OUT/tuned_$b.json"   # the router path is stored relative to this file
-    done ;;
+    # Every budget in one run (tune.budgets): the full-depth references and every candidate two
+    # budgets share are measured once; each budget's file is what a run of it alone writes.
+    main --workdir "$RUNS/mnist13_tune" --mode tune "${FROM_FILE[@]}" "${SAMPLE[@]}" \
+         --config.cache.router="$MODEL/router.npz" --config.tune.budgets="$(echo ${BUDGETS:-0.4 0.55 0.7} | tr ' ' ',')" \
+         --config.tune.heldout_images="$HELDOUT" --config.tune.calibration_images=200 \
+         --config.tune.out="$OUT/tuned_{budget}.json" ;;  # the router path is stored relative to each file
   pareto)
     python benchmarks/pareto_budgets.py "$OUT/sweep.json" --json - > "$OUT/pareto_budgets.json"
     python benchmarks/pareto_budgets.py "$OUT/sweep.json" --markdown > "$OUT/pareto_budgets.md" ;;

@@ -281,7 +281,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 2      # checkpoints kept in the workdir
   t.log_every = 50            # steps between metrics (the only host syncs)
   t.seed = 0                  # seeds init, data order and per-step RNG
-  t.init_from = ""            # checkpoint dir (or converted weights) for finetune / frozen_backbone
+  t.init_from = ""            # checkpoint dir (or converted weights, or a params .npz of this model) for finetune / frozen_backbone / uem_only
   t.grad_accum = 1            # microbatches per step (batch_size must divide)
   t.distributed = False       # call jax.distributed.initialize() (multi-host)
   t.sample_at_end = True      # write samples + sample_stats.json when training ends
@@ -345,6 +345,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.tune = u = ml_collections.ConfigDict()
   u.budget = 0.0              # --mode tune: GFLOPs budget as a fraction of full depth at sample.steps (measured at sample.batch_size; admits ratio <= budget)
+  u.budgets = ""              # --mode tune instead of tune.budget: several budgets in one run (e.g. 0.4,0.55,0.7), sharing the full-depth runs and every repeated measurement; one file per budget (tune.out with {budget}; default DIR/tuned_{budget}.json)
   u.min_psnr = 0.0            # --mode tune instead of a budget: the cheapest setting with PSNR vs full >= this (dB)
   u.file = ""                 # --mode sample|eval: apply the overrides of a tuned.json written by --mode tune
   u.out = ""                  # --mode tune: where to write tuned.json (empty = DIR/tuned.json); its router path is relative to it

@@ -256,6 +256,29 @@ def test_finetune_loads_backbone_and_fresh_exits(tmp_path):
                       {k: fresh[k] for k in ("exit_heads", "uems")}) == 0.0
 
 
+def test_finetune_from_a_params_file_starts_at_its_weights(tmp_path):
+  """train.init_from=FILE.npz (python -m deediff_jax.export): every tensor, exits included, starts
+  at the file's (float16-rounded) value; a file for another model is one CheckpointError."""
+  import jax
+  import pytest
+  from deediff_jax.model import build, init_params
+  from deediff_jax.tensor_files import CheckpointError
+  from deediff_jax.train import params_file, trainer
+  base = tiny_config()
+  pretrained = jax.device_get(jax.jit(lambda r: init_params(build(base.model), r))(jax.random.PRNGKey(7)))
+  path = str(tmp_path / "model.npz")
+  params_file.save(path, pretrained, base, float16=True)
+  setup = trainer.make_setup(tiny_config(mode="finetune", init_from=path))
+  state = trainer.init_state(setup)
+  rounded = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float16).astype(np.float32), pretrained)
+  assert max_abs_diff(jax.device_get(state.params), rounded) == 0.0
+  assert max_abs_diff(jax.device_get(state.ema_params), rounded) == 0.0
+  other = tiny_config(mode="finetune", init_from=path)
+  other.model.embed_dim = 64
+  with pytest.raises(CheckpointError, match="another model: it has model.embed_dim=32 but the config says 64"):
+    trainer.init_state(trainer.make_setup(other))
+
+
 def test_bad_mesh_and_batch_are_config_errors():
   import pytest
   from ml_collections import ConfigDict

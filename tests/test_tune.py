@@ -118,6 +118,51 @@ def test_tune_picks_on_calibration_noise_and_validates_on_held_out(tmp_path, par
   assert "exit.target_layer_ratio" not in saved["overrides"]     # resolved values, not targets
 
 
+_TIMING_KEYS = ("speedup", "speedup_min", "speedup_max")
+
+
+def _without_timing(tuned: dict) -> dict:
+  out = json.loads(json.dumps(tuned))
+  for part in (out["heldout"], (out.get("runner_up") or {}).get("heldout", {})):
+    for k in _TIMING_KEYS:
+      part.pop(k, None)
+  return out
+
+
+def test_several_budgets_in_one_run_write_what_each_budget_alone_writes(tmp_path, params):
+  keys = dict(families="fewer_steps,static", buckets=1)
+  alone = {b: tune.run(_config(budget=b, **keys), str(tmp_path / f"alone_{b}"), params=params, progress=False)
+           for b in (0.6, 0.8)}
+  c = _config(budgets="0.8,0.6", **keys)
+  calls = []
+  measure = tune._Measure.__call__
+  tune._Measure.__call__ = lambda self, cand: calls.append((id(self), cand.key())) or measure(self, cand)
+  try:
+    both = tune.run(c, str(tmp_path / "both"), params=params, progress=False)
+  finally:
+    tune._Measure.__call__ = measure
+  assert sorted(both) == [0.6, 0.8]
+  for b in (0.6, 0.8):
+    assert _without_timing(both[b]) == _without_timing(alone[b])
+    with open(tmp_path / "both" / f"tuned_{b:g}.json") as f:
+      assert json.load(f)["overrides"] == alone[b]["overrides"]
+    with open(tmp_path / "both" / f"tune_candidates_{b:g}.json") as f, \
+         open(tmp_path / f"alone_{b}" / "tune_candidates.json") as g:
+      assert json.load(f) == json.load(g)
+  # Shared work is done once: no candidate is measured twice on the same noise, and the two budgets
+  # share one (2 of 4 steps is fewer steps for both).
+  assert len(calls) == len(set(calls))
+  searched = [json.load(open(tmp_path / "both" / f"tune_candidates_{b:g}.json")) for b in (0.6, 0.8)]
+  keys_searched = [json.dumps(c["overrides"], sort_keys=True) for cands in searched for c in cands]
+  assert len(set(keys_searched)) < len(keys_searched)
+  with pytest.raises(tune.TuneError, match=r"put \{budget\} in it"):
+    tune.TuneRequest.from_config(_config(budgets="0.4,0.6", out="x.json"))
+  with pytest.raises(tune.TuneError, match="exactly one of"):
+    tune.TuneRequest.from_config(_config(budgets="0.4", budget=0.5))
+  with pytest.raises(tune.TuneError, match="tune.budgets holds fractions"):
+    tune.TuneRequest.from_config(_config(budgets="0.4,1.5"))
+
+
 def test_sampling_with_tune_file_equals_the_overrides_by_hand(tmp_path, params):
   overrides = {"exit.policy": "uem", "exit.threshold": 0.3, "exit.threshold_schedule": "", "exit.aggregate": "last",
                "sample.steps": 3, "exit.min_layers": 1}

@@ -2,12 +2,17 @@
 
   python -m deediff_jax.main --config C --workdir DIR --mode tune --config.tune.budget=0.55
   python -m deediff_jax.main --config C --workdir DIR --mode tune --config.tune.min_psnr=35
+  python -m deediff_jax.main --config C --workdir DIR --mode tune --config.tune.budgets=0.4,0.55,0.7
   python -m deediff_jax.main --config C --workdir DIR --mode sample --config.tune.file=DIR/tuned.json
 
 Input: `tune.budget` b, a fraction of the GFLOPs of the plain full-depth sampler at sample.steps
 (GFLOPs measured at sample.batch_size: the layers a batch runs depend on its size; a point is
 admitted when its ratio is <= b, no slack), or `tune.min_psnr` (dB): the cheapest setting whose
-PSNR vs full is at least that.
+PSNR vs full is at least that. `tune.budgets` (comma-separated) tunes several budgets in one run:
+the full-depth references are computed once and a candidate that two budgets both reach (a step
+count, a depth, a cache threshold) is measured once, so each budget's file is what a run of that
+budget alone writes, for less time; `tune.out` then holds `{budget}` (default DIR/tuned_{budget}.json,
+with DIR/tune_candidates_{budget}.json).
 
 The search (on `tune.calibration_images` images of the calibration noise, sweep.calibration_seed;
 eval/heldout.py) covers every runnable family, each fitted to the budget (a calibrated family is
@@ -109,16 +114,24 @@ class TuneRequest:
   batch_size: int
   steps: int
   families: tuple = ()
+  budgets: tuple = ()         # tune.budgets (several in one run), else (budget,) or () for min_psnr
 
   @classmethod
   def from_config(cls, config) -> "TuneRequest":
     t = config.tune
     budget, min_psnr = float(t.budget), float(t.min_psnr)
-    if (budget > 0) == (min_psnr > 0):
+    budgets = _parse_budgets(str(t.get("budgets", "") or ""))
+    if sum((budget > 0, min_psnr > 0, bool(budgets))) != 1:
       raise TuneError("--mode tune needs exactly one of tune.budget (a GFLOPs fraction, e.g. "
-                      "--config.tune.budget=0.55) and tune.min_psnr (dB, e.g. --config.tune.min_psnr=35)")
+                      "--config.tune.budget=0.55), tune.budgets (several, e.g. --config.tune.budgets=0.4,0.55,0.7) "
+                      "and tune.min_psnr (dB, e.g. --config.tune.min_psnr=35)")
     if budget > 1:
       raise TuneError(f"tune.budget is a fraction of the full-depth GFLOPs in (0, 1], got {budget}")
+    if budgets and len(budgets) > 1 and str(t.out).strip() and "{budget}" not in str(t.out):
+      raise TuneError(f"tune.out={t.out!r} would hold every budget's file in one; put {{budget}} in it "
+                      "(e.g. --config.tune.out=results/tuned_{budget}.json)")
+    if budget > 0:
+      budgets = (budget,)
     held = int(t.heldout_images) or int(config.sweep.num_images)
     families = tuple(f.strip() for f in str(t.families).split(",") if f.strip())
     bad = [f for f in families if f not in FAMILIES]
@@ -132,7 +145,24 @@ class TuneRequest:
                timing_repeats=max(1, int(t.timing_repeats)),
                calibration_seed=int(config.sweep.calibration_seed),
                heldout_seed=int(config.sample.seed), batch_size=int(config.sample.batch_size),
-               steps=int(config.sample.steps), families=families)
+               steps=int(config.sample.steps), families=families, budgets=budgets)
+
+
+def _parse_budgets(text: str) -> tuple:
+  """tune.budgets: distinct fractions in (0, 1], in the order given."""
+  out = []
+  for item in (v.strip() for v in text.split(",")):
+    if not item:
+      continue
+    try:
+      b = float(item)
+    except ValueError:
+      raise TuneError(f"tune.budgets has {item!r}, not a number; give fractions like 0.4,0.55,0.7") from None
+    if not 0 < b <= 1:
+      raise TuneError(f"tune.budgets holds fractions of the full-depth GFLOPs in (0, 1], got {b:g}")
+    if b not in out:
+      out.append(b)
+  return tuple(out)
 
 
 @dataclasses.dataclass
@@ -152,6 +182,10 @@ class Candidate:
     if self.family == "learned":
       text += f" aggregate={self.aggregate}"
     return text
+
+  def key(self) -> str:
+    """What the candidate runs, as text: two candidates with the same key give the same images."""
+    return json.dumps([self.overrides, self.aggregate, self.extra], sort_keys=True, default=str)
 
   def record(self) -> dict:
     return {"family": self.family, "setting": self.label(), "overrides": self.overrides,
@@ -275,10 +309,18 @@ class _Measure:
     return row, images, stats
 
 
-def _measure_calibration(measure: _Measure, cand: Candidate) -> Candidate:
-  row, _, _ = measure(cand)
-  cand.psnr, cand.gflops_ratio, cand.layer_ratio_run = (row["psnr_vs_full"], row["gflops_ratio"],
-                                                        row["layer_ratio_run"])
+def _measure_calibration(measure: _Measure, cand: Candidate, memo: Optional[dict] = None) -> Candidate:
+  """Measures `cand` on the calibration images (once per `Candidate.key` when given a memo: the
+  runs are deterministic, so a repeat would give the same numbers)."""
+  key = cand.key()
+  if memo is None or key not in memo:
+    row, _, _ = measure(cand)
+    got = (row["psnr_vs_full"], row["gflops_ratio"], row["layer_ratio_run"])
+    if memo is None:
+      cand.psnr, cand.gflops_ratio, cand.layer_ratio_run = got
+      return cand
+    memo[key] = got
+  cand.psnr, cand.gflops_ratio, cand.layer_ratio_run = memo[key]
   return cand
 
 
@@ -504,16 +546,20 @@ def _describe(cand: Candidate) -> str:
 
 
 def run(config, workdir: str, *, params=None, progress: bool = True) -> dict:
-  """Searches, picks, validates; writes DIR/tuned.json and DIR/tune_candidates.json; returns the tuned dict."""
+  """Searches, picks, validates; writes DIR/tuned.json and DIR/tune_candidates.json; returns the
+  tuned dict. With tune.budgets: one file pair per budget, and {budget: tuned dict}."""
   req = TuneRequest.from_config(config)
   runner.check_local(workdir)
   cfg = ModelConfig.from_config(config.model)
   cf = 2 if float(config.sample.guidance_scale) != 0.0 else 1
   floor = _static_ratio(cfg, int(config.exit.min_layers), 1, req.steps, cf)
-  if req.budget > 0 and req.budget < floor:
-    raise TuneError(f"tune.budget={req.budget:g} is below the cheapest runnable setting ({floor:.4f} of the "
-                    f"full GFLOPs: {int(config.exit.min_layers)} block(s) at 1 step); raise tune.budget")
-  bar = tqdm(total=3, desc="tune", unit="task", disable=not progress)
+  low = [b for b in req.budgets if b < floor]
+  if low:
+    key = f"tune.budgets has {low[0]:g}, which" if len(req.budgets) > 1 else f"tune.budget={low[0]:g}"
+    raise TuneError(f"{key} is below the cheapest runnable setting ({floor:.4f} of the full GFLOPs: "
+                    f"{int(config.exit.min_layers)} block(s) at 1 step); raise it")
+  several = len(req.budgets) > 1
+  bar = tqdm(total=2 + max(1, len(req.budgets)), desc="tune", unit="task", disable=not progress)
   bar.set_postfix_str("held-out full depth and scorer")
   step = None
   if params is None:
@@ -522,15 +568,60 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> dict:
   bar.update(1)
   bar.set_postfix_str("calibration full depth")
   cctx = heldout.calibration_context(ctx, req.calibration_images)
-  cmeasure_ = _Measure(cctx)
-  cmeasure = lambda cand: _measure_calibration(cmeasure_, cand)
+  cmeasure_, calibration_memo = _Measure(cctx), {}
+  cmeasure = lambda cand: _measure_calibration(cmeasure_, cand, calibration_memo)
   bar.update(1)
+  validate = _HeldOut(params, config, ctx, req.timing_repeats)
 
   if req.min_psnr > 0:
     tried = _search_min_psnr(config, params, req, cmeasure, bar)
+    out = _finish(config, workdir, req, None, tried, validate, ctx, bar)
   else:
-    tried = _search(config, params, req, req.budget, cmeasure, bar, "")
-  best, second = pick(tried, req.budget, req.min_psnr)
+    out = {}
+    for b in req.budgets:
+      tried = _search(config, params, req, b, cmeasure, bar, f"budget {b:g}: " if several else "")
+      out[b] = _finish(config, workdir, req, b, tried, validate, ctx, bar)
+    out = out if several else out[req.budgets[0]]
+  bar.close()
+  return out
+
+
+class _HeldOut:
+  """Validates a candidate on the held-out images (PSNR with its interval, FID, accuracy) and times
+  it against full depth, once per `Candidate.key` (tune.budgets: a runner-up shared by budgets)."""
+
+  def __init__(self, params, config, ctx: runner.Context, repeats: int):
+    self.params, self.config, self.ctx, self.repeats = params, config, ctx, repeats
+    self.measure = _Measure(ctx)
+    self.done: dict = {}
+
+  def __call__(self, cand: Candidate) -> tuple:
+    key = cand.key()
+    if key not in self.done:
+      h, per_image = _validate(self.measure, cand, self.ctx)
+      h.update(paired_speedup(self.params, self.config, cand, self.ctx.cond, self.ctx.rng, self.repeats))
+      self.done[key] = (h, per_image)
+    h, per_image = self.done[key]
+    return dict(h), per_image
+
+
+def _out_path(config, workdir: str, budget: Optional[float], several: bool) -> tuple:
+  """(tuned file, candidates file) of one budget."""
+  out = str(config.tune.out).strip()
+  tag = f"{budget:g}" if budget is not None else ""
+  if out:
+    path = out.replace("{budget}", tag)
+  else:
+    path = os.path.join(str(workdir), f"tuned_{tag}.json" if several else TUNED_FILE)
+  cands = os.path.join(str(workdir), f"tune_candidates_{tag}.json" if several else CANDIDATES_FILE)
+  return path, cands
+
+
+def _finish(config, workdir: str, req: TuneRequest, budget: Optional[float], tried: list,
+            validate: _HeldOut, ctx: runner.Context, bar) -> dict:
+  """Picks among `tried`, validates the pick and its runner-up on held-out noise, writes the files."""
+  several = len(req.budgets) > 1
+  best, second = pick(tried, budget or 0.0, req.min_psnr)
   if best is None:
     bar.close()
     cheapest = min((c.gflops_ratio for c in tried if c.gflops_ratio is not None), default=float("nan"))
@@ -538,45 +629,41 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> dict:
       top = max((c.psnr for c in tried if c.psnr is not None), default=float("nan"))
       raise TuneError(f"no setting reaches tune.min_psnr={req.min_psnr:g} dB on the calibration images "
                       f"(the best reached {top:.1f} dB); lower tune.min_psnr")
-    raise TuneError(f"no runnable setting fits tune.budget={req.budget:g} of the full GFLOPs (the cheapest "
-                    f"candidate needs {cheapest:.3f}); raise tune.budget")
+    raise TuneError(f"no runnable setting fits tune.budget={budget:g} of the full GFLOPs (the cheapest "
+                    f"candidate needs {cheapest:.3f}); raise tune.budget" + ("s" if several else ""))
 
-  bar.set_postfix_str("held-out validation")
-  hmeasure = _Measure(ctx)
-  best_h, best_pi = _validate(hmeasure, best, ctx)
-  timing = paired_speedup(params, config, best, ctx.cond, ctx.rng, req.timing_repeats)
-  best_h.update(timing)
+  bar.set_postfix_str((f"budget {budget:g}: " if several else "") + "held-out validation")
+  best_h, best_pi = validate(best)
   runner_up = None
   if second is not None:
-    second_h, second_pi = _validate(hmeasure, second, ctx)
-    second_h.update(paired_speedup(params, config, second, ctx.cond, ctx.rng, req.timing_repeats))
+    second_h, second_pi = validate(second)
     diff, lo, hi = bootstrap.paired_diff_ci(best_pi, second_pi)
     runner_up = {"overrides": second.overrides, "setting": second.label(), "family": second.family,
                  "gflops_ratio": second_h.pop("gflops_ratio"), "heldout": second_h,
                  "calibration": {"psnr": second.psnr, "gflops_ratio": second.gflops_ratio},
                  "diff": diff, "diff_ci": [lo, hi]}
   bar.update(1)
-  bar.close()
   tuned = {
       "overrides": best.overrides, "setting": best.label(), "family": best.family,
       "gflops_ratio": best_h.pop("gflops_ratio"), "heldout": best_h, "runner_up": runner_up,
       "calibration": {"psnr": best.psnr, "gflops_ratio": best.gflops_ratio},
       "full": {"fid": ctx.quality_full.get("fid"), "class_accuracy": ctx.quality_full.get("class_accuracy")},
-      "budget": req.budget or None, "min_psnr": req.min_psnr or None,
+      "budget": budget, "min_psnr": req.min_psnr or None,
       "batch_size": req.batch_size, "steps": req.steps,
       "calibration_images": req.calibration_images, "heldout_images": req.heldout_images,
       "calibration_seed": req.calibration_seed, "heldout_seed": req.heldout_seed,
   }
-  path = str(config.tune.out) or os.path.join(str(workdir), TUNED_FILE)
+  path, cands_path = _out_path(config, workdir, budget, several)
   _write_json(path, _relative_paths(tuned, os.path.dirname(os.path.abspath(path))))
-  _write_json(os.path.join(str(workdir), CANDIDATES_FILE), [c.record() for c in tried])
+  _write_json(cands_path, [c.record() for c in tried])
   h = tuned["heldout"]
-  print(f"tune: use {_describe(best)} ({best.label()}): {tuned['gflops_ratio']:.0%} of the full GFLOPs, "
-        f"{h['speedup']:.2f}x faster at batch {req.batch_size}, PSNR vs full {h['psnr']:.1f} dB "
-        f"[{h['psnr_ci'][0]:.1f}, {h['psnr_ci'][1]:.1f}] on {h['num_images']} held-out images"
-        + (f", classifier-FID {h['fid']:.2f}" if h.get("fid") is not None else "")
-        + (f", accuracy {h['class_accuracy']:.3f}" if h.get("class_accuracy") is not None else "")
-        + f"; written to {path} (apply with --config.tune.file={path})")
+  tqdm.write(f"tune: {f'at {budget:g} of the GFLOPs, ' if several else ''}use {_describe(best)} ({best.label()}): "
+             f"{tuned['gflops_ratio']:.0%} of the full GFLOPs, "
+             f"{h['speedup']:.2f}x faster at batch {req.batch_size}, PSNR vs full {h['psnr']:.1f} dB "
+             f"[{h['psnr_ci'][0]:.1f}, {h['psnr_ci'][1]:.1f}] on {h['num_images']} held-out images"
+             + (f", classifier-FID {h['fid']:.2f}" if h.get("fid") is not None else "")
+             + (f", accuracy {h['class_accuracy']:.3f}" if h.get("class_accuracy") is not None else "")
+             + f"; written to {path} (apply with --config.tune.file={path})")
   return tuned
 
 

@@ -119,12 +119,13 @@ def flatten_shapes(tree) -> dict:
   return {SEPARATOR.join(_key_name(k) for k in path): v for path, v in leaves}
 
 
-def load(path: str, config) -> dict:
-  """The params tree (float32 NumPy arrays) of a params file, checked against `config.model`."""
+def load(path: str, config, *, key: str = "sample.params_file") -> dict:
+  """The params tree (float32 NumPy arrays) of a params file, checked against `config.model`.
+  `key`: the config key that named the file, for the errors."""
   path = os.fspath(path)
   if os.path.splitext(path)[1].lower() != ".npz":
-    raise CheckpointError(f"sample.params_file {path!r} must be an .npz written by python -m deediff_jax.export")
-  flat = load_state_dict(path, what="sample.params_file", missing_hint="write one with python -m "
+    raise CheckpointError(f"{key} {path!r} must be an .npz written by python -m deediff_jax.export")
+  flat = load_state_dict(path, what=key, missing_hint="write one with python -m "
                          "deediff_jax.export --workdir RUN --out FILE.npz",
                          entry_hint="a params file holds arrays only")
   recorded = recorded_config(flat, path)

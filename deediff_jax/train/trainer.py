@@ -177,11 +177,17 @@ def _make_setup(config, mesh, null_context) -> Setup:
 def _load_init_from(setup: Setup, fresh: dict) -> dict:
   """finetune / frozen_backbone: the backbone (and exits, if saved) from train.init_from."""
   config = setup.config
-  # Into another exit style (e.g. adadiff from a deediff model) only the backbone carries over.
-  saved_style = ckpt.saved_model_key(config.train.init_from, "exit_style", "deediff")
-  other_style = saved_style != config.model.get("exit_style", "deediff")
-  loaded = shd.gather_to_host(ckpt.load_params(config.train.init_from, config, use_ema=True,
-                                               backbone_only=other_style))
+  if str(config.train.init_from).lower().endswith(".npz"):
+    # A params file (python -m deediff_jax.export) of this very model: it checks the
+    # architecture itself, and continuing a committed model needs no checkpoint.
+    from deediff_jax.train import params_file
+    loaded = params_file.load(config.train.init_from, config, key="train.init_from")
+  else:
+    # Into another exit style (e.g. adadiff from a deediff model) only the backbone carries over.
+    saved_style = ckpt.saved_model_key(config.train.init_from, "exit_style", "deediff")
+    other_style = saved_style != config.model.get("exit_style", "deediff")
+    loaded = shd.gather_to_host(ckpt.load_params(config.train.init_from, config, use_ema=True,
+                                                 backbone_only=other_style))
   params = {}
   for key, value in fresh.items():
     if config.train.mode == "uem_only" and key in SCORE_KEYS:
