@@ -91,18 +91,27 @@ def _seconds(params, c, rng, num, labels, kw) -> float:
   return sampling.timed(sampling.sample, params, c, rng, num, labels=labels, **kw)[1]
 
 
-def run(config, params, settings: list, batches: list, repeats: int) -> dict:
+def run(config, params, settings: list, batches: list, repeats: int, progress: bool = True) -> dict:
+  from tqdm import tqdm
   n_cls = int(config.model.num_classes)
   rng = jax.random.PRNGKey(int(config.sample.seed))
   rows = []
+  # One tick per sampling run (the untimed warm-ups and every timed pair), weighted by batch size,
+  # so the ETA holds while batch 100 dominates the total.
+  runs = (1 + len(settings)) + 2 * repeats * len(settings)
+  bar = tqdm(total=runs * sum(batches), desc="wallclock", unit="img", disable=not progress,
+             file=sys.stderr)
   for b in batches:
     base = apply_overrides(config, {"sample.batch_size": b})
     labels = (np.arange(b) % n_cls) if n_cls > 0 else None
     full = (base, dict(plain=True))
     variants = [(s, apply_overrides(base, dict(s["overrides"], **{"sample.batch_size": b}))) for s in settings]
     for c, kw in [full] + [(c, {}) for _, c in variants]:  # compile everything before timing
+      bar.set_postfix_str(f"batch {b}: compiling")
       sampling.sample(params, c, rng, b, labels=labels, compile_only=True, **kw)
       _seconds(params, c, rng, b, labels, kw)  # one untimed run of each program
+      bar.update(b)
+    bar.set_postfix_str(f"batch {b}: timing")
     pairs = {j: [] for j in range(len(variants))}
     for r in range(repeats):
       # Each setting is paired with a full-depth run timed right before it; the order of the
@@ -110,6 +119,7 @@ def run(config, params, settings: list, batches: list, repeats: int) -> dict:
       for j in list(range(len(variants)))[r % len(variants):] + list(range(len(variants)))[:r % len(variants)]:
         s, c = variants[j]
         pairs[j].append((_seconds(params, base, rng, b, labels, full[1]), _seconds(params, c, rng, b, labels, {})))
+        bar.update(2 * b)
     for j, (s, _) in enumerate(variants):
       ratios = [f / t for f, t in pairs[j]]
       rows.append({"batch": b, "name": s["name"], "overrides": s["overrides"],
@@ -120,8 +130,9 @@ def run(config, params, settings: list, batches: list, repeats: int) -> dict:
                    "seconds_median": statistics.median(t for _, t in pairs[j]),
                    "seconds_full_median": statistics.median(f for f, _ in pairs[j]),
                    "pairs": pairs[j]})
-      print(f"batch {b:4d}  {s['name']:60s}  {statistics.median(ratios):5.2f}x  "
-            f"[{min(ratios):.2f}, {max(ratios):.2f}]", flush=True)
+      bar.write(f"batch {b:4d}  {s['name']:60s}  {statistics.median(ratios):5.2f}x  "
+                f"[{min(ratios):.2f}, {max(ratios):.2f}]")
+  bar.close()
   return {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                       "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                       "jax": jax.__version__},

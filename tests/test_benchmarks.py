@@ -82,3 +82,33 @@ def test_make_mnist14_pools_2x2_rounding_half_up(tmp_path, capsys):
     np.testing.assert_array_equal(z["image"][0, :, :, 0], [[1, 0], [0, 0]])
     np.testing.assert_array_equal(z["image"][1, :, :, 0], [[0, 0], [0, 255]])
     np.testing.assert_array_equal(z["label"], [3, 4])
+
+
+def test_bench_wallclock_pairs_every_setting_with_full_depth(tmp_path, capsys):
+  """bench_wallclock on a random digits-shaped model: one row per (batch, setting), `repeats`
+  (full, setting) pairs each, the median ratio computed from those pairs, a progress bar on stderr."""
+  import jax
+  from deediff_jax.config import load_config_file
+  from deediff_jax.model import build, init_params
+  from deediff_jax.train import params_file
+  config = load_config_file(os.path.join(ROOT, "configs", "digits.py"))
+  config.model.update(embed_dim=32, depth=2, num_heads=2)
+  path = str(tmp_path / "p.npz")
+  params_file.save(path, init_params(build(config.model), jax.random.PRNGKey(0)), config)
+  settings = tmp_path / "settings.json"
+  settings.write_text(json.dumps([{"name": "depth 2", "overrides": {"exit.policy": "static", "exit.depth": 2}},
+                                  {"name": "2 steps", "overrides": {"exit.policy": "none", "sample.steps": 2}}]))
+  out = tmp_path / "wall.json"
+  assert _script("bench_wallclock").main(
+      ["--config", os.path.join(ROOT, "configs", "digits.py"), "--settings", str(settings), "--json", str(out),
+       "--batches", "3", "--repeats", "2", f"--config.sample.params_file={path}", "--config.sample.steps=3",
+       "--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2"]) == 0
+  got = json.load(open(out))
+  assert [(r["batch"], r["name"]) for r in got["rows"]] == [(3, "depth 2"), (3, "2 steps")]
+  for r in got["rows"]:
+    ratios = sorted(f / t for f, t in r["pairs"])
+    assert len(ratios) == 2 and r["speedup_median"] == pytest.approx(sum(ratios) / 2)
+    assert (r["speedup_min"], r["speedup_max"]) == (ratios[0], ratios[1])
+  assert got["repeats"] == 2 and got["steps"] == 3
+  captured = capsys.readouterr()
+  assert "wallclock" in captured.err and "batch    3  2 steps" in captured.out
