@@ -112,3 +112,25 @@ def test_bench_wallclock_pairs_every_setting_with_full_depth(tmp_path, capsys):
   assert got["repeats"] == 2 and got["steps"] == 3
   captured = capsys.readouterr()
   assert "wallclock" in captured.err and "batch    3  2 steps" in captured.out
+
+
+def test_stroke_components_counts_hand_built_strokes(tmp_path, capsys):
+  sc = _script("stroke_components")
+  img = np.zeros((4, 6, 6), np.float32)
+  img[0, 1:5, 2] = 1.0                       # one vertical stroke: 1 component
+  img[1, 1, 1] = img[1, 4, 4] = 0.9          # two separate dots: 2
+  img[2, 2, 2] = img[2, 3, 3] = 1.0          # diagonal neighbours are not 4-connected: 2
+  img[3, 2, 2:4] = 0.3                       # below the 0.35 threshold: no ink
+  assert sc.components_per_image(img).tolist() == [1, 2, 2, 0]
+  s = sc.summary(img)
+  assert s == {"images": 4, "components_mean": 1.25, "share_over_2": 0.0, "ink_mean": 2.0}
+  # samples.npz in [-1, 1] NHWC, and real uint8 28x28 images pooled 2x2 to 14x14.
+  np.savez(tmp_path / "samples.npz", images=img[..., None] * 2 - 1)
+  real = np.zeros((2, 28, 28), np.uint8)
+  real[0, 4:20, 10:12] = 255                 # a 2-pixel-wide bar: one stroke after pooling
+  real[1, 4:6, 4:6] = real[1, 20:22, 20:22] = 255
+  np.savez(tmp_path / "real.npz", test_image=real)
+  assert sc.main([str(tmp_path / "samples.npz"), "--real", f"npz:{tmp_path / 'real.npz'}", "--size", "14"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("real npz:") and "1.50 ink components per image" in out[0]
+  assert "1.25 ink components per image, 0% with more than 2, 2.0 ink pixels (4 images)" in out[1]
