@@ -11,6 +11,8 @@ shows at which noise level it stops being good enough, on held-out real images:
      t = 700 decides shape poorly at t >= 700, which is where sampling from pure noise starts.
 
   python benchmarks/diagnose_denoiser.py --workdir /root/runs/mnist_scratch --out /tmp/diag
+  python benchmarks/diagnose_denoiser.py --params-file benchmarks/models/mnist13/params.npz \
+      --config configs/mnist13.py --data-source npz:../shared/data/mnist10k.npz --out /tmp/diag
 
 Writes OUT/denoise.json, OUT/denoise.md, OUT/x0_grid.png (first row: the real images; then the
 x0 estimate at each t) and OUT/restart_grid.png (first row: real; then the restart from each t).
@@ -76,7 +78,8 @@ def restart(eps_fn: EpsFn, sched, x0, t_start: int, steps: int, rng):
 
 
 def markdown(rows: list, restarts: list, meta: dict) -> str:
-  lines = [f"# Denoiser diagnosis: {meta['workdir']} (step {meta['step']}, {meta['weights']} weights)", "",
+  where = f"step {meta['step']}, " if meta['step'] is not None else ""
+  lines = [f"# Denoiser diagnosis: {meta['workdir']} ({where}{meta['weights']} weights)", "",
            f"{meta['num']} held-out images from `{meta['source']}` ({meta['split']} split), schedule "
            f"`{meta['schedule']}`. x0 = clip((x_t - sigma eps_hat) / alpha); sigma/alpha is how much "
            "an eps error is magnified in x0.", "",
@@ -101,7 +104,11 @@ def _parse_ints(text: str, name: str) -> list[int]:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--workdir", required=True, help="a training workdir (config.json + checkpoints)")
+  ap.add_argument("--workdir", default="", help="a training workdir (config.json + checkpoints)")
+  ap.add_argument("--params-file", default="", help="instead of --workdir: a params .npz (python -m "
+                  "deediff_jax.export) with --config, the config file it was trained with")
+  ap.add_argument("--config", default="", help="with --params-file: the model's config file")
+  ap.add_argument("--data-source", default="", help="override data.source (e.g. npz:PATH offline)")
   ap.add_argument("--out", required=True, help="directory for denoise.{json,md} and the two grids")
   ap.add_argument("--num", type=int, default=10, help="held-out images (default 10)")
   ap.add_argument("--split", default="test", help="data split to take them from (default test)")
@@ -112,7 +119,11 @@ def main(argv=None) -> int:
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   args = ap.parse_args(argv)
   times, starts = _parse_ints(args.times, "times"), _parse_ints(args.restarts, "restarts")
-  if not os.path.exists(os.path.join(args.workdir, "config.json")):
+  if bool(args.workdir) == bool(args.params_file):
+    raise SystemExit("error: pass --workdir DIR (a training run) or --params-file FILE.npz --config CONFIG.py")
+  if args.params_file and not args.config:
+    raise SystemExit("error: --params-file needs --config, the config file the model was trained with")
+  if args.workdir and not os.path.exists(os.path.join(args.workdir, "config.json")):
     raise SystemExit(f"error: {args.workdir} has no config.json; pass a training workdir")
 
   import jax
@@ -124,8 +135,18 @@ def main(argv=None) -> int:
   from deediff_jax.model.deediff import build
   from deediff_jax.train import checkpoint as ckpt
 
-  with open(os.path.join(args.workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  from deediff_jax.config import ConfigError, load_config_file
+  from deediff_jax.train import params_file
+  if args.workdir:
+    with open(os.path.join(args.workdir, "config.json")) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  else:
+    try:
+      config = load_config_file(args.config)
+    except (ConfigError, OSError) as e:
+      raise SystemExit(f"error: {e}")
+  if args.data_source:
+    config.data.source = args.data_source
   sched = S.from_config(config.diffusion)
   if sched.continuous:
     raise SystemExit("error: this diagnosis uses discrete timesteps; the VPSDE model is not supported")
@@ -133,13 +154,14 @@ def main(argv=None) -> int:
   if bad:
     raise SystemExit(f"error: times {bad} are outside [0, {sched.num_timesteps - 1}]")
   try:
-    params = ckpt.load_params(args.workdir, config, use_ema=not args.raw, step=args.step)
+    params = (params_file.load(args.params_file, config) if args.params_file else
+              ckpt.load_params(args.workdir, config, use_ema=not args.raw, step=args.step))
     data = ml_collections.ConfigDict(config.data.to_dict())
     data.split = args.split
     src = sources.load_source(data)
   except (ckpt.CheckpointError, sources.DataError) as e:
     raise SystemExit(f"error: {e}")
-  step = ckpt.latest_step(args.workdir) if args.step is None else args.step
+  step = None if args.params_file else ckpt.latest_step(args.workdir) if args.step is None else args.step
   num = min(args.num, src.num_examples)
   ex = src.get(np.arange(num))
   x0 = jnp.asarray(pipeline.scale_images(ex["image"]))
@@ -155,7 +177,8 @@ def main(argv=None) -> int:
     out = restart(apply, sched, x0, t, args.restart_steps, jax.random.fold_in(rng, 1000 + i))
     restarts.append({"t_start": int(t), "mse": float(jnp.mean((out - x0) ** 2))})
     restart_images.append(np.asarray(out))
-  meta = {"workdir": args.workdir, "step": step, "weights": "raw" if args.raw else "EMA", "num": num,
+  meta = {"workdir": args.workdir or args.params_file, "step": step,
+          "weights": "params file" if args.params_file else "raw" if args.raw else "EMA", "num": num,
           "source": str(config.data.source), "split": args.split, "schedule": sched.name,
           "restart_steps": args.restart_steps}
   os.makedirs(args.out, exist_ok=True)

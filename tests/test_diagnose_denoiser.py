@@ -59,3 +59,24 @@ def test_markdown_table_and_cli_errors(tmp_path):
                       str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True)
   assert r.returncode != 0
   assert r.stderr.strip() == f"error: {tmp_path} has no config.json; pass a training workdir"
+
+
+def test_a_params_file_is_diagnosed_like_a_workdir(tmp_path):
+  """--params-file + --config (the committed-model path): the same tables and grids, no checkpoint."""
+  import jax
+  from deediff_jax.config import load_config_file
+  from deediff_jax.model import build, init_params
+  from deediff_jax.train import params_file
+  config = load_config_file(str(ROOT / "configs" / "digits.py"))
+  path = str(tmp_path / "p.npz")
+  params_file.save(path, init_params(build(config.model), jax.random.PRNGKey(0)), config)
+  out = tmp_path / "o"
+  assert dd.main(["--params-file", path, "--config", str(ROOT / "configs" / "digits.py"), "--out", str(out),
+                  "--num", "3", "--split", "train", "--times", "10,500", "--restarts", "500", "--restart-steps", "2"]) == 0
+  got = json.load(open(out / "denoise.json"))
+  assert [r["t"] for r in got["per_time"]] == [10, 500] and got["meta"]["weights"] == "params file"
+  assert got["meta"]["step"] is None and (out / "restart_grid.png").exists()
+  r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "diagnose_denoiser.py"), "--params-file", path,
+                      "--out", str(out)], capture_output=True, text=True)
+  assert r.returncode != 0 and r.stderr.strip() == ("error: --params-file needs --config, the config file the "
+                                                     "model was trained with")
