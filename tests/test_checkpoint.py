@@ -204,3 +204,18 @@ def test_export_and_load_params_round_trip(reference, tmp_path):
     load_params(tmp_path / "exp", make_config(**{"model.depth": 4}))
   with pytest.raises(CheckpointError, match="no checkpoints in"):
     load_params(tmp_path / "nothing", c)
+  # A step deleted by a training run's keep-N while orbax lists the directory: the reader tries again.
+  from deediff_jax.train import checkpoint as ckpt
+  real, calls = ckpt.make_manager, []
+
+  def vanishing_once(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+      raise FileNotFoundError(2, "No such file or directory", str(wd / "checkpoints" / "30"))
+    return real(*args, **kwargs)
+  ckpt.make_manager = vanishing_once
+  try:
+    assert max_abs_diff(jax_get(load_params(wd, c)), jax_get(ref_state.ema_params)) == 0.0
+  finally:
+    ckpt.make_manager = real
+  assert len(calls) == 2

@@ -356,8 +356,13 @@ def load_params(workdir, config, use_ema: bool = True, *, step: Optional[int] = 
   if not checkpoint_dir(workdir).exists():
     raise CheckpointError(f"no checkpoints in {workdir} (expected {checkpoint_dir(workdir)}); train "
                           "first with --mode train or point to an export_params directory")
+  damaged = []
   for _ in range(3):  # a training run in progress may delete the steps while they are read
-    manager = make_manager(workdir, read_only=True)
+    try:
+      manager = make_manager(workdir, read_only=True)
+    except FileNotFoundError:
+      # keep-N deleted a step between orbax listing the directory and reading its metadata.
+      continue
     try:
       steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
       if not steps:
