@@ -115,6 +115,7 @@ class TuneRequest:
   steps: int
   families: tuple = ()
   budgets: tuple = ()         # tune.budgets (several in one run), else (budget,) or () for min_psnr
+  out: str = ""               # tune.out (may hold {budget})
 
   @classmethod
   def from_config(cls, config) -> "TuneRequest":
@@ -145,7 +146,7 @@ class TuneRequest:
                timing_repeats=max(1, int(t.timing_repeats)),
                calibration_seed=int(config.sweep.calibration_seed),
                heldout_seed=int(config.sample.seed), batch_size=int(config.sample.batch_size),
-               steps=int(config.sample.steps), families=families, budgets=budgets)
+               steps=int(config.sample.steps), families=families, budgets=budgets, out=str(t.out).strip())
 
 
 def _parse_budgets(text: str) -> tuple:
@@ -575,12 +576,12 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> dict:
 
   if req.min_psnr > 0:
     tried = _search_min_psnr(config, params, req, cmeasure, bar)
-    out = _finish(config, workdir, req, None, tried, validate, ctx, bar)
+    out = _finish(workdir, req, None, tried, validate, ctx, bar)
   else:
     out = {}
     for b in req.budgets:
       tried = _search(config, params, req, b, cmeasure, bar, f"budget {b:g}: " if several else "")
-      out[b] = _finish(config, workdir, req, b, tried, validate, ctx, bar)
+      out[b] = _finish(workdir, req, b, tried, validate, ctx, bar)
     out = out if several else out[req.budgets[0]]
   bar.close()
   return out
@@ -605,9 +606,8 @@ class _HeldOut:
     return dict(h), per_image
 
 
-def _out_path(config, workdir: str, budget: Optional[float], several: bool) -> tuple:
+def _out_path(out: str, workdir: str, budget: Optional[float], several: bool) -> tuple:
   """(tuned file, candidates file) of one budget."""
-  out = str(config.tune.out).strip()
   tag = f"{budget:g}" if budget is not None else ""
   if out:
     path = out.replace("{budget}", tag)
@@ -617,7 +617,7 @@ def _out_path(config, workdir: str, budget: Optional[float], several: bool) -> t
   return path, cands
 
 
-def _finish(config, workdir: str, req: TuneRequest, budget: Optional[float], tried: list,
+def _finish(workdir: str, req: TuneRequest, budget: Optional[float], tried: list,
             validate: _HeldOut, ctx: runner.Context, bar) -> dict:
   """Picks among `tried`, validates the pick and its runner-up on held-out noise, writes the files."""
   several = len(req.budgets) > 1
@@ -653,7 +653,7 @@ def _finish(config, workdir: str, req: TuneRequest, budget: Optional[float], tri
       "calibration_images": req.calibration_images, "heldout_images": req.heldout_images,
       "calibration_seed": req.calibration_seed, "heldout_seed": req.heldout_seed,
   }
-  path, cands_path = _out_path(config, workdir, budget, several)
+  path, cands_path = _out_path(req.out, workdir, budget, several)
   _write_json(path, _relative_paths(tuned, os.path.dirname(os.path.abspath(path))))
   _write_json(cands_path, [c.record() for c in tried])
   h = tuned["heldout"]
