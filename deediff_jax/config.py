@@ -24,6 +24,7 @@ CACHE_POLICIES = ("none", "l2c")   # Learning-to-Cache (deediff_jax/caching.py)
 # confidence module "LTE" on stop-gradient patch tokens).
 EXIT_STYLES = ("deediff", "adadiff")
 UEM_TARGETS = ("eps", "x0", "fidelity")
+TIME_WEIGHTINGS = ("uniform", "min_snr")
 FID_KINDS = ("classifier", "inception", "none")
 
 
@@ -266,6 +267,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.layer_loss = 0.0     # weight of an optional unweighted sum of per-layer MSEs
   c.loss.uem_target = "eps"   # what the UEM regresses: eps (paper) | x0 (sampler's x0 error) | fidelity (distance to the model's own final output)
   c.loss.cfg_dropout = 0.1    # probability of replacing the condition by the null one
+  c.loss.time_weighting = "uniform"  # per-sample weight of the eps-MSE terms: uniform (paper) | min_snr (Min-SNR-gamma; diffusion/losses.py)
+  c.loss.min_snr_gamma = 5.0  # gamma of time_weighting=min_snr
 
   c.train = t = ml_collections.ConfigDict()
   t.mode = "scratch"          # scratch | finetune | frozen_backbone | uem_only (only UEMs/LTEs learn, from init_from) | router (only a Learning-to-Cache router learns, for sample.sampler/steps; docs/caching.md)
@@ -424,6 +427,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"cache.l1_weight must be >= 0, got {cfg.cache.l1_weight}")
   enum("model.exit_style", EXIT_STYLES)
   enum("loss.uem_target", UEM_TARGETS)
+  enum("loss.time_weighting", TIME_WEIGHTINGS)
+  if cfg.loss.min_snr_gamma <= 0:
+    raise ConfigError(f"loss.min_snr_gamma must be > 0, got {cfg.loss.min_snr_gamma}")
   enum("sweep.fid_kind", FID_KINDS)
   enum("train.lr_schedule", ("cosine", "constant"))
   if not 0.0 <= cfg.loss.cfg_dropout < 1.0:

@@ -42,6 +42,8 @@ def with_(key, value):
     ("exit.calibration_buckets", 0, "exit.calibration_buckets must be >= 1 (1 = one threshold), got 0"),
     ("exit.calibration_buckets", 51, "exit.calibration_buckets=51 exceeds sample.steps=50, so some buckets "
                                      "would hold no sampling step; use at most 50"),
+    ("loss.time_weighting", "snr", "config key 'loss.time_weighting' is 'snr'; choose one of uniform, min_snr"),
+    ("loss.min_snr_gamma", 0.0, "loss.min_snr_gamma must be > 0, got 0.0"),
 ])
 def test_bad_values_give_one_line_errors(key, value, message):
   with pytest.raises(ConfigError) as e:

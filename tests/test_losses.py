@@ -59,3 +59,27 @@ def test_lu_gradient_reaches_u_but_not_through_target():
   g_u = jax.grad(lambda u: deediff_loss(eps_all, u, eps)[1]["loss_u"])(u_all)
   u_hat = pseudo_uncertainty(eps_all, eps)
   np.testing.assert_allclose(g_u, (u_all - u_hat), rtol=1e-5)   # d/du (u - u_hat)^2 / B with B = 2
+
+
+def test_min_snr_weights_equal_hand_computation():
+  from deediff_jax.diffusion.losses import time_weights
+  # SNR = alpha^2 / sigma^2: 0.25/0.75 = 1/3, 0.64/0.36 = 16/9, 0.99/0.01 = 99, and alpha = 0.
+  alpha = jnp.sqrt(jnp.array([0.25, 0.64, 0.99, 0.0]))
+  sigma = jnp.sqrt(1.0 - jnp.square(alpha))
+  np.testing.assert_allclose(time_weights("min_snr", alpha, sigma, gamma=5.0),
+                             [1.0, 1.0, 5.0 / 99.0, 1.0], rtol=1e-5)
+  np.testing.assert_allclose(time_weights("uniform", alpha, sigma), [1.0] * 4)
+  with pytest.raises(ValueError, match="time_weighting"):
+    time_weights("snr", alpha, sigma)
+
+
+def test_sample_weight_scales_each_samples_eps_terms_but_not_the_uem_regression():
+  eps_all, u_all, eps = hand_made()
+  w = jnp.array([2.0, 0.5])
+  _, m = deediff_loss(eps_all, u_all, eps, layer_loss=1.0, sample_weight=w)
+  _, m0 = deediff_loss(eps_all, u_all, eps, layer_loss=1.0)
+  # Per-sample MSE: exit 1 -> [1.0, 0.25]; exit 2 -> [0.01, 0.01] (see the hand computation above).
+  np.testing.assert_allclose(m["loss_simple"], (2.0 * 0.01 + 0.5 * 0.01) / 2, rtol=1e-6)
+  np.testing.assert_allclose(m["loss_layer"], (2.0 * 1.0 + 0.5 * 0.25) / 2, rtol=1e-6)
+  np.testing.assert_allclose(m["loss_ual"], ((1 - 0.2) * 2.0 * 1.0 + (1 - 0.6) * 0.5 * 0.25) / 2, rtol=1e-6)
+  np.testing.assert_allclose(m["loss_u"], m0["loss_u"], rtol=1e-7)

@@ -28,11 +28,34 @@ confidence maps c_i [N, B, H, W, C] and the backbone's shared head for every eps
 L_simple, so that lambda = beta = 1 keeps every term on one scale whatever the image size.
 By default the UAL weight (1 - u_i) is a constant to the optimiser (stop_grad_ual_weight):
 otherwise the model could lower L_UAL just by claiming to be uncertain.
+
+`loss.time_weighting` weights every per-sample eps-MSE (L_simple, L_UAL, L_layer; not L_u, whose
+target is already per-sample) by a function of the sample's noise level (`time_weights`):
+  uniform   1                                   (the paper, DDPM's L_simple)
+  min_snr   min(SNR, gamma) / SNR,  SNR = alpha^2 / sigma^2     (Min-SNR-gamma, Hang et al. 2023,
+            for eps-prediction: weight 1 wherever SNR <= gamma, less at low noise)
+Uniform eps-MSE weights the x0 error by SNR (||eps_hat - eps||^2 = SNR ||x0_hat - x0||^2), so the
+high-noise steps where a sample's shape is decided barely move the gradient; min_snr tilts the
+gradient back toward them.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+TIME_WEIGHTINGS = ("uniform", "min_snr")
+
+
+def time_weights(name: str, alpha, sigma, gamma: float = 5.0):
+  """Per-sample loss weights [B] for `loss.time_weighting` from alpha_t, sigma_t [B]."""
+  alpha = jnp.asarray(alpha, jnp.float32)
+  if name == "uniform":
+    return jnp.ones_like(alpha)
+  if name == "min_snr":
+    snr = jnp.square(alpha) / jnp.square(jnp.asarray(sigma, jnp.float32))
+    return jnp.where(snr <= gamma, 1.0, gamma / jnp.maximum(snr, gamma))  # no 0/0 where alpha = 0
+  raise ValueError(f"unknown loss.time_weighting {name!r}; choose one of {', '.join(TIME_WEIGHTINGS)}")
 
 
 def per_sample_mse(pred, target):
@@ -67,11 +90,14 @@ def uem_target_values(eps_all, eps, target: str = "eps", x0_scale=None):
 
 
 def deediff_loss(eps_all, u_all, eps, *, lambda_u=1.0, beta_ual=1.0, stop_grad_ual_weight=True,
-                 layer_loss=0.0, uem_target="eps", x0_scale=None):
-  """Total loss and each term, from eps_all [N, B, H, W, C], u_all [N, B] and eps [B, H, W, C]."""
+                 layer_loss=0.0, uem_target="eps", x0_scale=None, sample_weight=None):
+  """Total loss and each term, from eps_all [N, B, H, W, C], u_all [N, B] and eps [B, H, W, C];
+  sample_weight [B] (`time_weights`) scales each sample's eps-MSE terms."""
   eps_all = eps_all.astype(jnp.float32)
   u_all = u_all.astype(jnp.float32)
   mse = per_sample_mse(eps_all, eps[None])             # [N, B]
+  if sample_weight is not None:
+    mse = mse * jnp.asarray(sample_weight, jnp.float32)[None]
   l_simple = jnp.mean(mse[-1])
   u_hat = uem_target_values(eps_all, eps, uem_target, x0_scale)
   l_u = jnp.sum(jnp.mean(jnp.square(u_all - u_hat), axis=-1))
@@ -86,13 +112,16 @@ def deediff_loss(eps_all, u_all, eps, *, lambda_u=1.0, beta_ual=1.0, stop_grad_u
   return total, metrics
 
 
-def adadiff_loss(eps_all, conf_all, eps, *, lambda_u=1.0, beta_ual=1.0):
+def adadiff_loss(eps_all, conf_all, eps, *, lambda_u=1.0, beta_ual=1.0, sample_weight=None):
   """The official AdaDiff loss from eps_all and conf_all [N, B, H, W, C]; lambda_u and beta_ual
-  weight the confidence and layer-wise terms (1 and 1 in the official code)."""
+  weight the confidence and layer-wise terms (1 and 1 in the official code); sample_weight [B]
+  scales each sample's eps-MSE terms."""
   eps_all = eps_all.astype(jnp.float32)
   conf_all = conf_all.astype(jnp.float32)
   n = eps_all.shape[0]
   mse = per_sample_mse(eps_all, eps[None])             # [N, B]
+  if sample_weight is not None:
+    mse = mse * jnp.asarray(sample_weight, jnp.float32)[None]
   l_simple = jnp.mean(mse[-1])
   target = jax.lax.stop_gradient(1.0 - jnp.tanh(jnp.abs(eps_all - eps[None])))
   l_conf = jnp.sum(jnp.mean(per_sample_mse(conf_all, target), axis=-1)) / n
@@ -106,12 +135,15 @@ def adadiff_loss(eps_all, conf_all, eps, *, lambda_u=1.0, beta_ual=1.0):
   return total, metrics
 
 
-def loss_from_config(eps_all, scores, eps, loss_config, *, ltes: bool = False, x0_scale=None):
+def loss_from_config(eps_all, scores, eps, loss_config, *, ltes: bool = False, x0_scale=None,
+                     sample_weight=None):
   """The configured loss; `scores` are u [N, B] (DeeDiff's UEMs) or, with `ltes` (the official
   AdaDiff exits, `ModelConfig.has_ltes`), confidence maps."""
   if ltes:
-    return adadiff_loss(eps_all, scores, eps, lambda_u=loss_config.lambda_u, beta_ual=loss_config.beta_ual)
+    return adadiff_loss(eps_all, scores, eps, lambda_u=loss_config.lambda_u, beta_ual=loss_config.beta_ual,
+                        sample_weight=sample_weight)
   return deediff_loss(eps_all, scores, eps, lambda_u=loss_config.lambda_u, beta_ual=loss_config.beta_ual,
                       stop_grad_ual_weight=loss_config.stop_grad_ual_weight,
                       layer_loss=loss_config.layer_loss,
-                      uem_target=loss_config.get("uem_target", "eps"), x0_scale=x0_scale)
+                      uem_target=loss_config.get("uem_target", "eps"), x0_scale=x0_scale,
+                      sample_weight=sample_weight)

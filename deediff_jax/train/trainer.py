@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from deediff_jax.config import ConfigError, validate
 from deediff_jax.data.prefetch import prefetched
 from deediff_jax.diffusion import schedule as schedule_lib
-from deediff_jax.diffusion.losses import loss_from_config
+from deediff_jax.diffusion.losses import loss_from_config, time_weights
 from deediff_jax.model import build, init_params
 from deediff_jax.model.deediff import SCORE_KEYS, DeeDiffUViT
 from deediff_jax.train import checkpoint as ckpt
@@ -105,8 +105,10 @@ def train_step(state: TrainState, batch: dict, *, config, module, sched, optimiz
     eps_all, scores = module.apply({"params": params}, xt, schedule_lib.model_time(sched, mb["t"]),
                                    mb.get("y"), mb.get("context"), method=DeeDiffUViT.all_exits)
     alpha, sigma = schedule_lib.alpha_sigma(sched, mb["t"])
+    weight = time_weights(config.loss.get("time_weighting", "uniform"), alpha, sigma,
+                          config.loss.get("min_snr_gamma", 5.0))
     return loss_from_config(eps_all, scores, mb["noise"], config.loss, ltes=mc.has_ltes,
-                            x0_scale=sigma / alpha)
+                            x0_scale=sigma / alpha, sample_weight=weight)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   accum = int(tc.grad_accum)
