@@ -163,6 +163,52 @@ def test_several_budgets_in_one_run_write_what_each_budget_alone_writes(tmp_path
     tune.TuneRequest.from_config(_config(budgets="0.4,1.5"))
 
 
+def test_an_interrupted_tune_resumes_from_its_journal_and_writes_the_same_files(tmp_path, params, capsys):
+  from deediff_jax.eval import tune_journal
+  c = _config(budget=0.6, families="fewer_steps,static,learned", buckets=1)
+  workdir = str(tmp_path / "t")
+  whole = tune.run(c, workdir, params=params, progress=False)
+  files = {n: open(os.path.join(workdir, n)).read() for n in ("tuned.json", "tune_candidates.json")}
+  path = os.path.join(workdir, tune_journal.JOURNAL_FILE)
+  saved = json.load(open(path))
+  # "Interrupted" before the last search task and before any held-out validation.
+  names = list(saved["tasks"])
+  assert len(names) >= 3 and len(saved["heldout"]) == 2
+  lost = names[-1]
+  redo = len(saved["tasks"].pop(lost))
+  saved["heldout"] = {}
+  json.dump(saved, open(path, "w"))
+  calls = []
+  measure = tune._Measure.__call__
+  tune._Measure.__call__ = lambda self, cand: calls.append(cand.key()) or measure(self, cand)
+  try:
+    resumed = tune.run(c, workdir, params=params, progress=False)
+  finally:
+    tune._Measure.__call__ = measure
+  assert "resuming from" in "".join(capsys.readouterr())
+  # Only the lost task's candidates run on calibration noise (plus its repeats while fitting), then
+  # the two held-out validations; every file is what the whole run wrote, timing aside.
+  assert 2 <= len(calls) <= redo + 2 and redo >= 1
+  assert _without_timing(resumed) == _without_timing(whole)
+  assert open(os.path.join(workdir, "tune_candidates.json")).read() == files["tune_candidates.json"]
+  # A third run replays everything: nothing is measured, and even the timings are the recorded ones.
+  tune._Measure.__call__ = lambda self, cand: pytest.fail("measured a candidate the journal holds")
+  try:
+    again = tune.run(c, workdir, params=params, progress=False)
+  finally:
+    tune._Measure.__call__ = measure
+  assert again == resumed
+  # Other parameters: the journal is set aside, not mixed in.
+  other = jax.tree_util.tree_map(lambda x: x * 1.01, params)
+  assert tune_journal.Journal(workdir, tune_journal.fingerprint(other, c)).replaced
+  assert not tune_journal.Journal(workdir, tune_journal.fingerprint(params, c)).replaced
+  c2 = _config(budget=0.6, families="fewer_steps,static,learned", buckets=1)
+  c2.sample.guidance_scale = 3.0
+  assert tune_journal.fingerprint(params, c2) != tune_journal.fingerprint(params, c)
+  c3 = _config(budget=0.7, families="fewer_steps,static,learned", buckets=1, out="x.json")
+  assert tune_journal.fingerprint(params, c3) == tune_journal.fingerprint(params, c)   # report-only keys
+
+
 def test_sampling_with_tune_file_equals_the_overrides_by_hand(tmp_path, params):
   overrides = {"exit.policy": "uem", "exit.threshold": 0.3, "exit.threshold_schedule": "", "exit.aggregate": "last",
                "sample.steps": 3, "exit.min_layers": 1}

@@ -47,6 +47,8 @@ relative to the file):
    "full": {"fid", "class_accuracy"}, "budget", "min_psnr", "batch_size", "steps",
    "calibration_images", "heldout_images", "calibration_seed", "heldout_seed"}
 and DIR/tune_candidates.json (every candidate with its calibration measurement); prints one line.
+Each finished search task and held-out validation is also written to DIR/tune_journal.json
+(eval/tune_journal.py): rerunning an interrupted command resumes where it stopped.
 Overrides are resolved values (a threshold or schedule, never a target to recalibrate); paths
 (a router) are relative to the tuned file. `--config.tune.file=PATH` (`apply_file`) applies them
 to --mode sample|eval and zeroes every calibration target, so nothing is recalibrated.
@@ -74,6 +76,7 @@ from deediff_jax.eval.calibration.time_schedule import calibrate_time_schedule
 from deediff_jax.eval import flops as flops_lib
 from deediff_jax.eval import heldout
 from deediff_jax.eval import runner
+from deediff_jax.eval import tune_journal
 from deediff_jax.eval.settings import Setting, setting_from_exit_config
 from deediff_jax.model.uvit import ModelConfig
 
@@ -187,6 +190,18 @@ class Candidate:
   def key(self) -> str:
     """What the candidate runs, as text: two candidates with the same key give the same images."""
     return json.dumps([self.overrides, self.aggregate, self.extra], sort_keys=True, default=str)
+
+  def to_json(self) -> dict:
+    """Everything that rebuilds this candidate with its measurement (eval/tune_journal.py)."""
+    return {"family": self.family, "setting": dataclasses.asdict(self.setting), "overrides": self.overrides,
+            "aggregate": self.aggregate, "extra": self.extra, "psnr": self.psnr,
+            "gflops_ratio": self.gflops_ratio, "layer_ratio_run": self.layer_ratio_run}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Candidate":
+    return cls(d["family"], Setting(**d["setting"]), dict(d["overrides"]), aggregate=d["aggregate"],
+               extra=dict(d["extra"]), psnr=d["psnr"], gflops_ratio=d["gflops_ratio"],
+               layer_ratio_run=d["layer_ratio_run"])
 
   def record(self) -> dict:
     return {"family": self.family, "setting": self.label(), "overrides": self.overrides,
@@ -518,14 +533,24 @@ def pick(cands: list, budget: float, min_psnr: float) -> tuple:
   return best, (others[0] if others else None)
 
 
-def _search(config, params, req: TuneRequest, budget: float, cmeasure, bar, label: str) -> list:
+def _search(config, params, req: TuneRequest, budget: float, cmeasure, bar, label: str,
+            journal: Optional[tune_journal.Journal] = None) -> list:
+  """Every search task at `budget`; a task the journal holds is replayed, any other is run and recorded."""
   tried: list = []
   tasks = search_tasks(config, params, req, budget, None, cmeasure)
   bar.total = (bar.total or 0) + len(tasks)
   bar.refresh()
   for name, task in tasks:
     bar.set_postfix_str(f"{label}{name}")
-    task(tried)
+    done = journal.task(budget, name) if journal is not None else None
+    if done is not None:
+      tried += [Candidate.from_json(d) for d in done]
+    else:
+      got: list = []
+      task(got)
+      tried += got
+      if journal is not None:
+        journal.record_task(budget, name, [c.to_json() for c in got])
     bar.update(1)
   return tried
 
@@ -560,11 +585,17 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> dict:
     raise TuneError(f"{key} is below the cheapest runnable setting ({floor:.4f} of the full GFLOPs: "
                     f"{int(config.exit.min_layers)} block(s) at 1 step); raise it")
   several = len(req.budgets) > 1
-  bar = tqdm(total=2 + max(1, len(req.budgets)), desc="tune", unit="task", disable=not progress)
-  bar.set_postfix_str("held-out full depth and scorer")
   step = None
   if params is None:
     params, step = runner.load_checkpoint(config, workdir)
+  journal = tune_journal.Journal(workdir, tune_journal.fingerprint(params, config))
+  if journal.replaced:
+    tqdm.write(f"tune: {journal.path} is from other parameters or settings; starting the search over")
+  elif journal.resumed:
+    tqdm.write(f"tune: resuming from {journal.path}: {len(journal.tasks)} search task(s) and "
+               f"{len(journal.heldout)} held-out validation(s) are done")
+  bar = tqdm(total=2 + max(1, len(req.budgets)), desc="tune", unit="task", disable=not progress)
+  bar.set_postfix_str("held-out full depth and scorer")
   ctx = runner.prepare(config, workdir, num=req.heldout_images, params=params, step=step)
   bar.update(1)
   bar.set_postfix_str("calibration full depth")
@@ -572,15 +603,15 @@ def run(config, workdir: str, *, params=None, progress: bool = True) -> dict:
   cmeasure_, calibration_memo = _Measure(cctx), {}
   cmeasure = lambda cand: _measure_calibration(cmeasure_, cand, calibration_memo)
   bar.update(1)
-  validate = _HeldOut(params, config, ctx, req.timing_repeats)
+  validate = _HeldOut(params, config, ctx, req.timing_repeats, journal)
 
   if req.min_psnr > 0:
-    tried = _search_min_psnr(config, params, req, cmeasure, bar)
+    tried = _search_min_psnr(config, params, req, cmeasure, bar, journal)
     out = _finish(workdir, req, None, tried, validate, ctx, bar)
   else:
     out = {}
     for b in req.budgets:
-      tried = _search(config, params, req, b, cmeasure, bar, f"budget {b:g}: " if several else "")
+      tried = _search(config, params, req, b, cmeasure, bar, f"budget {b:g}: " if several else "", journal)
       out[b] = _finish(workdir, req, b, tried, validate, ctx, bar)
     out = out if several else out[req.budgets[0]]
   bar.close()
@@ -591,17 +622,23 @@ class _HeldOut:
   """Validates a candidate on the held-out images (PSNR with its interval, FID, accuracy) and times
   it against full depth, once per `Candidate.key` (tune.budgets: a runner-up shared by budgets)."""
 
-  def __init__(self, params, config, ctx: runner.Context, repeats: int):
+  def __init__(self, params, config, ctx: runner.Context, repeats: int,
+               journal: Optional[tune_journal.Journal] = None):
     self.params, self.config, self.ctx, self.repeats = params, config, ctx, repeats
     self.measure = _Measure(ctx)
+    self.journal = journal
     self.done: dict = {}
 
   def __call__(self, cand: Candidate) -> tuple:
     key = cand.key()
+    if key not in self.done and self.journal is not None and self.journal.validation(key) is not None:
+      self.done[key] = self.journal.validation(key)
     if key not in self.done:
       h, per_image = _validate(self.measure, cand, self.ctx)
       h.update(paired_speedup(self.params, self.config, cand, self.ctx.cond, self.ctx.rng, self.repeats))
       self.done[key] = (h, per_image)
+      if self.journal is not None:
+        self.journal.record_validation(key, h, per_image)
     h, per_image = self.done[key]
     return dict(h), per_image
 
@@ -667,14 +704,15 @@ def _finish(workdir: str, req: TuneRequest, budget: Optional[float], tried: list
   return tuned
 
 
-def _search_min_psnr(config, params, req: TuneRequest, cmeasure, bar) -> list:
+def _search_min_psnr(config, params, req: TuneRequest, cmeasure, bar,
+                     journal: Optional[tune_journal.Journal] = None) -> list:
   """The smallest budget whose best calibration PSNR reaches min_psnr, by bisection on the budget;
   every candidate measured on the way is returned (pick() then takes the cheapest that reaches it)."""
   tried: list = []
   lo, hi = 0.0, 1.0
   for i in range(MIN_PSNR_BISECTIONS):
     mid = 0.5 * (lo + hi)
-    got = _search(config, params, req, mid, cmeasure, bar, f"budget {mid:.2f}: ")
+    got = _search(config, params, req, mid, cmeasure, bar, f"budget {mid:.2f}: ", journal)
     tried += got
     best = max((c.psnr for c in got if heldout.admits(c.gflops_ratio, mid)), default=-math.inf)
     lo, hi = (lo, mid) if best >= req.min_psnr else (mid, hi)
