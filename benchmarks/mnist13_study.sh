@@ -5,7 +5,7 @@
 # benchmarks/models/mnist13/):
 #
 #   bash benchmarks/mnist13_study.sh joint      # backbone + heads + paper (eps) UEMs, jointly (~1.1 s/step idle)
-#   bash benchmarks/mnist13_study.sh continue   # more joint steps from the committed params file (same loss; see below)
+#   bash benchmarks/mnist13_study.sh continue   # more joint steps from the committed params file (CONTINUE_WEIGHTING=min_snr: loss.time_weighting)
 #   bash benchmarks/mnist13_study.sh uem        # UEMs alone retrained on the fidelity target (train.mode=uem_only)
 #   bash benchmarks/mnist13_study.sh adadiff    # the official AdaDiff formulation, fine-tuned from the joint backbone
 #   bash benchmarks/mnist13_study.sh export     # benchmarks/models/mnist13/params.npz (float16) from the uem run
@@ -47,7 +47,7 @@ case "${1:?usage: mnist13_study.sh joint|continue|uem|adadiff|export|router|swee
     # needs no checkpoint of the joint run.
     main --workdir "$RUNS/mnist13_continue" --config.train.mode=finetune --config.train.init_from="${CONTINUE_FROM:-$MODEL/params.npz}" \
          --config.train.num_steps="${CONTINUE_STEPS:-3000}" --config.train.lr="${CONTINUE_LR:-1e-3}" \
-         --config.train.warmup_steps=100 ;;
+         --config.train.warmup_steps=100 --config.loss.time_weighting="${CONTINUE_WEIGHTING:-uniform}" ;;
   uem)
     main --workdir "$RUNS/mnist13_uemfid" --config.train.mode=uem_only --config.train.init_from="$BACKBONE" \
          --config.loss.uem_target=fidelity --config.train.num_steps="${UEM_STEPS:-250}" \
