@@ -5,15 +5,22 @@
 # benchmarks/models/mnist13/):
 #
 #   bash benchmarks/mnist13_study.sh joint      # backbone + heads + paper (eps) UEMs, jointly (~1.1 s/step idle)
-#   bash benchmarks/mnist13_study.sh continue   # more joint steps from the committed params file (CONTINUE_WEIGHTING=min_snr: loss.time_weighting)
-#   bash benchmarks/mnist13_study.sh uem        # UEMs alone retrained on the fidelity target (train.mode=uem_only)
+#   bash benchmarks/mnist13_study.sh continue   # 3,000 more joint steps with loss.time_weighting=min_snr, from the first export
+#   BACKBONE=$RUNS/mnist13_continue bash benchmarks/mnist13_study.sh uem   # UEMs alone retrained on the fidelity target
 #   bash benchmarks/mnist13_study.sh adadiff    # the official AdaDiff formulation, fine-tuned from the joint backbone
 #   bash benchmarks/mnist13_study.sh export     # benchmarks/models/mnist13/params.npz (float16) from the uem run
+#   bash benchmarks/mnist13_study.sh adadiff_sweep  # the AdaDiff fine-tune on held-out noise -> results/mnist13/adadiff/
 #   bash benchmarks/mnist13_study.sh router     # a Learning-to-Cache router for the study's sampler and steps
 #   bash benchmarks/mnist13_study.sh sweep      # the held-out sweep (>= 1,000 images) from params.npz + router
 #   bash benchmarks/mnist13_study.sh tune       # --mode tune at 40/55/70% of the GFLOPs -> tuned_{0.4,0.55,0.7}.json
 #   bash benchmarks/mnist13_study.sh pareto     # pareto_budgets.py --json over the held-out sweep
 #   bash benchmarks/mnist13_study.sh wallclock  # chosen points vs full depth at batch 1, 8, 100
+#
+# The committed model is joint -> uem -> export (the params.npz of commit f892112, whose strokes
+# break apart: 2.71 ink components per image) -> continue -> uem -> export, with
+# BACKBONE=$RUNS/mnist13_continue for the second uem/adadiff/export. CONTINUE_FROM defaults to
+# $RUNS/mnist13_base_params.npz, that first export:
+#   git show f892112:benchmarks/models/mnist13/params.npz > $RUNS/mnist13_base_params.npz
 #
 # Everything after `export` reads only the committed files (params.npz, router.npz): the study
 # reproduces without training. MNIST_NPZ: a 28x28 MNIST npz (image/label, test_image/test_label);
@@ -36,18 +43,19 @@ HELDOUT=${HELDOUT:-1000}
 # The backbone the uem/adadiff stages start from: the joint run, or the continued one
 # (BACKBONE=$RUNS/mnist13_continue).
 BACKBONE=${BACKBONE:-$RUNS/mnist13_joint}
-case "${1:?usage: mnist13_study.sh joint|continue|uem|adadiff|export|router|sweep|tune|pareto|wallclock}" in
+case "${1:?usage: mnist13_study.sh joint|continue|uem|adadiff|export|adadiff_sweep|router|sweep|tune|pareto|wallclock}" in
   joint)
     # The committed model: the config's 3,000 steps in one run (about an hour idle; it resumes
     # from its last checkpoint when rerun). JOINT_STEPS overrides the step count.
     main --workdir "$RUNS/mnist13_joint" ${JOINT_STEPS:+--config.train.num_steps=$JOINT_STEPS} ;;
   continue)
     # The joint loss again (backbone, heads and eps UEMs), CONTINUE_STEPS more steps on a fresh
-    # cosine schedule from the committed params file (EMA weights; a new optimiser state), so it
-    # needs no checkpoint of the joint run.
-    main --workdir "$RUNS/mnist13_continue" --config.train.mode=finetune --config.train.init_from="${CONTINUE_FROM:-$MODEL/params.npz}" \
+    # cosine schedule from the first export (EMA weights; a new optimiser state), so it needs no
+    # checkpoint of the joint run. Min-SNR-5 weighting (CONTINUE_WEIGHTING=uniform: the paper's
+    # loss) is what mends the broken strokes: docs/results.md, "Full depth".
+    main --workdir "$RUNS/mnist13_continue" --config.train.mode=finetune --config.train.init_from="${CONTINUE_FROM:-$RUNS/mnist13_base_params.npz}" \
          --config.train.num_steps="${CONTINUE_STEPS:-3000}" --config.train.lr="${CONTINUE_LR:-1e-3}" \
-         --config.train.warmup_steps=100 --config.loss.time_weighting="${CONTINUE_WEIGHTING:-uniform}" ;;
+         --config.train.warmup_steps=100 --config.loss.time_weighting="${CONTINUE_WEIGHTING:-min_snr}" ;;
   uem)
     main --workdir "$RUNS/mnist13_uemfid" --config.train.mode=uem_only --config.train.init_from="$BACKBONE" \
          --config.loss.uem_target=fidelity --config.train.num_steps="${UEM_STEPS:-250}" \
@@ -62,6 +70,18 @@ case "${1:?usage: mnist13_study.sh joint|continue|uem|adadiff|export|router|swee
     if [ -d "$RUNS/mnist13_adadiff" ]; then   # the optional AdaDiff fine-tune
       python -m deediff_jax.export --workdir "$RUNS/mnist13_adadiff" --out "$RUNS/mnist13_adadiff_params.npz" --float16
     fi ;;
+  adadiff_sweep)
+    # The official AdaDiff formulation (the adadiff stage, exported by export) on the study's
+    # protocol: its confidence threshold calibrated to 55% of the blocks on calibration noise, a
+    # few fixed thresholds, PSNR against its own full depth on HELDOUT held-out images.
+    main --workdir "$RUNS/mnist13_adadiff_sweep" --mode sweep --config.model.exit_style=adadiff \
+         --config.sample.params_file="$RUNS/mnist13_adadiff_params.npz" "${SAMPLE[@]}" \
+         --config.sweep.num_images="$HELDOUT" --config.sweep.calibration_images=200 \
+         --config.sweep.policies=adadiff,none --config.sweep.confidence_thresholds="${CONFIDENCES:-0.9,0.95}" \
+         --config.sweep.step_fractions= --config.sweep.combo_depths= \
+         --config.exit.aggregate=last --config.exit.target_layer_ratio=0.55 --config.exit.calibrate=policy
+    mkdir -p "$OUT/adadiff"
+    cp "$RUNS/mnist13_adadiff_sweep"/sweep/*.{json,csv,md,png,npz} "$OUT/adadiff/" 2>/dev/null || true ;;
   router)
     # The frozen backbone is the committed params file, so this stage needs no checkpoint.
     main --workdir "$RUNS/mnist13_router" "${SAMPLE[@]}" "${FROM_FILE[@]}" --config.train.mode=router \
