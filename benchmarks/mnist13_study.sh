@@ -74,7 +74,7 @@ case "${1:?usage: mnist13_study.sh joint|continue|uem|adadiff|export|adadiff_swe
     # The official AdaDiff formulation (the adadiff stage, exported by export) on the study's
     # protocol: its confidence threshold calibrated to 55% of the blocks on calibration noise, a
     # few fixed thresholds, PSNR against its own full depth on HELDOUT held-out images.
-    main --workdir "$RUNS/mnist13_adadiff_sweep" --mode sweep --config.model.exit_style=adadiff \
+    main --workdir "$RUNS/mnist13_adadiff_sweep" --mode sweep --config.model.exit_style=adadiff --config.exit.policy=adadiff \
          --config.sample.params_file="$RUNS/mnist13_adadiff_params.npz" "${SAMPLE[@]}" \
          --config.sweep.num_images="$HELDOUT" --config.sweep.calibration_images=200 \
          --config.sweep.policies=adadiff,none --config.sweep.confidence_thresholds="${CONFIDENCES:-0.9,0.95}" \
