@@ -32,6 +32,8 @@ MNIST_NPZ=${MNIST_NPZ:-../shared/data/mnist10k.npz}
 OUT=benchmarks/results/mnist13
 MODEL=benchmarks/models/mnist13
 mkdir -p "$OUT" "$MODEL"
+# A sweep workdir's tables, plots and per-image PSNRs into a results folder.
+copy_sweep() { mkdir -p "$2"; cp "$1"/sweep/*.{json,csv,md,png,npz} "$2/" 2>/dev/null || true; }
 main() { python -m deediff_jax.main --config configs/mnist13.py --config.data.source="npz:$MNIST_NPZ" "$@"; }
 FROM_FILE=(--config.sample.params_file="$MODEL/params.npz")
 # The study's sampler: DDIM, 25 steps, guidance GUIDANCE, batch 100 (GFLOPs and layer ratios are
@@ -51,8 +53,8 @@ case "${1:?usage: mnist13_study.sh joint|continue|uem|adadiff|export|adadiff_swe
   continue)
     # The joint loss again (backbone, heads and eps UEMs), CONTINUE_STEPS more steps on a fresh
     # cosine schedule from the first export (EMA weights; a new optimiser state), so it needs no
-    # checkpoint of the joint run. Min-SNR-5 weighting (CONTINUE_WEIGHTING=uniform: the paper's
-    # loss) is what mends the broken strokes: docs/results.md, "Full depth".
+    # checkpoint of the joint run. More steps mend most of the broken strokes, Min-SNR-5 weighting
+    # the rest (CONTINUE_WEIGHTING=uniform: the paper's loss; the A/B is in docs/design.md).
     main --workdir "$RUNS/mnist13_continue" --config.train.mode=finetune --config.train.init_from="${CONTINUE_FROM:-$RUNS/mnist13_base_params.npz}" \
          --config.train.num_steps="${CONTINUE_STEPS:-3000}" --config.train.lr="${CONTINUE_LR:-1e-3}" \
          --config.train.warmup_steps=100 --config.loss.time_weighting="${CONTINUE_WEIGHTING:-min_snr}" ;;
@@ -80,8 +82,7 @@ case "${1:?usage: mnist13_study.sh joint|continue|uem|adadiff|export|adadiff_swe
          --config.sweep.policies=adadiff,none --config.sweep.confidence_thresholds="${CONFIDENCES:-0.9,0.95}" \
          --config.sweep.step_fractions= --config.sweep.combo_depths= \
          --config.exit.aggregate=last --config.exit.target_layer_ratio=0.55 --config.exit.calibrate=policy
-    mkdir -p "$OUT/adadiff"
-    cp "$RUNS/mnist13_adadiff_sweep"/sweep/*.{json,csv,md,png,npz} "$OUT/adadiff/" 2>/dev/null || true ;;
+    copy_sweep "$RUNS/mnist13_adadiff_sweep" "$OUT/adadiff" ;;
   router)
     # The frozen backbone is the committed params file, so this stage needs no checkpoint.
     main --workdir "$RUNS/mnist13_router" "${SAMPLE[@]}" "${FROM_FILE[@]}" --config.train.mode=router \
@@ -102,7 +103,7 @@ case "${1:?usage: mnist13_study.sh joint|continue|uem|adadiff|export|adadiff_swe
          --config.sweep.combo_depths= --config.sweep.cache_thresholds="${CACHE_THRESHOLDS:-0.7}" \
          --config.exit.aggregate=last --config.exit.target_layer_ratio=0.55 --config.exit.calibrate=policy \
          --config.exit.calibration_buckets=5
-    cp "$RUNS/mnist13_sweep"/sweep/*.{json,csv,md,png,npz} "$OUT/" 2>/dev/null || true ;;
+    copy_sweep "$RUNS/mnist13_sweep" "$OUT" ;;
   tune)
     # Every budget in one run (tune.budgets): the full-depth references and every candidate two
     # budgets share are measured once; each budget's file is what a run of it alone writes.
