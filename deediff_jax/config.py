@@ -223,6 +223,28 @@ class CacheSpec:
                sampler=sampler, steps=steps)
 
 
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """Typed, frozen view of `config.loss` (read once at the edge by `from_config`): the training
+  step and `diffusion.losses.configured_loss` take it inside the jitted step, not the ConfigDict."""
+  lambda_u: float = 1.0
+  beta_ual: float = 1.0
+  stop_grad_ual_weight: bool = True
+  layer_loss: float = 0.0
+  uem_target: str = "eps"
+  cfg_dropout: float = 0.1
+  time_weighting: str = "uniform"
+  min_snr_gamma: float = 5.0
+
+  @classmethod
+  def from_config(cls, config) -> "LossSpec":
+    l = config.loss
+    return cls(lambda_u=float(l.lambda_u), beta_ual=float(l.beta_ual),
+               stop_grad_ual_weight=bool(l.stop_grad_ual_weight), layer_loss=float(l.layer_loss),
+               uem_target=str(l.uem_target), cfg_dropout=float(l.cfg_dropout),
+               time_weighting=str(l.time_weighting), min_snr_gamma=float(l.min_snr_gamma))
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 

@@ -1,10 +1,12 @@
 """Config schema validation: one-line errors naming the key."""
+import dataclasses
 import importlib.util
 import pathlib
 
 import pytest
 
-from deediff_jax.config import ConfigError, base_config, load_config_file, parse_depth_schedule, validate
+from deediff_jax.config import (ConfigError, LossSpec, base_config, load_config_file, parse_depth_schedule,
+                                validate)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -80,3 +82,13 @@ def test_load_config_file_with_overrides(tmp_path):
     load_config_file(str(ROOT / "configs" / "digits.py"), {"exit.treshold": 0.3})
   with pytest.raises(ConfigError, match="config file 'nope.py' not found"):
     load_config_file("nope.py")
+
+
+def test_loss_spec_reads_every_loss_key():
+  # The jitted training step sees only the LossSpec: a config.loss key it lacks would be ignored.
+  c = base_config()
+  assert {f.name for f in dataclasses.fields(LossSpec)} == set(c.loss.keys())
+  c.loss.time_weighting, c.loss.min_snr_gamma, c.loss.uem_target = "min_snr", 2.5, "fidelity"
+  spec = LossSpec.from_config(c)
+  assert (spec.time_weighting, spec.min_snr_gamma, spec.uem_target) == ("min_snr", 2.5, "fidelity")
+  assert LossSpec.from_config(base_config()) == LossSpec()   # the dataclass defaults are the schema's

@@ -5,11 +5,10 @@ import io
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from deediff_jax.config import ConfigError, base_config, validate
+from deediff_jax.config import ConfigError, LossSpec, base_config, validate
 from deediff_jax.diffusion import losses as L
 from deediff_jax.train import trainer
 from deediff_jax.train.checkpoint import export_params
@@ -47,9 +46,10 @@ def test_targets_equal_hand_computation(target):
   l_u = np.sum(np.mean((u - WANT[target]) ** 2, axis=1))          # sum over exits of the batch mean
   np.testing.assert_allclose(m["loss_u"], l_u, rtol=1e-6)
   np.testing.assert_allclose(m["u_hat_mean"], np.mean(WANT[target]), rtol=1e-6)
-  # The config path passes loss.uem_target through.
-  lc = ml_collections.ConfigDict(dict(base_config().loss, uem_target=target))
-  _, m2 = L.loss_from_config(eps_all, u_all, eps, lc, x0_scale=scale)
+  # The config path passes loss.uem_target through (config.loss -> LossSpec -> configured_loss).
+  c = base_config()
+  c.loss.uem_target = target
+  _, m2 = L.configured_loss(eps_all, u_all, eps, LossSpec.from_config(c), x0_scale=scale)
   np.testing.assert_allclose(m2["loss_u"], l_u, rtol=1e-6)
 
 

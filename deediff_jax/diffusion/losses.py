@@ -135,15 +135,12 @@ def adadiff_loss(eps_all, conf_all, eps, *, lambda_u=1.0, beta_ual=1.0, sample_w
   return total, metrics
 
 
-def loss_from_config(eps_all, scores, eps, loss_config, *, ltes: bool = False, x0_scale=None,
-                     sample_weight=None):
-  """The configured loss; `scores` are u [N, B] (DeeDiff's UEMs) or, with `ltes` (the official
-  AdaDiff exits, `ModelConfig.has_ltes`), confidence maps."""
+def configured_loss(eps_all, scores, eps, spec, *, ltes: bool = False, x0_scale=None, sample_weight=None):
+  """The configured loss (`spec`: a `config.LossSpec`); `scores` are u [N, B] (DeeDiff's UEMs) or,
+  with `ltes` (the official AdaDiff exits, `ModelConfig.has_ltes`), confidence maps."""
   if ltes:
-    return adadiff_loss(eps_all, scores, eps, lambda_u=loss_config.lambda_u, beta_ual=loss_config.beta_ual,
+    return adadiff_loss(eps_all, scores, eps, lambda_u=spec.lambda_u, beta_ual=spec.beta_ual,
                         sample_weight=sample_weight)
-  return deediff_loss(eps_all, scores, eps, lambda_u=loss_config.lambda_u, beta_ual=loss_config.beta_ual,
-                      stop_grad_ual_weight=loss_config.stop_grad_ual_weight,
-                      layer_loss=loss_config.layer_loss,
-                      uem_target=loss_config.get("uem_target", "eps"), x0_scale=x0_scale,
-                      sample_weight=sample_weight)
+  return deediff_loss(eps_all, scores, eps, lambda_u=spec.lambda_u, beta_ual=spec.beta_ual,
+                      stop_grad_ual_weight=spec.stop_grad_ual_weight, layer_loss=spec.layer_loss,
+                      uem_target=spec.uem_target, x0_scale=x0_scale, sample_weight=sample_weight)

@@ -27,10 +27,10 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from deediff_jax.config import ConfigError, validate
+from deediff_jax.config import ConfigError, LossSpec, validate
 from deediff_jax.data.prefetch import prefetched
 from deediff_jax.diffusion import schedule as schedule_lib
-from deediff_jax.diffusion.losses import loss_from_config, time_weights
+from deediff_jax.diffusion.losses import configured_loss, time_weights
 from deediff_jax.model import build, init_params
 from deediff_jax.model.deediff import SCORE_KEYS, DeeDiffUViT
 from deediff_jax.train import checkpoint as ckpt
@@ -77,18 +77,36 @@ def _microbatches(tree, accum: int, mesh):
   return jax.tree_util.tree_map(split, tree)
 
 
-def train_step(state: TrainState, batch: dict, *, config, module, sched, optimizer, mesh,
-               null_context=None):
-  """One optimizer update. Pure: the same (state, batch) gives the same result on any mesh."""
-  tc, mc = config.train, module.cfg
-  mode = tc.mode
-  rng = jax.random.fold_in(jax.random.PRNGKey(tc.seed), state.step)
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What one training step reads from the config, read once by `_make_setup` (the jitted step
+  closes over typed values, not the ConfigDict)."""
+  seed: int
+  mode: str
+  grad_accum: int
+  ema_rate: float
+  loss: LossSpec
+
+  @classmethod
+  def from_config(cls, config) -> "StepSpec":
+    tc = config.train
+    return cls(seed=int(tc.seed), mode=str(tc.mode), grad_accum=int(tc.grad_accum),
+               ema_rate=float(tc.ema_rate), loss=LossSpec.from_config(config))
+
+
+def train_step(state: TrainState, batch: dict, *, spec: StepSpec, module, sched, optimizer, lr_fn,
+               mesh, null_context=None):
+  """One optimizer update. Pure: the same (state, batch) gives the same result on any mesh.
+  `lr_fn`: step -> learning rate (`state.lr_schedule`), logged with the metrics."""
+  mc, loss = module.cfg, spec.loss
+  mode = spec.mode
+  rng = jax.random.fold_in(jax.random.PRNGKey(spec.seed), state.step)
   k_t, k_noise, k_drop = jax.random.split(rng, 3)
   x0 = batch["image"].astype(jnp.float32)
   b = x0.shape[0]
   inputs = {"x0": x0, "t": schedule_lib.sample_train_times(sched, k_t, b),
             "noise": jax.random.normal(k_noise, x0.shape, jnp.float32)}
-  drop = jax.random.uniform(k_drop, (b,)) < config.loss.cfg_dropout
+  drop = jax.random.uniform(k_drop, (b,)) < loss.cfg_dropout
   if mc.num_classes > 0:
     inputs["y"] = jnp.where(drop, mc.num_classes, batch["label"].astype(jnp.int32))
   if mc.context_dim > 0:
@@ -105,13 +123,12 @@ def train_step(state: TrainState, batch: dict, *, config, module, sched, optimiz
     eps_all, scores = module.apply({"params": params}, xt, schedule_lib.model_time(sched, mb["t"]),
                                    mb.get("y"), mb.get("context"), method=DeeDiffUViT.all_exits)
     alpha, sigma = schedule_lib.alpha_sigma(sched, mb["t"])
-    weight = time_weights(config.loss.get("time_weighting", "uniform"), alpha, sigma,
-                          config.loss.get("min_snr_gamma", 5.0))
-    return loss_from_config(eps_all, scores, mb["noise"], config.loss, ltes=mc.has_ltes,
-                            x0_scale=sigma / alpha, sample_weight=weight)
+    weight = time_weights(loss.time_weighting, alpha, sigma, loss.min_snr_gamma)
+    return configured_loss(eps_all, scores, mb["noise"], loss, ltes=mc.has_ltes,
+                           x0_scale=sigma / alpha, sample_weight=weight)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  accum = int(tc.grad_accum)
+  accum = spec.grad_accum
   if accum == 1:
     (_, metrics), grads = grad_fn(state.params, inputs)
   else:
@@ -127,8 +144,8 @@ def train_step(state: TrainState, batch: dict, *, config, module, sched, optimiz
   params = optax.apply_updates(state.params, updates)
   # Frozen subtrees keep their exact bits (x + 0.0 would turn a -0.0 into +0.0).
   params = {k: (v if is_trainable(mode, k) else state.params[k]) for k, v in params.items()}
-  ema = ema_update(state.ema_params, params, state.step, tc.ema_rate, mode)
-  metrics = dict(metrics, lr=lr_schedule(tc)(state.step), grad_norm=optax.tree.norm(grads))
+  ema = ema_update(state.ema_params, params, state.step, spec.ema_rate, mode)
+  metrics = dict(metrics, lr=lr_fn(state.step), grad_norm=optax.tree.norm(grads))
   new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
   return new_state, metrics
 
@@ -163,8 +180,9 @@ def _make_setup(config, mesh, null_context) -> Setup:
   abstract_state = ckpt.abstract_with_shardings(abstract, state_shardings)
   batch_sharding = shd.batch_sharding(mesh)
   metric_sharding = shd.replicated(mesh)
-  step_fn = functools.partial(train_step, config=config, module=module, sched=sched,
-                              optimizer=optimizer, mesh=mesh, null_context=null_context)
+  step_fn = functools.partial(train_step, spec=StepSpec.from_config(config), module=module, sched=sched,
+                              optimizer=optimizer, lr_fn=lr_schedule(config.train), mesh=mesh,
+                              null_context=null_context)
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
   init_fn = jax.jit(lambda: init_params(module, _init_key(config.train.seed)),
