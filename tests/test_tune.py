@@ -317,3 +317,20 @@ def test_pareto_budgets_json_chooses_on_calibration_and_reports_held_out(tmp_pat
   assert "- ≤ 40%: no learned row chosen within the budget" in text
   assert (f"- ≤ 50%: best learned uem 0.3 34.00 dB vs best fixed static 5 31.00 dB: {diff:+.2f} dB, "
           f"95% CI [{lo:+.2f}, {hi:+.2f}]: goal (≥ +1 dB, CI above 0) **missed**") in text  # the paired diff is -1
+
+
+def test_every_cache_threshold_is_measured_in_its_own_right():
+  # Regression: one journal task per threshold under one name replayed the first threshold's
+  # result (threshold 0: full cost) for all of them, so the caching family never fitted a budget.
+  c = _config(budget=0.55)
+  c.cache.router = "router.npz"                     # only its path is read when the tasks are built
+  c.sweep.cache_thresholds = "0,0.5,0.9"
+  req = tune.TuneRequest.from_config(c)
+  tasks = tune.search_tasks(c, {"exit_heads": None}, req, 0.55, cctx=None, measure_fn=lambda cand: cand)
+  names = [name for name, _ in tasks]
+  assert len(set(names)) == len(names)
+  tried = []
+  dict(tasks)["l2c thresholds"](tried)
+  assert [cand.setting.cache_threshold for cand in tried] == [0.0, 0.5, 0.9]
+  assert [cand.overrides["cache.threshold"] for cand in tried] == [0.0, 0.5, 0.9]
+  assert len({cand.key() for cand in tried}) == 3

@@ -510,8 +510,14 @@ def search_tasks(config, params, req: TuneRequest, budget: float, cctx: runner.C
         tasks.append(("learned", f"{policy} {'per bucket' if buckets > 1 else 'scalar'} aggregate={aggregate}",
                       learned))
 
-  for cand in _l2c_candidates(config, steps, min_layers):
-    tasks.append(("l2c", "l2c", lambda tried, cand=cand: tried.append(measure_fn(cand))))
+  l2c = _l2c_candidates(config, steps, min_layers)
+  if l2c:
+    # One task for every threshold: the journal keys a task by (budget, name), so one task per
+    # threshold under one name would replay the first threshold's result for all of them. The
+    # name is not the old "l2c", whose journal records hold only that first threshold.
+    tasks.append(("l2c", "l2c thresholds", lambda tried: tried.extend(measure_fn(c) for c in l2c)))
+  names = [name for _, name, _ in tasks]
+  assert len(set(names)) == len(names), f"tune task names must be unique (the journal's keys): {names}"
   return [(name, task) for family, name, task in tasks if not req.families or family in req.families]
 
 
