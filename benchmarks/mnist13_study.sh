@@ -106,10 +106,12 @@ case "${1:?usage: mnist13_study.sh joint|continue|uem|adadiff|export|adadiff_swe
     copy_sweep "$RUNS/mnist13_sweep" "$OUT" ;;
   tune)
     # Every budget in one run (tune.budgets): the full-depth references and every candidate two
-    # budgets share are measured once; each budget's file is what a run of it alone writes.
+    # budgets share are measured once; each budget's file is what a run of it alone writes. The
+    # router's thresholds are finer where its cost crosses the budgets (0.7: 0.705 of the GFLOPs).
     main --workdir "$RUNS/mnist13_tune" --mode tune "${FROM_FILE[@]}" "${SAMPLE[@]}" \
          --config.cache.router="$MODEL/router.npz" --config.tune.budgets="$(echo ${BUDGETS:-0.4 0.55 0.7} | tr ' ' ',')" \
          --config.tune.heldout_images="$HELDOUT" --config.tune.calibration_images=200 \
+         --config.sweep.cache_thresholds="${TUNE_CACHE_THRESHOLDS:-0.7,0.72,0.75,0.8,0.85,0.9,0.95,0.99}" \
          --config.tune.out="$OUT/tuned_{budget}.json" ;;  # the router path is stored relative to each file
   pareto)
     python benchmarks/pareto_budgets.py "$OUT/sweep.json" --json - > "$OUT/pareto_budgets.json"

@@ -330,7 +330,15 @@ def test_every_cache_threshold_is_measured_in_its_own_right():
   names = [name for name, _ in tasks]
   assert len(set(names)) == len(names)
   tried = []
-  dict(tasks)["l2c thresholds"](tried)
+  dict(tasks)["l2c thresholds 0,0.5,0.9"](tried)
   assert [cand.setting.cache_threshold for cand in tried] == [0.0, 0.5, 0.9]
   assert [cand.overrides["cache.threshold"] for cand in tried] == [0.0, 0.5, 0.9]
   assert len({cand.key() for cand in tried}) == 3
+  # Another threshold list keeps the journal (its fingerprint) and re-measures only this task.
+  from deediff_jax.eval import tune_journal
+  other = c.copy_and_resolve_references()
+  other.sweep.cache_thresholds = "0.7"
+  p = {"w": np.ones(2, np.float32)}
+  assert tune_journal.fingerprint(p, other) == tune_journal.fingerprint(p, c)
+  other_tasks = tune.search_tasks(other, {"exit_heads": None}, req, 0.55, cctx=None, measure_fn=lambda cand: cand)
+  assert [n for n, _ in other_tasks if n.startswith("l2c")] == ["l2c thresholds 0.7"]

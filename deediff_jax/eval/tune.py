@@ -512,10 +512,12 @@ def search_tasks(config, params, req: TuneRequest, budget: float, cctx: runner.C
 
   l2c = _l2c_candidates(config, steps, min_layers)
   if l2c:
-    # One task for every threshold: the journal keys a task by (budget, name), so one task per
-    # threshold under one name would replay the first threshold's result for all of them. The
-    # name is not the old "l2c", whose journal records hold only that first threshold.
-    tasks.append(("l2c", "l2c thresholds", lambda tried: tried.extend(measure_fn(c) for c in l2c)))
+    # One task for every threshold, named by the thresholds: the journal keys a task by (budget,
+    # name), so one task per threshold under one name would replay the first threshold's result
+    # for all of them, and another threshold list must not replay this one's (the journal's
+    # fingerprint leaves sweep.cache_thresholds out so that only this task is measured anew).
+    name = "l2c thresholds " + ",".join(f"{c.setting.cache_threshold:g}" for c in l2c)
+    tasks.append(("l2c", name, lambda tried: tried.extend(measure_fn(c) for c in l2c)))
   names = [name for _, name, _ in tasks]
   assert len(set(names)) == len(names), f"tune task names must be unique (the journal's keys): {names}"
   return [(name, task) for family, name, task in tasks if not req.families or family in req.families]

@@ -7,7 +7,8 @@ parameters, the config and the budget, so its result can be written down once an
 
   DIR/tune_journal.json
     {"fingerprint": sha256 of the parameters and of the config without the tune keys that only
-                    choose what to report (budget, budgets, min_psnr, out),
+                    choose what to report (budget, budgets, min_psnr, out) and without
+                    sweep.cache_thresholds (the caching task's name holds those),
      "tasks":   {"<budget>|<task name>": [candidate, ...]}      calibration measurements
      "heldout": {"<Candidate.key>": {"heldout": {...}, "per_image_psnr": [...]}}}
 
@@ -44,6 +45,9 @@ def fingerprint(params, config) -> str:
   c = json.loads(config.to_json_best_effort())
   for k in _REPORT_ONLY:
     c.get("tune", {}).pop(k, None)
+  # Only the caching task reads it, and that task's name carries the list (tune.search_tasks):
+  # another list re-measures the caching family alone.
+  c.get("sweep", {}).pop("cache_thresholds", None)
   h.update(json.dumps(c, sort_keys=True).encode())
   return h.hexdigest()
 
